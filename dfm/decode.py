@@ -1,0 +1,144 @@
+"""Decentralized decoding: route, run the selected experts, mix their probabilities, sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dfm.errors import DfmError
+from dfm.mixing import exclude_log_weights, mix_log_probs
+from dfm.pool import ExpertPool, Weigher
+from dfm.posterior import BayesPosterior
+from dfm.routing import Routing, Selection, select_experts
+from dfm.sampling import sample_tokens
+
+
+@dataclass
+class DecodeConfig:
+    routing: Routing = Routing.MIXTURE
+    k: int | None = None                # experts kept per token for topk (and optionally centroid)
+    temperature: float = 1.0            # 0 = greedy
+    top_k: int = 0                      # token filtering; 0 = off
+    top_p: float = 1.0                  # nucleus filtering; 1 = off
+    max_new_tokens: int = 64
+    route_on: str = "token"             # "token": re-route every token; "prompt": route once
+    exclude: Sequence[int] = ()         # experts opted out at inference
+    eos_id: int | None = None           # stop a row once it produced this token
+    pad_id: int = 0                     # filler for rows that already stopped
+
+    def validate(self, num_experts: int) -> None:
+        if self.route_on not in ("token", "prompt"):
+            raise DfmError(f"route_on must be 'token' or 'prompt', got {self.route_on!r}")
+        if self.max_new_tokens < 0:
+            raise DfmError("max_new_tokens must be >= 0")
+        if self.routing is Routing.TOPK and not 1 <= (self.k or 1) <= num_experts:
+            raise DfmError(f"--k must be between 1 and the number of experts ({num_experts}), got {self.k}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise DfmError("need temperature >= 0, 0 < top-p <= 1 and top-k >= 0")
+
+
+@dataclass
+class StepOutput:
+    token: Tensor              # (B,) sampled tokens
+    log_probs: Tensor          # (B, V) mixture log-probabilities the token was drawn from
+    expert_log_probs: Tensor   # (B, E, V) of the experts that ran
+    selection: Selection
+
+
+def decode_step(
+    pool: ExpertPool,
+    tokens: Tensor,
+    attention_mask: Tensor,
+    selection: Selection,
+    config: DecodeConfig,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One token for every row: run only the selected experts, mix in log space, sample."""
+    expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active)
+    mixed = mix_log_probs(expert_log_probs, selection.log_weights[:, selection.active])
+    token = sample_tokens(mixed, generator, config.temperature, config.top_k, config.top_p)
+    return StepOutput(token, mixed, expert_log_probs, selection)
+
+
+@dataclass
+class DecodeResult:
+    tokens: Tensor         # (B, T + n) prompt and generated tokens
+    attention_mask: Tensor  # (B, T + n)
+    new_tokens: Tensor     # (B, n)
+    lengths: Tensor        # (B,) generated tokens per row, up to and including EOS
+    weights: Tensor        # (B, n, K) routing distribution of every generated token (before sparsification)
+    used_weights: Tensor   # (B, n, K) weights actually mixed (zero for experts that did not run)
+    experts_ran: list[list[int]]  # per step, the experts that ran a forward pass
+
+
+def generate(
+    pool: ExpertPool,
+    tokens: Tensor,
+    attention_mask: Tensor,
+    config: DecodeConfig,
+    *,
+    weigher: Weigher | None = None,
+    log_prior: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
+) -> DecodeResult:
+    """Decode up to ``config.max_new_tokens`` tokens after left-padded prompts ``tokens`` (B, T).
+
+    ``weigher`` supplies routing weights for every mode but ``bayes``, which needs ``log_prior``
+    and scores the prompt with every expert. ``on_step(i, token)`` is called after every step.
+    """
+    config.validate(pool.num_experts)
+    bayes = config.routing is Routing.BAYES
+    if bayes and log_prior is None:
+        raise DfmError("bayes routing needs the cluster priors")
+    if not bayes and weigher is None:
+        raise DfmError(f"{config.routing.value} routing needs a weigher (router, centroid or oracle)")
+    all_experts = list(range(pool.num_experts))
+    posterior = None
+    if bayes:
+        posterior = BayesPosterior(log_prior.to(tokens.device), tokens.shape[0])
+        posterior.log_joint = posterior.log_joint + pool.prefix_log_likelihood(tokens, attention_mask, all_experts)
+
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    weights, used, ran, new = [], [], [], []
+    selection = None
+    for step in range(config.max_new_tokens):
+        if selection is None or config.route_on == "token":
+            raw = posterior.log_posterior if bayes else weigher(tokens, attention_mask)
+            routed = exclude_log_weights(raw, config.exclude)
+            selection = select_experts(routed, config.routing, config.k, generator)
+        out = decode_step(pool, tokens, attention_mask, selection, config, generator)
+        token = out.token
+        if bayes and config.route_on == "token":
+            picked = out.expert_log_probs.gather(-1, token.view(-1, 1, 1).expand(-1, len(selection.active), 1))
+            posterior.log_joint[:, selection.active] += picked.squeeze(-1)
+        if config.eos_id is not None:
+            token = torch.where(finished, torch.full_like(token, config.pad_id), token)
+        lengths += (~finished).long()
+        weights.append(routed.exp())
+        used.append(selection.log_weights.exp())
+        ran.append(list(selection.active))
+        new.append(token)
+        tokens = torch.cat([tokens, token.unsqueeze(1)], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        if on_step is not None:
+            on_step(step, token)
+        if config.eos_id is not None:
+            finished |= token == config.eos_id
+            if finished.all():
+                break
+
+    no_weights = torch.zeros(tokens.shape[0], 0, pool.num_experts, device=tokens.device)
+    return DecodeResult(
+        tokens=tokens,
+        attention_mask=attention_mask,
+        new_tokens=torch.stack(new, 1) if new else tokens[:, :0],
+        lengths=lengths,
+        weights=torch.stack(weights, 1) if new else no_weights,
+        used_weights=torch.stack(used, 1) if new else no_weights,
+        experts_ran=ran,
+    )

@@ -1,0 +1,53 @@
+"""Combining experts: mixtures of next-token probabilities, computed in log space.
+
+Shapes: expert log-probs (B, K, V), log-weights (B, K). Weights of -inf mean "not used".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dfm.errors import DfmError
+
+
+def normalize_log_weights(log_weights: Tensor) -> Tensor:
+    """Renormalise log-weights over experts (last dim)."""
+    total = torch.logsumexp(log_weights, dim=-1, keepdim=True)
+    if not torch.isfinite(total).all():
+        raise DfmError("every expert has zero weight: nothing to mix (check --exclude-expert)")
+    return log_weights - total
+
+
+def mix_log_probs(expert_log_probs: Tensor, log_weights: Tensor) -> Tensor:
+    """log sum_k w_k p_k(y): the mixture of probabilities (never of logits). Returns (B, V)."""
+    return torch.logsumexp(expert_log_probs + log_weights.unsqueeze(-1), dim=-2)
+
+
+def top_k_log_weights(log_weights: Tensor, k: int) -> Tensor:
+    """Keep the k largest weights of every row, renormalised; the rest become -inf."""
+    num_experts = log_weights.shape[-1]
+    if not 1 <= k <= num_experts:
+        raise DfmError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
+    if k == num_experts:
+        return normalize_log_weights(log_weights)
+    kept = log_weights.topk(k, dim=-1).indices
+    masked = torch.full_like(log_weights, float("-inf")).scatter(-1, kept, log_weights.gather(-1, kept))
+    return normalize_log_weights(masked)
+
+
+def exclude_log_weights(log_weights: Tensor, excluded: Sequence[int]) -> Tensor:
+    """Give the excluded experts zero weight and renormalise the rest (opt-out at inference)."""
+    num_experts = log_weights.shape[-1]
+    bad = [e for e in excluded if not 0 <= e < num_experts]
+    if bad:
+        raise DfmError(f"cannot exclude expert(s) {bad}: experts are numbered 0..{num_experts - 1}")
+    if len(set(excluded)) >= num_experts:
+        raise DfmError("excluding every expert leaves nothing to generate with; exclude fewer")
+    if not excluded:
+        return normalize_log_weights(log_weights)
+    masked = log_weights.clone()
+    masked[..., list(excluded)] = float("-inf")
+    return normalize_log_weights(masked)

@@ -1,0 +1,38 @@
+"""The Bayes posterior over experts: P(k | x_<=t) proportional to pi_k prod_s p_k(x_s | x_<s)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def bayes_log_posterior(log_prior: Tensor, token_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One-shot posterior from per-token log-likelihoods (B, K, T) of a whole prefix. Returns (B, K).
+
+    ``mask`` (B, T) marks the tokens that count (1) and padding (0).
+    """
+    if mask is not None:
+        token_log_probs = token_log_probs * mask.unsqueeze(1).to(token_log_probs.dtype)
+    log_joint = log_prior + token_log_probs.sum(-1)
+    return log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)
+
+
+class BayesPosterior:
+    """Running posterior for a batch, updated one token at a time."""
+
+    def __init__(self, log_prior: Tensor, batch_size: int) -> None:
+        self.log_joint = log_prior.reshape(1, -1).expand(batch_size, -1).clone()
+
+    def update(self, token_log_probs: Tensor) -> None:
+        """Add log p_k(x_t | x_<t) for the newest token, shape (B, K)."""
+        self.log_joint = self.log_joint + token_log_probs
+
+    def update_prefix(self, token_log_probs: Tensor, mask: Tensor | None = None) -> None:
+        """Add a whole prefix at once: (B, K, T) per-token log-likelihoods, optional mask (B, T)."""
+        if mask is not None:
+            token_log_probs = token_log_probs * mask.unsqueeze(1).to(token_log_probs.dtype)
+        self.log_joint = self.log_joint + token_log_probs.sum(-1)
+
+    @property
+    def log_posterior(self) -> Tensor:
+        return self.log_joint - torch.logsumexp(self.log_joint, dim=-1, keepdim=True)

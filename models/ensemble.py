@@ -1,0 +1,232 @@
+"""The ensemble: experts with their own KV caches, a router, priors and one shared tokenizer.
+
+It implements the core's ExpertPool. Each expert remembers how many columns of the growing
+token batch it has seen; when it is asked for the next token after falling behind (sparse
+routing skipped it), it first prefills what it missed in one batched forward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from dfm.errors import DfmError
+from models.expert import load_expert
+from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
+from models.router import Router
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that ignore left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class _ExpertState:
+    """One expert's KV cache, how many columns it has consumed, and its latest next-token log-probs."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.seen = 0
+        self.last: Tensor | None = None
+
+
+class Ensemble:
+    """K experts over one tokenizer, usable as an ExpertPool."""
+
+    def __init__(self, experts: Sequence[PreTrainedModel], log_prior: Tensor, *, router: Router | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None) -> None:
+        if not experts:
+            raise DfmError("an ensemble needs at least one expert")
+        vocab = {e.config.vocab_size for e in experts}
+        if len(vocab) != 1:
+            raise DfmError(f"experts have different vocabulary sizes {sorted(vocab)}: they must share one tokenizer")
+        if router is not None and router.config.num_experts != len(experts):
+            raise DfmError(f"the router routes over {router.config.num_experts} experts but the ensemble has "
+                           f"{len(experts)}: retrain it with `dfm train-router`")
+        self.experts = list(experts)
+        self.log_prior = log_prior.double()
+        self.router = router
+        self.tokenizer = tokenizer
+        self.names = list(names) if names is not None else [f"expert-{i}" for i in range(len(experts))]
+        self.device = next(self.experts[0].parameters()).device
+        self.vocab_size = vocab.pop()
+        self.reset()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def reset(self) -> None:
+        """Forget all caches and counters: the next call starts a new batch of sequences."""
+        self._states = [_ExpertState() for _ in self.experts]
+        self.forward_passes = [0] * self.num_experts
+        self.tokens_processed = [0] * self.num_experts
+
+    # --- ExpertPool -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
+        for e in experts:
+            self._advance(e, tokens, attention_mask)
+        return torch.stack([self._states[e].last for e in experts], dim=1)
+
+    @torch.inference_mode()
+    def prefix_log_likelihood(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
+        totals = [self._advance(e, tokens, attention_mask, score=True) for e in experts]
+        return torch.stack(totals, dim=1)
+
+    def _advance(self, e: int, tokens: Tensor, attention_mask: Tensor, score: bool = False) -> Tensor | None:
+        """Feed expert ``e`` the columns it has not seen; with ``score``, return the summed
+        log-likelihood of the real tokens it scored (it must start from an empty cache)."""
+        state = self._states[e]
+        length = tokens.shape[1]
+        if length < state.seen:
+            raise DfmError("token batch shrank between calls: call Ensemble.reset() before a new batch")
+        if score and state.seen:
+            raise DfmError("prefix_log_likelihood must be the first call after Ensemble.reset()")
+        if length == state.seen:
+            return None
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.experts[e].config)
+        new = tokens[:, state.seen:]
+        with autocast_for(self.device):
+            logits = self.experts[e](
+                input_ids=new,
+                attention_mask=attention_mask,
+                position_ids=positions(attention_mask)[:, state.seen:],
+                past_key_values=state.cache,
+                use_cache=True,
+                logits_to_keep=0 if score else 1,
+            ).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        state.last = log_probs[:, -1]
+        state.seen = length
+        self.forward_passes[e] += 1
+        self.tokens_processed[e] += new.numel()
+        if not score:
+            return None
+        picked = log_probs[:, :-1].gather(-1, new[:, 1:].unsqueeze(-1)).squeeze(-1)
+        real = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(picked.dtype)
+        return (picked * real).sum(-1).double()
+
+    # --- routing --------------------------------------------------------------------------
+    def router_weigher(self) -> RouterWeigher:
+        if self.router is None:
+            raise DfmError("this ensemble has no router: train one with `dfm train-router`, or use --routing bayes")
+        return RouterWeigher(self.router)
+
+    def prior_weigher(self) -> PriorWeigher:
+        return PriorWeigher(self.log_prior)
+
+    # --- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str | None = None,
+                 allow_missing: bool = False, load_router: bool = True) -> Ensemble:
+        """Load experts, router, priors and tokenizer named by ``RUN/ensemble.json``.
+
+        A missing or unreadable expert is an error naming it, unless ``allow_missing``: then it
+        is left out with a warning and the priors (and router weights) of the rest renormalised.
+        """
+        manifest = Manifest.load(run_dir)
+        tokenizer = load_tokenizer(resolve_inside(run_dir, manifest.tokenizer))
+        fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
+        if fingerprint != manifest.tokenizer_fingerprint:
+            raise DfmError(f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`")
+        experts, kept = [], []
+        for index, entry in enumerate(manifest.experts):
+            try:
+                expert = load_expert(resolve_inside(run_dir, entry.path), device)
+            except DfmError as err:
+                if not allow_missing:
+                    raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err
+                warnings.warn(f"{entry.name} left out: {err}", stacklevel=2)
+                continue
+            check_expert_tokenizer(expert, entry.name, fingerprint, manifest.vocab_size)
+            experts.append(expert)
+            kept.append(index)
+        if not experts:
+            raise DfmError(f"no expert of {run_dir} could be loaded: train them with `dfm train-expert`")
+        prior = torch.tensor([manifest.experts[i].prior for i in kept], dtype=torch.float64)
+        router = None
+        if load_router and manifest.router is not None:
+            router = Router.from_pretrained(resolve_inside(run_dir, manifest.router), device=device)
+            if len(kept) < len(manifest.experts):
+                router = SubsetRouter(router, kept)
+        ensemble = cls(experts, (prior / prior.sum()).log(), router=router, tokenizer=tokenizer,
+                       names=[manifest.experts[i].name for i in kept])
+        ensemble.manifest = manifest
+        ensemble.kept = kept
+        return ensemble
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    if not path.is_dir():
+        raise DfmError(f"tokenizer directory {path} is missing: run `dfm prepare` or pass --tokenizer")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str, vocab_size: int) -> None:
+    """Refuse an expert trained with another tokenizer."""
+    theirs = getattr(expert.config, "dfm_tokenizer_fingerprint", None)
+    if expert.config.vocab_size != vocab_size or (theirs is not None and theirs != fingerprint):
+        raise DfmError(f"{name} was trained with a different tokenizer (vocabulary {expert.config.vocab_size}, "
+                       f"ensemble {vocab_size}): retrain it on this run's tokenizer")
+
+
+class RouterWeigher:
+    """Incremental router: log P(k | x_<=T) for the newest column, with its own KV cache."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.cache = None
+        self.seen = 0
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.cache is None or tokens.shape[1] < self.seen:
+            self.cache, self.seen = self.router.new_cache(), 0
+        logits = self.router(tokens[:, self.seen:], attention_mask, cache=self.cache)
+        self.seen = tokens.shape[1]
+        return torch.log_softmax(logits[:, -1].double(), dim=-1)
+
+
+class PriorWeigher:
+    """Weights that ignore the prefix: the cluster priors."""
+
+    def __init__(self, log_prior: Tensor) -> None:
+        self.log_prior = log_prior
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.log_prior.to(tokens.device).expand(tokens.shape[0], -1)
+
+
+class SubsetRouter(torch.nn.Module):
+    """A router restricted to the experts that are present (missing experts dropped)."""
+
+    def __init__(self, router: Router, kept: Sequence[int]) -> None:
+        super().__init__()
+        self.inner = router
+        self.register_buffer("kept", torch.tensor(list(kept)), persistent=False)
+        self.config = type(router.config)(**{**router.config.to_dict(), "num_experts": len(kept)})
+
+    def new_cache(self):
+        return self.inner.new_cache()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache=None) -> Tensor:
+        return self.inner(input_ids, attention_mask, cache=cache)[..., self.kept]
+
+
+def uniform_log_prior(num_experts: int) -> Tensor:
+    return torch.full((num_experts,), -math.log(num_experts), dtype=torch.float64)

@@ -1,0 +1,69 @@
+"""Experts: any Hugging Face causal LM; by default a small Llama-style network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from dfm.atomic import atomic_dir
+from dfm.errors import DfmError
+
+#: The default expert: ~1.4M parameters with a 2048-token vocabulary.
+DEFAULT_ARCH: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 384,
+    "max_position_embeddings": 256,
+}
+
+
+def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+                  tokenizer_fingerprint: str, arch: dict[str, Any] | None = None) -> PretrainedConfig:
+    """A causal-LM config for ``arch`` (a ``model_type`` plus its config fields; default Llama).
+
+    The tokenizer fingerprint travels in config.json, so an expert trained elsewhere can be
+    checked against the ensemble's tokenizer.
+    """
+    fields = dict(DEFAULT_ARCH if arch is None else arch)
+    model_type = fields.pop("model_type", "llama")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise DfmError(f"unknown expert model_type {model_type!r}: use a Hugging Face causal LM type such as 'llama'") from err
+    config.update({"vocab_size": vocab_size, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+                   "pad_token_id": pad_token_id, "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+    return config
+
+
+def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised causal LM; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_expert(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
+    """Load a saved causal LM from a local directory (safetensors only, no remote code)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DfmError(f"cannot load the model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
+    return model.to(device or "cpu").eval()
+
+
+def save_expert(model: PreTrainedModel, path: str | os.PathLike) -> None:
+    """save_pretrained (safetensors) into ``path`` atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,48 @@
+"""`dfm assemble`: write RUN/ensemble.json from what the run directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dfm.errors import DfmError
+from models.ensemble import load_tokenizer
+from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
+from training.config import read_run_config
+from training.layout import RunLayout
+
+
+def assemble(run_dir: str | Path) -> Manifest:
+    """Experts with their cluster shares as priors, router, baseline and tokenizer fingerprint.
+
+    Every expert of the partition must be trained; router and baseline are optional.
+    """
+    run_dir = Path(run_dir)
+    layout = RunLayout.of(run_dir)
+    config = read_run_config(run_dir)
+    stats_path = layout.partition / "stats.json"
+    if not stats_path.is_file():
+        raise DfmError(f"{stats_path} is missing: run `dfm prepare --out {run_dir}` first")
+    priors = json.loads(stats_path.read_text())["priors"]
+    missing = [k for k in range(len(priors)) if not (layout.expert(k) / "config.json").is_file()]
+    if missing:
+        names = ", ".join(f"expert-{k}" for k in missing)
+        raise DfmError(f"{names} not trained yet: run `dfm train-expert --run {run_dir} --expert K` for each")
+    tokenizer = load_tokenizer(layout.tokenizer)
+    experts = [ExpertEntry(f"expert-{k}", str(layout.expert(k).relative_to(run_dir)), p) for k, p in enumerate(priors)]
+
+    def optional(path: Path, marker: str) -> str | None:
+        return str(path.relative_to(run_dir)) if (path / marker).is_file() else None
+
+    manifest = Manifest(
+        experts=experts,
+        tokenizer=str(layout.tokenizer.relative_to(run_dir)),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
+        vocab_size=len(tokenizer),
+        router=optional(layout.router, "config.json"),
+        partition=optional(layout.partition, "partition.json"),
+        baseline=optional(layout.baseline, "config.json"),
+        extra={"block_size": config["expert"]["block_size"]},
+    )
+    manifest.save(run_dir)
+    return manifest

@@ -1,0 +1,117 @@
+"""The run configuration: nested defaults, a YAML/JSON file on top, `key.sub=value` overrides last."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfm.errors import DfmError
+from models.expert import DEFAULT_ARCH
+
+#: Every key a run understands; a config file or override may only set these.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "num_proc": None,  # worker processes for Dataset.map (None = in process)
+    "data": {
+        "dataset": None,  # None: the embedded synthetic corpus; else hub name, json|csv|parquet|text, or a saved dir
+        "config_name": None,
+        "split": None,
+        "data_files": None,
+        "text_column": "text",
+        "cluster_column": None,  # use this label as the partition instead of k-means
+        "label_column": None,  # reference label for purity/NMI (synthetic: "domain")
+        "streaming": False,
+        "max_documents": None,
+        "validation_fraction": 0.05,
+        "test_fraction": 0.05,
+    },
+    "synthetic": {"num_domains": 4, "num_documents": 4000, "seed": 0},
+    "tokenizer": {"path": None, "vocab_size": 2048},
+    "partition": {"num_clusters": 4, "balance": 1.2, "svd_dim": None, "iterations": 30},
+    "expert": {
+        "arch": dict(DEFAULT_ARCH),
+        "block_size": 128,
+        "train": {"steps": 150, "batch_size": 16, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50},
+    },
+    "router": {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "max_length": 128,  # prefix tokens per training document
+        "train": {"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50},
+    },
+}
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    for key, value in update.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise DfmError(f"unknown config key {name!r}; known keys here: {sorted(base)}")
+        open_dict = key in ("arch", "train")  # model/optimiser fields are validated by their owners
+        if isinstance(base[key], dict) and not open_dict:
+            if not isinstance(value, dict):
+                raise DfmError(f"config key {name!r} must be a mapping")
+            _merge(base[key], value, f"{name}.")
+        elif isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise DfmError(f"config key {name!r} must be a mapping")
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (numbers, null, lists)."""
+    if "=" not in text:
+        raise DfmError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise DfmError(f"cannot parse the value of {key!r}: {err}") from err
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DfmError(f"config file {path} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise DfmError(f"config file {path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, dict):
+        raise DfmError(f"config file {path} must hold a mapping of keys")
+    return loaded
+
+
+def resolve_config(file: str | os.PathLike | None = None, overrides: list[dict] | None = None) -> dict:
+    """Defaults, then the config file, then each override; unknown keys are errors."""
+    config = copy.deepcopy(DEFAULTS)
+    if file is not None:
+        _merge(config, load_config_file(file))
+    for override in overrides or []:
+        _merge(config, override)
+    if config["data"]["dataset"] is None and config["data"]["label_column"] is None:
+        config["data"]["label_column"] = "domain"
+    return config
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The resolved configuration saved by `dfm prepare` in RUN/config.json."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DfmError(f"{path} not found: run `dfm prepare --out {run_dir}` (or `dfm run`) first")
+    try:
+        return _merge(copy.deepcopy(DEFAULTS), json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise DfmError(f"{path} is corrupt ({err}); re-run `dfm prepare`") from err

@@ -1,0 +1,160 @@
+"""Corpora from Hugging Face datasets: loading, splitting, tokenizing and packing into blocks."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from dfm.atomic import atomic_dir
+from dfm.errors import DfmError
+
+LOCAL_FORMATS = ("json", "csv", "parquet", "text")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class DataSource:
+    """Where the documents come from. ``dataset`` is a hub name, a local format with
+    ``data_files``, or a directory written by ``save_to_disk``; None means the synthetic corpus."""
+
+    dataset: str | None = None
+    config_name: str | None = None
+    split: str | None = None
+    data_files: list[str] | None = None
+    text_column: str = "text"
+    streaming: bool = False
+    max_documents: int | None = None
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+
+
+def load_documents(source: DataSource) -> DatasetDict:
+    """Load the corpus as train/validation/test splits with ``source.text_column`` present."""
+    raw = _load_raw(source)
+    if not isinstance(raw, dict):
+        raw = {"train": raw}
+    splits = {name: _materialize(ds, source.max_documents) for name, ds in raw.items()}
+    if "train" not in splits:
+        raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --split")
+    for name, ds in splits.items():
+        if source.text_column not in ds.column_names:
+            raise DfmError(f"split {name!r} has no column {source.text_column!r} (columns: {ds.column_names}): "
+                           f"pass --text-column")
+    if len(splits["train"]) == 0:
+        raise DfmError("the training split is empty: check --dataset/--data-files/--split")
+    aliases = {"valid": "validation", "dev": "validation"}
+    splits = {aliases.get(name, name): ds for name, ds in splits.items()}
+    return DatasetDict(carve_splits(splits, source))
+
+
+def _load_raw(source: DataSource):
+    name = source.dataset
+    try:
+        if name is not None and Path(name).is_dir() and _is_saved_dataset(Path(name)):
+            loaded = datasets.load_from_disk(name)
+            return loaded[source.split] if source.split else loaded
+        if name in LOCAL_FORMATS:
+            if not source.data_files:
+                raise DfmError(f"--dataset {name} reads local files: pass --data-files PATH [PATH ...]")
+            missing = [f for f in source.data_files if not glob.glob(f)]
+            if missing:
+                raise DfmError(f"data file(s) not found: {', '.join(missing)}")
+        return datasets.load_dataset(name, source.config_name, split=source.split, data_files=source.data_files,
+                                     streaming=source.streaming)
+    except DfmError:
+        raise
+    except FileNotFoundError as err:
+        raise DfmError(f"dataset {name!r} not found ({str(err).splitlines()[0]}): check the name or path") from err
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        raise DfmError(f"cannot read dataset {name!r}: {str(err).splitlines()[0]}") from err
+    except ConnectionError as err:
+        raise DfmError(f"cannot reach the hub for {name!r} (offline?): use local files with --dataset json "
+                       f"--data-files ...") from err
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _materialize(ds, max_documents: int | None) -> Dataset:
+    """A streamed split is read up to ``max_documents`` into memory; a regular one is capped."""
+    if isinstance(ds, datasets.IterableDataset):
+        if max_documents is None:
+            raise DfmError("--streaming needs --max-documents N (how many documents to read)")
+        return Dataset.from_list(list(ds.take(max_documents)))
+    if max_documents is not None and len(ds) > max_documents:
+        return ds.select(range(max_documents))
+    return ds
+
+
+def carve_splits(splits: dict[str, Dataset], source: DataSource) -> dict[str, Dataset]:
+    """Take validation/test from train, deterministically by document, when the dataset lacks them."""
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if not missing:
+        return {name: splits[name] for name in SPLITS}
+    fractions = {"validation": source.validation_fraction, "test": source.test_fraction}
+    train = splits["train"].shuffle(seed=source.seed)
+    n = len(train)
+    sizes = {name: max(1, round(n * fractions[name])) for name in missing}
+    if sum(sizes.values()) >= n:
+        raise DfmError(f"only {n} training documents: too few to carve validation/test splits; add documents")
+    out, start = dict(splits), 0
+    for name in missing:
+        out[name] = train.select(range(start, start + sizes[name]))
+        start += sizes[name]
+    out["train"] = train.select(range(start, n))
+    return {name: out[name] for name in SPLITS}
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, num_proc: int | None = None) -> Dataset:
+    """Add ``input_ids`` (no special tokens) and ``num_bytes`` (UTF-8 length) to every document."""
+
+    def encode(batch: dict) -> dict:
+        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "num_bytes": [len(t.encode("utf-8")) for t in texts]}
+
+    return ds.map(encode, batched=True, num_proc=num_proc, desc="tokenize")
+
+
+def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
+    """Pack documents into blocks for causal-LM training, keeping every token exactly once.
+
+    The stream is EOS doc_1 EOS doc_2 EOS ...: each document follows an EOS, its BOS. Blocks
+    overlap by one token so every token after the first EOS is a prediction target exactly
+    once; ``labels`` is -100 on the padding of the last block.
+    """
+    if block_size < 2:
+        raise DfmError("block size must be at least 2")
+    stream = [eos_id]
+    for ids in ds["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos_id)
+    step = block_size - 1
+    blocks, labels = [], []
+    for start in range(0, len(stream) - 1, step):
+        chunk = stream[start:start + block_size]
+        pad = block_size - len(chunk)
+        blocks.append(chunk + [eos_id] * pad)
+        labels.append(chunk + [-100] * pad)
+    return Dataset.from_dict({"input_ids": blocks, "labels": labels})
+
+
+def save_dataset(ds: Dataset | DatasetDict, directory: str | os.PathLike) -> None:
+    """save_to_disk into a temporary directory, then rename into place."""
+    with atomic_dir(directory) as tmp:
+        ds.save_to_disk(str(tmp))
+
+
+def load_saved(directory: str | os.PathLike, what: str) -> Dataset | DatasetDict:
+    path = Path(directory)
+    if not path.is_dir():
+        raise DfmError(f"{what} not found at {path}: run `dfm prepare` first")
+    return datasets.load_from_disk(str(path))

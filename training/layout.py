@@ -1,0 +1,61 @@
+"""Where every artifact of a run lives (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike) -> RunLayout:
+        return cls(Path(run_dir))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def partition(self) -> Path:
+        return self.root / "partition"
+
+    @property
+    def documents(self) -> Path:
+        """Tokenized documents of every split with their cluster (router training, evaluation)."""
+        return self.root / "data" / "documents"
+
+    def shard(self, k: int) -> Path:
+        """Packed train/validation blocks of cluster k: all an expert needs besides the tokenizer."""
+        return self.root / "data" / f"expert-{k}"
+
+    def expert(self, k: int) -> Path:
+        return self.root / "experts" / f"expert-{k}"
+
+    @property
+    def router(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "baseline"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.root / "checkpoints" / name
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.jsonl"
+
+    def summary(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.summary.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"

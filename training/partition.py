@@ -1,0 +1,471 @@
+"""Corpus partitioning, c-BTM style: tf-idf features and balanced spherical k-means.
+
+A :class:`Partition` holds the fitted idf weights, an optional truncated-SVD projection, one
+L2-normalised centre per cluster and the cluster of every training document. It also scores new
+text against the centres, which is what the ``centroid`` routing mode uses: expert k gets weight
+softmax(-d_k^2 / T), d_k the distance of the prefix's normalised tf-idf vector to centre k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dfm.atomic import atomic_dir, write_json
+from dfm.errors import DfmError
+
+Docs = Sequence[Sequence[int]]
+
+_TENSORS_FILE = "centres.safetensors"
+_META_FILE = "partition.json"
+_FORMAT = "dfm-partition"
+_VERSION = 1
+
+
+@dataclass
+class Partition:
+    """Cluster centres over (optionally projected) tf-idf features, plus training assignments."""
+
+    centres: torch.Tensor  # (K, D) float32, rows L2-normalised (zero for a cluster of empty docs)
+    idf: torch.Tensor  # (V,) float32
+    projection: torch.Tensor | None  # (V, D) float32 or None (then D == V)
+    assignments: torch.Tensor  # (N,) long
+    label_values: list | None = field(default=None)  # original label of each cluster id
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centres.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.idf.shape[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        return torch.bincount(self.assignments, minlength=self.num_clusters).tolist()
+
+    def features(self, docs: Docs) -> torch.Tensor:
+        """(N, D) dense L2-normalised tf-idf vectors (zero rows for empty documents)."""
+        return _densify(_features(_tfidf(_term_counts(docs, self.vocab_size), self.idf), self.projection))
+
+    def sq_distances(self, docs: Docs) -> torch.Tensor:
+        """(N, K) squared euclidean distances of each document's features to each centre."""
+        return _sq_distances(self.features(docs), self.centres)
+
+    def log_weights(self, docs: Docs, temperature: float) -> torch.Tensor:
+        """(N, K) log softmax(-d^2 / temperature) over clusters (centroid routing)."""
+        if not temperature > 0:
+            raise DfmError(f"centroid routing temperature must be > 0, got {temperature}")
+        return torch.log_softmax(-self.sq_distances(docs) / temperature, dim=-1)
+
+    def assign(self, docs: Docs) -> torch.Tensor:
+        """(N,) nearest centre of each document (no balance constraint; ties -> lowest id)."""
+        return self.sq_distances(docs).argmin(dim=-1)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``centres.safetensors`` and ``partition.json`` into ``directory`` atomically."""
+        tensors = {
+            "centres": self.centres.contiguous(),
+            "idf": self.idf.contiguous(),
+            "assignments": self.assignments.contiguous(),
+        }
+        if self.projection is not None:
+            tensors["projection"] = self.projection.contiguous()
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_clusters": self.num_clusters,
+            "dim": self.centres.shape[1],
+            "vocab_size": self.vocab_size,
+            "num_documents": self.assignments.shape[0],
+            "projection": self.projection is not None,
+            "label_values": self.label_values,
+            "sizes": self.sizes,
+        }
+        with atomic_dir(directory) as tmp:
+            save_file(tensors, str(tmp / _TENSORS_FILE))
+            write_json(tmp / _META_FILE, meta)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Partition:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / _META_FILE).read_text())
+            tensors = load_file(str(directory / _TENSORS_FILE))
+        except FileNotFoundError as err:
+            raise DfmError(
+                f"no partition at {directory} ({err.filename} missing): run the partition step first"
+            ) from err
+        except (OSError, ValueError, SafetensorError) as err:
+            raise DfmError(f"partition at {directory} is unreadable ({err}): delete it and partition again") from err
+        problem = _check_loaded(meta, tensors)
+        if problem:
+            raise DfmError(f"partition at {directory} is corrupt ({problem}): delete it and partition again")
+        return cls(
+            centres=tensors["centres"],
+            idf=tensors["idf"],
+            projection=tensors.get("projection"),
+            assignments=tensors["assignments"],
+            label_values=meta["label_values"],
+        )
+
+
+def _check_loaded(meta: object, tensors: dict[str, torch.Tensor]) -> str | None:
+    """A description of what is inconsistent in a loaded partition, or None."""
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        return f"{_META_FILE} is not a {_FORMAT} v{_VERSION} file"
+    expected = {"centres", "idf", "assignments"} | ({"projection"} if meta.get("projection") else set())
+    if set(tensors) != expected:
+        return f"tensors {sorted(tensors)} != {sorted(expected)}"
+    centres, idf, assignments = tensors["centres"], tensors["idf"], tensors["assignments"]
+    k, v, dim = meta.get("num_clusters"), meta.get("vocab_size"), meta.get("dim")
+    if "projection" not in tensors and dim != v:
+        return f"dim {dim} != vocab_size {v} without a projection"
+    if centres.dtype != torch.float32 or tuple(centres.shape) != (k, dim):
+        return f"centres {tuple(centres.shape)} do not match K={k}, D={dim}"
+    if idf.dtype != torch.float32 or tuple(idf.shape) != (v,):
+        return f"idf {tuple(idf.shape)} does not match V={v}"
+    if "projection" in tensors and tuple(tensors["projection"].shape) != (v, dim):
+        return f"projection {tuple(tensors['projection'].shape)} is not ({v}, {dim})"
+    if assignments.dtype != torch.long or assignments.dim() != 1 or len(assignments) != meta.get("num_documents"):
+        return "assignments do not match num_documents"
+    if len(assignments) and not (0 <= int(assignments.min()) and int(assignments.max()) < k):
+        return "assignments out of range"
+    labels = meta.get("label_values")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != k):
+        return "label_values do not match num_clusters"
+    return None
+
+
+# --- tf-idf -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Counts:
+    """Sparse term counts: entry i says token ``tokens[i]`` occurs ``counts[i]`` times in ``docs[i]``."""
+
+    num_docs: int
+    vocab_size: int
+    docs: torch.Tensor
+    tokens: torch.Tensor
+    counts: torch.Tensor
+
+
+def _term_counts(docs: Docs, vocab_size: int) -> _Counts:
+    """Count every distinct token id of every document (lists or 1-d tensors of ids)."""
+    pieces = [
+        d.reshape(-1).long() if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=torch.long) for d in docs
+    ]
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise DfmError(
+            f"token ids must lie in [0, {vocab_size}), found {int(flat.min())}..{int(flat.max())}: "
+            "use the tokenizer the partition was fitted with"
+        )
+    doc_ids = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+    keys, counts = torch.unique(doc_ids * vocab_size + flat, sorted=True, return_counts=True)
+    return _Counts(len(pieces), vocab_size, keys // vocab_size, keys % vocab_size, counts)
+
+
+def _smooth_idf(counts: _Counts) -> torch.Tensor:
+    """log((1 + N) / (1 + df)) + 1 for every token id."""
+    df = torch.bincount(counts.tokens, minlength=counts.vocab_size).double()
+    return (torch.log((1 + counts.num_docs) / (1 + df)) + 1).float()
+
+
+def _tfidf(counts: _Counts, idf: torch.Tensor) -> torch.Tensor:
+    """(N, V) sparse COO matrix of sublinear tf (1 + log count) times idf, rows L2-normalised."""
+    values = (1 + torch.log(counts.counts.float())) * idf[counts.tokens]
+    norms = torch.zeros(counts.num_docs).index_add_(0, counts.docs, values.square()).sqrt()
+    values = values / norms[counts.docs]
+    return torch.sparse_coo_tensor(
+        torch.stack([counts.docs, counts.tokens]),
+        values,
+        (counts.num_docs, counts.vocab_size),
+        is_coalesced=True,
+        check_invariants=False,
+    )
+
+
+def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; zero rows stay zero."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """Sparse tf-idf as is, or projected (dense) and re-normalised."""
+    return x if projection is None else _normalise_rows(x @ projection)
+
+
+def _densify(x: torch.Tensor) -> torch.Tensor:
+    return x.to_dense() if x.is_sparse else x
+
+
+def _sq_distances(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(N, K) squared distances between dense feature rows and centres."""
+    sq = features.square().sum(-1, keepdim=True) + centres.square().sum(-1) - 2 * (features @ centres.T)
+    return sq.clamp_min(0)
+
+
+def _fit_matrix(tfidf: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """Features for fitting: dense if projected, else sparse CSR (fast sparse @ dense)."""
+    if projection is not None:
+        return _features(tfidf, projection)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return tfidf.to_sparse_csr()
+
+
+def _csr_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row index of every stored value of a sparse CSR matrix."""
+    return torch.repeat_interleave(torch.arange(x.shape[0]), x.crow_indices().diff())
+
+
+def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each row of a dense or sparse CSR matrix."""
+    if x.layout != torch.sparse_csr:
+        return x.square().sum(-1)
+    return torch.zeros(x.shape[0]).index_add_(0, _csr_rows(x), x.values().square())
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Dense copy of the rows ``index`` of a dense or sparse CSR matrix."""
+    if x.layout != torch.sparse_csr:
+        return x[index]
+    crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
+    out = torch.zeros(len(index), x.shape[1])
+    for i, row in enumerate(index.tolist()):
+        start, end = int(crow[row]), int(crow[row + 1])
+        out[i, cols[start:end]] = values[start:end]
+    return out
+
+
+def _cluster_means(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """(K, D) L2-normalised sums of the rows of ``x`` (dense or sparse CSR) in each cluster."""
+    sums = torch.zeros(num_clusters, x.shape[1])
+    if x.layout != torch.sparse_csr:
+        return _normalise_rows(sums.index_add_(0, assignments, x))
+    flat = assignments[_csr_rows(x)] * x.shape[1] + x.col_indices()
+    sums.view(-1).index_add_(0, flat, x.values())
+    return _normalise_rows(sums)
+
+
+# --- balanced spherical k-means ---------------------------------------------------------------
+
+
+def balanced_assign(similarities: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(N,) cluster of each row of ``similarities`` (N, K), no cluster receiving more than ``capacity``.
+
+    The result equals the greedy matching that walks all (doc, cluster) pairs by decreasing
+    similarity (ties: lower doc, then lower cluster first) and takes a pair when the doc is still
+    free and the cluster not full. It is computed as doc-proposing deferred acceptance, whose
+    stable matching is that greedy one when both sides rank by the same pair order.
+    """
+    n, k = similarities.shape
+    if capacity * k < n:
+        raise DfmError(f"{k} clusters of capacity {capacity} cannot hold {n} documents: raise the balance factor")
+    rows = torch.arange(n)
+    preferences = torch.sort(similarities, dim=1, descending=True, stable=True).indices
+    pointer = torch.zeros(n, dtype=torch.long)
+    while True:
+        target = preferences[rows, pointer]
+        score = similarities[rows, target]
+        order = torch.sort(score, descending=True, stable=True).indices
+        order = order[torch.sort(target[order], stable=True).indices]
+        counts = torch.bincount(target, minlength=k)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order] = torch.arange(n) - starts[target[order]]
+        rejected = rank >= capacity
+        if not rejected.any():
+            return target
+        pointer[rejected] += 1
+
+
+def _kmeans_pp(x: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: (K, D) centres at documents drawn with probability proportional to d^2."""
+    n = x.shape[0]
+    sq_norms = _row_sq_norms(x)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    nearest = torch.full((n,), float("inf"))
+    for _ in range(1, num_clusters):
+        centre = _rows(x, torch.tensor(chosen[-1:]))[0]
+        nearest = torch.minimum(nearest, (sq_norms + centre.square().sum() - 2 * (x @ centre)).clamp_min(0))
+        weights = nearest.clone()
+        weights[chosen] = 0
+        if not weights.sum() > 0:  # every remaining document coincides with a centre
+            weights = torch.ones(n)
+            weights[chosen] = 0
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+    return _normalise_rows(_rows(x, torch.tensor(chosen)))
+
+
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, capacity: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced spherical Lloyd iterations from ``centres``; returns (assignments, centres)."""
+    k = centres.shape[0]
+    previous = None
+    for _ in range(iterations):
+        similarities = x @ centres.T
+        assignments = balanced_assign(similarities, capacity)
+        centres = _cluster_means(x, assignments, k)
+        empty = (torch.bincount(assignments, minlength=k) == 0).nonzero().flatten()
+        if len(empty):  # re-seed empty clusters at the documents worst served by their centre
+            own = similarities[torch.arange(len(assignments)), assignments]
+            worst = torch.sort(own, stable=True).indices[: len(empty)]
+            centres[empty] = _normalise_rows(_rows(x, worst))
+        elif previous is not None and torch.equal(assignments, previous):
+            break
+        previous = assignments
+    return assignments, centres
+
+
+def fit_kmeans(
+    docs: Docs,
+    num_clusters: int,
+    vocab_size: int,
+    *,
+    balance: float = 1.2,
+    svd_dim: int | None = None,
+    iterations: int = 30,
+    seed: int = 0,
+    restarts: int = 3,
+) -> Partition:
+    """Balanced spherical k-means over tf-idf of tokenized documents.
+
+    No cluster gets more than ceil(balance * N / K) documents. The best of ``restarts`` k-means++
+    seedings (by total document-centre cosine similarity) is kept. ``svd_dim`` projects the
+    tf-idf vectors onto that many truncated-SVD directions first. Same seed, same result.
+    """
+    n = len(docs)
+    if num_clusters < 1:
+        raise DfmError(f"number of clusters must be >= 1, got {num_clusters}")
+    if n < num_clusters:
+        raise DfmError(f"fewer documents ({n}) than clusters ({num_clusters}): use fewer clusters or more data")
+    if not balance >= 1:
+        raise DfmError(f"balance must be >= 1 (cluster size cap = balance * N / K), got {balance}")
+    if iterations < 1 or restarts < 1:
+        raise DfmError(f"iterations and restarts must be >= 1, got {iterations} and {restarts}")
+    counts = _term_counts(docs, vocab_size)
+    idf = _smooth_idf(counts)
+    tfidf = _tfidf(counts, idf)
+    projection = None
+    if svd_dim is not None:
+        if not 1 <= svd_dim <= min(n, vocab_size):
+            raise DfmError(f"svd_dim must be in [1, min(N, V)] = [1, {min(n, vocab_size)}], got {svd_dim}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            projection = torch.svd_lowrank(tfidf, q=svd_dim, niter=4)[2].contiguous()
+    x = _fit_matrix(tfidf, projection)
+    capacity = math.ceil(balance * n / num_clusters)
+    generator = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(restarts):
+        start = _kmeans_pp(x, num_clusters, generator)
+        assignments, centres = _lloyd(x, start, capacity, iterations)
+        score = float((x @ centres.T)[torch.arange(n), assignments].double().sum())
+        if best is None or score > best[0]:
+            best = (score, assignments, centres)
+    return Partition(centres=best[2], idf=idf, projection=projection, assignments=best[1])
+
+
+def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int) -> Partition:
+    """Partition by an existing label column: cluster ids are the sorted distinct labels.
+
+    ``label_values[k]`` is the original label of cluster k; centre k is the normalised mean tf-idf
+    vector of its documents, so centroid routing works for label partitions too.
+    """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.tolist()
+    if len(docs) != len(labels):
+        raise DfmError(f"{len(docs)} documents but {len(labels)} labels: give one label per document")
+    if not len(docs):
+        raise DfmError("no documents to partition")
+    values = _label_values(labels)
+    index = {value: i for i, value in enumerate(values)}
+    assignments = torch.tensor([index[_plain(label)] for label in labels], dtype=torch.long)
+    counts = _term_counts(docs, vocab_size)
+    idf = _smooth_idf(counts)
+    x = _fit_matrix(_tfidf(counts, idf), None)
+    return Partition(
+        centres=_cluster_means(x, assignments, len(values)),
+        idf=idf,
+        projection=None,
+        assignments=assignments,
+        label_values=values,
+    )
+
+
+def _plain(label: Hashable) -> int | str:
+    """Labels as JSON-safe ints or strings (numpy ints become ints)."""
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+        return int(label)
+    if isinstance(label, str):
+        return label
+    raise DfmError(f"labels must be integers or strings, got {label!r} ({type(label).__name__})")
+
+
+def _label_values(labels: Sequence[Hashable]) -> list:
+    distinct = {_plain(label) for label in labels}
+    try:
+        return sorted(distinct)
+    except TypeError as err:
+        raise DfmError("labels mix integers and strings: use one type for the label column") from err
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def partition_stats(
+    assignments: torch.Tensor, labels: Sequence[Hashable] | None, num_clusters: int | None = None
+) -> dict:
+    """{"sizes", "purity", "nmi"} of a clustering; purity and nmi are None without labels.
+
+    purity = sum over clusters of the most common label count / N; nmi is mutual information
+    normalised by the arithmetic mean of the two entropies (1.0 when both are a single class).
+    """
+    assignments = torch.as_tensor(assignments, dtype=torch.long).reshape(-1)
+    if num_clusters is None:
+        num_clusters = int(assignments.max()) + 1 if len(assignments) else 0
+    stats = {"sizes": torch.bincount(assignments, minlength=num_clusters).tolist(), "purity": None, "nmi": None}
+    if labels is None:
+        return stats
+    if isinstance(labels, torch.Tensor):
+        labels = labels.tolist()
+    if len(labels) != len(assignments):
+        raise DfmError(f"{len(assignments)} assignments but {len(labels)} labels: give one label per document")
+    if not len(labels):
+        return stats
+    label_index: dict = {}
+    label_ids = torch.tensor([label_index.setdefault(label, len(label_index)) for label in labels])
+    _, clusters = torch.unique(assignments, return_inverse=True)
+    table = torch.zeros(int(clusters.max()) + 1, len(label_index), dtype=torch.float64)
+    table.index_put_((clusters, label_ids), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    n = table.sum()
+    stats["purity"] = float(table.max(dim=1).values.sum() / n)
+    stats["nmi"] = _nmi(table / n)
+    return stats
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p[p > 0]
+    return -(p * p.log()).sum()
+
+
+def _nmi(joint: torch.Tensor) -> float:
+    rows, cols = joint.sum(1), joint.sum(0)
+    if len(rows) == len(cols) == 1:
+        return 1.0
+    nz = joint > 0
+    mutual = (joint[nz] * (joint[nz] / (rows[:, None] * cols[None, :])[nz]).log()).sum()
+    return float((mutual / ((_entropy(rows) + _entropy(cols)) / 2)).clamp(0, 1))

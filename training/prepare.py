@@ -1,0 +1,107 @@
+"""`dfm prepare`: documents, tokenizer and partition, written into the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+from datasets import DatasetDict
+
+from dfm.atomic import write_json
+from dfm.errors import DfmError
+from training.data import DataSource, carve_splits, load_documents, pack_blocks, save_dataset, tokenize
+from training.layout import RunLayout
+from training.partition import Partition, fit_kmeans, from_labels, partition_stats
+from training.synthetic import SyntheticCorpus, SyntheticSpec
+from training.tokenizer import existing_tokenizer, save_tokenizer, train_bpe
+
+
+def data_source(config: dict) -> DataSource:
+    data = config["data"]
+    fields = {k: data[k] for k in ("dataset", "config_name", "split", "data_files", "text_column", "streaming",
+                                   "max_documents", "validation_fraction", "test_fraction")}
+    if isinstance(fields["data_files"], str):
+        fields["data_files"] = [fields["data_files"]]
+    return DataSource(**fields, seed=config["seed"])
+
+
+def load_corpus(config: dict) -> DatasetDict:
+    """The configured dataset, or the embedded synthetic corpus when none is named."""
+    source = data_source(config)
+    if source.dataset is not None:
+        return load_documents(source)
+    corpus = SyntheticCorpus(SyntheticSpec.from_dict(config["synthetic"]))
+    return DatasetDict(carve_splits({"train": corpus.to_dataset()}, source))
+
+
+def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partition:
+    docs = train["input_ids"]
+    column = config["data"]["cluster_column"]
+    part = config["partition"]
+    if column is not None:
+        if column not in train.column_names:
+            raise DfmError(f"--cluster-column {column!r} is not a column of the dataset (columns: {train.column_names})")
+        return from_labels(docs, train[column], vocab_size)
+    return fit_kmeans(docs, part["num_clusters"], vocab_size, balance=part["balance"], svd_dim=part["svd_dim"],
+                      iterations=part["iterations"], seed=config["seed"])
+
+
+def _clusters_of(split: datasets.Dataset, partition: Partition, column: str | None) -> list[int]:
+    """Cluster of every document of a held-out split: its label, or the nearest centre."""
+    if column is None:
+        return partition.assign(split["input_ids"]).tolist() if len(split) else []
+    index = {value: k for k, value in enumerate(partition.label_values)}
+    unknown = sorted({str(v) for v in split[column] if v not in index})
+    if unknown:
+        raise DfmError(f"held-out documents carry labels never seen in training: {unknown[:5]}; fix --cluster-column")
+    return [index[v] for v in split[column]]
+
+
+def prepare(config: dict, run_dir: str | Path) -> dict:
+    """Load, tokenize, partition and shard the corpus; returns a summary of what was written."""
+    layout = RunLayout.of(run_dir)
+    corpus = load_corpus(config)
+    text_column = config["data"]["text_column"]
+    if config["tokenizer"]["path"]:
+        tokenizer = existing_tokenizer(config["tokenizer"]["path"])
+    else:
+        tokenizer = train_bpe(corpus["train"][text_column], config["tokenizer"]["vocab_size"])
+    save_tokenizer(tokenizer, layout.tokenizer)
+    tokenized = DatasetDict({name: tokenize(split, tokenizer, text_column, config["num_proc"])
+                             for name, split in corpus.items()})
+
+    vocab_size = len(tokenizer)
+    partition = _partition(config, tokenized["train"], vocab_size)
+    num_clusters = partition.num_clusters
+    if num_clusters < 1 or min(partition.sizes) == 0:
+        raise DfmError(f"partition has empty clusters (sizes {partition.sizes}): use fewer clusters or more data")
+    column = config["data"]["cluster_column"]
+    clusters = {"train": partition.assignments.tolist()}
+    clusters.update({name: _clusters_of(tokenized[name], partition, column) for name in ("validation", "test")})
+    tokenized = DatasetDict({name: split.add_column("cluster", clusters[name]) for name, split in tokenized.items()})
+
+    label_column = config["data"]["label_column"]
+    labels = tokenized["train"][label_column] if label_column in tokenized["train"].column_names else None
+    stats = partition_stats(partition.assignments, labels, num_clusters)
+    stats["priors"] = [size / len(tokenized["train"]) for size in stats["sizes"]]
+    stats["label_values"] = partition.label_values
+    partition.save(layout.partition)
+    write_json(layout.partition / "stats.json", stats)
+    save_dataset(tokenized, layout.documents)
+
+    block_size = config["expert"]["block_size"]
+    eos = tokenizer.eos_token_id
+    shard_tokens = []
+    for k in range(num_clusters):
+        shard = DatasetDict({name: pack_blocks(tokenized[name].filter(lambda c: c == k, input_columns="cluster"),
+                                               block_size, eos)
+                             for name in ("train", "validation")})
+        save_dataset(shard, layout.shard(k))
+        shard_tokens.append(int((torch.tensor(shard["train"]["labels"]) >= 0).sum()))
+    config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
+    write_json(layout.config, config)
+    return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,
+            "clusters": num_clusters, "sizes": stats["sizes"], "purity": stats["purity"], "nmi": stats["nmi"],
+            "train_tokens": shard_tokens}
+

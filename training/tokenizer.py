@@ -1,0 +1,47 @@
+"""The shared tokenizer: byte-level BPE trained with `tokenizers`, saved as PreTrainedTokenizerFast."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dfm.atomic import atomic_dir
+from dfm.errors import DfmError
+from models.ensemble import load_tokenizer
+
+#: One special token serves as document separator, BOS, EOS and padding (GPT-2 style).
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts``; every byte stays encodable."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise DfmError(f"vocab size {vocab_size} is too small for byte-level BPE: use at least {len(alphabet) + 1}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[END_OF_TEXT], initial_alphabet=alphabet)
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                   pad_token=END_OF_TEXT, unk_token=None, model_max_length=1 << 30)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
+    with atomic_dir(directory) as tmp:
+        tokenizer.save_pretrained(tmp)
+
+
+def existing_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A tokenizer given with --tokenizer; it needs an EOS token to separate documents."""
+    tokenizer = load_tokenizer(Path(path))
+    if tokenizer.eos_token_id is None:
+        raise DfmError(f"the tokenizer at {path} has no EOS token: dfm needs one to separate documents")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
