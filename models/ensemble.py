@@ -180,9 +180,12 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str, vocab_size: int) -> None:
     """Refuse an expert trained with another tokenizer."""
     theirs = getattr(expert.config, "dfm_tokenizer_fingerprint", None)
-    if expert.config.vocab_size != vocab_size or (theirs is not None and theirs != fingerprint):
-        raise DfmError(f"{name} was trained with a different tokenizer (vocabulary {expert.config.vocab_size}, "
-                       f"ensemble {vocab_size}): retrain it on this run's tokenizer")
+    if expert.config.vocab_size != vocab_size:
+        raise DfmError(f"{name} has a vocabulary of {expert.config.vocab_size} tokens but the ensemble's tokenizer "
+                       f"has {vocab_size}: retrain it on this run's tokenizer")
+    if theirs is not None and theirs != fingerprint:
+        raise DfmError(f"{name} was trained with a different tokenizer (fingerprint {theirs[:12]}, ensemble "
+                       f"{fingerprint[:12]}): retrain it on this run's tokenizer")
 
 
 class RouterWeigher:
