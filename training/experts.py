@@ -29,7 +29,7 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def unigram_entropy(blocks: datasets.Dataset) -> float:
     """Entropy (nats/token) of the shard's token frequencies: what a context-free model scores."""
-    labels = torch.tensor(blocks["labels"]).flatten()
+    labels = torch.tensor(list(blocks["labels"])).flatten()
     counts = torch.bincount(labels[labels >= 0]).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())

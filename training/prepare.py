@@ -36,13 +36,13 @@ def load_corpus(config: dict) -> DatasetDict:
 
 
 def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partition:
-    docs = train["input_ids"]
+    docs = list(train["input_ids"])
     column = config["data"]["cluster_column"]
     part = config["partition"]
     if column is not None:
         if column not in train.column_names:
             raise DfmError(f"--cluster-column {column!r} is not a column of the dataset (columns: {train.column_names})")
-        return from_labels(docs, train[column], vocab_size)
+        return from_labels(docs, list(train[column]), vocab_size)
     return fit_kmeans(docs, part["num_clusters"], vocab_size, balance=part["balance"], svd_dim=part["svd_dim"],
                       iterations=part["iterations"], seed=config["seed"])
 
@@ -50,7 +50,7 @@ def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partit
 def _clusters_of(split: datasets.Dataset, partition: Partition, column: str | None) -> list[int]:
     """Cluster of every document of a held-out split: its label, or the nearest centre."""
     if column is None:
-        return partition.assign(split["input_ids"]).tolist() if len(split) else []
+        return partition.assign(list(split["input_ids"])).tolist() if len(split) else []
     index = {value: k for k, value in enumerate(partition.label_values)}
     unknown = sorted({str(v) for v in split[column] if v not in index})
     if unknown:
@@ -66,7 +66,7 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     if config["tokenizer"]["path"]:
         tokenizer = existing_tokenizer(config["tokenizer"]["path"])
     else:
-        tokenizer = train_bpe(corpus["train"][text_column], config["tokenizer"]["vocab_size"])
+        tokenizer = train_bpe(list(corpus["train"][text_column]), config["tokenizer"]["vocab_size"])
     save_tokenizer(tokenizer, layout.tokenizer)
     tokenized = DatasetDict({name: tokenize(split, tokenizer, text_column, config["num_proc"])
                              for name, split in corpus.items()})
@@ -82,7 +82,7 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     tokenized = DatasetDict({name: split.add_column("cluster", clusters[name]) for name, split in tokenized.items()})
 
     label_column = config["data"]["label_column"]
-    labels = tokenized["train"][label_column] if label_column in tokenized["train"].column_names else None
+    labels = list(tokenized["train"][label_column]) if label_column in tokenized["train"].column_names else None
     stats = partition_stats(partition.assignments, labels, num_clusters)
     stats["priors"] = [size / len(tokenized["train"]) for size in stats["sizes"]]
     stats["label_values"] = partition.label_values
@@ -98,7 +98,7 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
                                                block_size, eos)
                              for name in ("train", "validation")})
         save_dataset(shard, layout.shard(k))
-        shard_tokens.append(int((torch.tensor(shard["train"]["labels"]) >= 0).sum()))
+        shard_tokens.append(int((torch.tensor(list(shard["train"]["labels"])) >= 0).sum()))
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
     return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,

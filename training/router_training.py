@@ -68,7 +68,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
 
     def examples(split: str) -> datasets.Dataset:
-        return router_examples(documents[split]["input_ids"], documents[split]["cluster"], max_length,
+        return router_examples(list(documents[split]["input_ids"]), list(documents[split]["cluster"]), max_length,
                                tokenizer.eos_token_id)
 
     seed = config["seed"] + ROUTER_SEED_OFFSET
@@ -81,5 +81,5 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     result = train(router, examples("train"), router_loss, train_options, save_fn=save_router,
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
                    val_data=validation if len(validation) else None, resume=resume, desc="router")
-    return {"name": "router", "parameters": router.num_parameters(), "steps": result.steps,
+    return {"name": "router", "parameters": router.num_parameters, "steps": result.steps,
             "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}

@@ -1,0 +1,140 @@
+"""Data loading, tokenizer, packing, and the whole `dfm run` on a tiny configuration."""
+
+import json
+
+import datasets
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dfm.cli import main
+from dfm.errors import DfmError
+from training.config import parse_override, resolve_config
+from training.data import DataSource, load_documents, pack_blocks, tokenize
+from training.tokenizer import train_bpe
+from tests.tiny_config import TINY_RUN
+
+TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'dogs'} and more words {i * 7}" for i in range(40)]
+
+
+def test_json_files_load_with_carved_splits(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": t, "topic": i % 2}) for i, t in enumerate(TEXTS)))
+    source = DataSource(dataset="json", data_files=[str(path)], text_column="body", validation_fraction=0.1,
+                        test_fraction=0.1)
+    splits = load_documents(source)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
+    every = sorted([*splits["train"]["body"], *splits["validation"]["body"], *splits["test"]["body"]])
+    assert every == sorted(TEXTS)
+    again = load_documents(source)
+    assert list(again["test"]["body"]) == list(splits["test"]["body"])
+
+
+def test_text_files_load_one_document_per_line(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    splits = load_documents(DataSource(dataset="text", data_files=[str(path)]))
+    assert sum(len(s) for s in splits.values()) == len(TEXTS)
+
+
+def test_load_from_disk_and_existing_splits(tmp_path):
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:30]}),
+                               "validation": datasets.Dataset.from_dict({"text": TEXTS[30:35]}),
+                               "test": datasets.Dataset.from_dict({"text": TEXTS[35:]})})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    splits = load_documents(DataSource(dataset=str(tmp_path / "saved")))
+    assert list(splits["validation"]["text"]) == TEXTS[30:35]
+
+
+def test_bad_data_sources_give_actionable_errors(tmp_path):
+    with pytest.raises(DfmError, match="--data-files"):
+        load_documents(DataSource(dataset="json"))
+    with pytest.raises(DfmError, match="not found"):
+        load_documents(DataSource(dataset="json", data_files=[str(tmp_path / "missing.jsonl")]))
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))
+    with pytest.raises(DfmError, match="--text-column"):
+        load_documents(DataSource(dataset="json", data_files=[str(path)]))
+    with pytest.raises(DfmError, match="--max-documents"):
+        load_documents(DataSource(dataset="json", data_files=[str(path)], text_column="body", streaming=True))
+
+
+def test_streaming_reads_up_to_the_cap(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    splits = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True, max_documents=20))
+    assert sum(len(s) for s in splits.values()) == 20
+
+
+def test_tokenizer_round_trip_and_determinism(tmp_path):
+    tok = train_bpe(TEXTS, vocab_size=300)
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for text in TEXTS[:5] + ["unseen wörds ✓"]:
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert loaded.decode(ids) == text
+    assert train_bpe(TEXTS, vocab_size=300).get_vocab() == tok.get_vocab()
+    assert loaded.eos_token == loaded.bos_token == loaded.pad_token == "<|endoftext|>"
+
+
+def test_packing_keeps_every_token_once():
+    docs = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [], [6, 7, 8, 9, 10, 11, 12]]})
+    blocks = pack_blocks(docs, block_size=4, eos_id=0)
+    stream = [0, 1, 2, 3, 0, 4, 5, 0, 0, 6, 7, 8, 9, 10, 11, 12, 0]
+    targets = [t for row in list(blocks["labels"]) for t in row[1:] if t != -100]
+    assert targets == stream[1:]  # every token after the first EOS is predicted exactly once
+    rows = list(blocks["input_ids"])
+    assert all(len(row) == 4 for row in rows)
+    for a, b in zip(rows, rows[1:]):
+        assert a[-1] == b[0]  # consecutive blocks overlap by one token
+
+
+def test_tokenize_adds_ids_and_bytes():
+    tok = train_bpe(TEXTS, vocab_size=300)
+    out = tokenize(datasets.Dataset.from_dict({"text": ["héllo", ""]}), tok, "text")
+    assert list(out["num_bytes"]) == [6, 0] and list(out["input_ids"][1]) == []
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"expert": {"train": {"steps": 7}}, "partition": {"num_clusters": 2}}))
+    config = resolve_config(path, [parse_override("expert.train.lr=0.01"), parse_override("data.max_documents=9")])
+    assert config["expert"]["train"]["steps"] == 7 and config["expert"]["train"]["lr"] == 0.01
+    assert config["partition"]["num_clusters"] == 2 and config["data"]["max_documents"] == 9
+    assert config["expert"]["train"]["batch_size"] == 16  # defaults survive a partial override
+    with pytest.raises(DfmError, match="unknown config key 'partition.clusters'"):
+        resolve_config(None, [parse_override("partition.clusters=3")])
+    with pytest.raises(DfmError, match="key.sub=value"):
+        parse_override("nonsense")
+
+
+@pytest.mark.slow
+def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--config", str(config)]) == 0
+    for path in ["config.json", "tokenizer/tokenizer.json", "partition/centres.safetensors", "partition/stats.json",
+                 "data/documents/dataset_dict.json", "data/expert-0/dataset_dict.json", "experts/expert-2/model.safetensors",
+                 "router/model.safetensors", "router/config.json", "baseline/model.safetensors", "ensemble.json",
+                 "logs/expert-0.jsonl", "logs/timings.json"]:
+        assert (run / path).exists(), path
+    stats = json.loads((run / "partition/stats.json").read_text())
+    assert sum(stats["sizes"]) == 150 - 2 * round(150 * 0.05) and stats["purity"] is not None
+    manifest = json.loads((run / "ensemble.json").read_text())
+    assert manifest["format_version"] == 1 and len(manifest["experts"]) == 3
+    assert abs(sum(e["prior"] for e in manifest["experts"]) - 1) < 1e-9
+    baseline_log = [json.loads(line) for line in (run / "logs/baseline.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in baseline_log) == 3 * 6  # compute matched: K x expert steps
+    # artifacts load with plain Hugging Face calls
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(run / "experts/expert-0")
+    assert model.config.vocab_size == len(tok)
+    # same seed, same config -> same weights
+    again = tmp_path / "again"
+    assert main(["run", "--out", str(again), "--config", str(config)]) == 0
+    for name in ["experts/expert-1", "baseline"]:
+        a = AutoModelForCausalLM.from_pretrained(run / name).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(again / name).state_dict()
+        assert all(torch.equal(a[key], b[key]) for key in a)

@@ -1,0 +1,152 @@
+"""Periodic training checkpoints: ``DIR/step-NNNNNNN/`` holding model, optimizer and RNG state.
+
+Each checkpoint directory is written atomically and lists the sha256 of its files in
+``state.json``; loading verifies them and falls back to an older checkpoint when the newest one
+is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from dfm.atomic import atomic_dir, write_json
+from dfm.errors import DfmError
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.pt"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and every CUDA device when present)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_dirs(directory: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint directory, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any],
+    *,
+    keep: int = 2,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``directory/step-NNNNNNN`` atomically and delete all but the newest ``keep`` checkpoints.
+
+    ``extra`` must be JSON-serialisable. ``rng_states`` holds one entry per rank (default: this
+    process's state only); ``load_latest_checkpoint(..., rank=r)`` restores entry ``r``.
+    """
+    directory = Path(directory)
+    for stale in directory.glob(".step-*"):  # temp dirs left behind by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    path = directory / f"step-{step:07d}"
+    with atomic_dir(path) as tmp:
+        save_model(_unwrap(model), str(tmp / MODEL_FILE))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_states if rng_states is not None else [rng_state()],
+            },
+            tmp / OPTIM_FILE,
+        )
+        sha256 = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIM_FILE)}
+        write_json(tmp / STATE_FILE, {"step": step, "extra": extra, "sha256": sha256})
+    for _, old in checkpoint_dirs(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state.json, optim.pt payload)`` of an intact checkpoint; raises on any damage."""
+    state = json.loads((path / STATE_FILE).read_text())
+    for name, expected in state["sha256"].items():
+        if _sha256(path / name) != expected:
+            raise ValueError(f"sha256 mismatch for {name}")
+    with safe_open(str(path / MODEL_FILE), framework="pt") as handle:
+        handle.keys()
+    payload = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    return state, payload
+
+
+def load_latest_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    rank: int = 0,
+) -> dict[str, Any] | None:
+    """Restore the newest intact checkpoint into model, optimizer, scheduler and the RNG.
+
+    Damaged checkpoints (bad hash, truncated file, unreadable state) are skipped with a warning.
+    Returns the checkpoint's ``state.json`` (``step``, ``extra``, ``sha256``), or None if there is
+    no intact checkpoint.
+    """
+    for _, path in reversed(checkpoint_dirs(directory)):
+        try:
+            state, payload = _read_verified(path)
+        except Exception as exc:  # noqa: BLE001 - any damage means: fall back to the previous one
+            warnings.warn(f"skipping damaged checkpoint {path}: {exc}", stacklevel=2)
+            continue
+        if rank >= len(payload["rng"]):
+            raise DfmError(
+                f"checkpoint {path} was written by {len(payload['rng'])} process(es); "
+                "resume with the same number of processes"
+            )
+        try:
+            load_model(_unwrap(model), str(path / MODEL_FILE), strict=True)
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DfmError(
+                f"checkpoint {path} does not fit this model or optimizer ({exc}); "
+                f"delete {Path(directory)} to start over"
+            ) from exc
+        set_rng_state(payload["rng"][rank])
+        return state
+    return None
