@@ -56,6 +56,19 @@ def _resolved_config(args: argparse.Namespace) -> dict:
     return resolve_config(args.config, overrides)
 
 
+def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> None:
+    if with_run:
+        parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--split", default="test", help="held-out split to score (default: test)")
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all)")
+    parser.add_argument("--max-documents", type=int, help="score only the first N documents")
+    parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context")
+    parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    parser.add_argument("--margin", type=float, default=0.02,
+                        help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
+
+
 def _say(message: str) -> None:
     print(f"[dfm] {message}", file=sys.stderr, flush=True)
 
@@ -142,11 +155,136 @@ def cmd_run(args: argparse.Namespace) -> None:
     summary = stage("baseline", lambda: train_baseline(run_dir, resume=args.resume))
     _say(f"baseline: val loss {summary['val_loss']:.4f} nats/token")
     stage("assemble", lambda: assemble(run_dir))
+    from eval.plots import write_plots
+    from eval.report import evaluate_run, markdown, write_report
+    from training.layout import RunLayout
+
+    report = stage("eval", lambda: evaluate_run(run_dir))
+    write_report(report, RunLayout.of(run_dir).eval)
+    write_plots(report, RunLayout.of(run_dir).eval)
+    print(markdown(report))
     from dfm.atomic import write_json
 
     write_json(os.path.join(run_dir, "logs", "timings.json"), timings)
-    _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}")
-    _say("evaluation and sample generation are not implemented yet; the run ends after assemble")
+    _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from eval.plots import write_plots
+    from eval.report import ENSEMBLE_MODES, evaluate_run, markdown, write_report
+    from training.layout import RunLayout
+
+    report = evaluate_run(args.run, split=args.split, modes=args.modes or ENSEMBLE_MODES,
+                          max_documents=args.max_documents, stride=args.stride, batch_size=args.batch_size,
+                          margin=args.margin)
+    out = RunLayout.of(args.run).eval
+    write_report(report, out)
+    plots = write_plots(report, out)
+    print(markdown(report))
+    _say(f"wrote {out}/report.json, report.md and {', '.join(p.name for p in plots)}")
+    return report
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                return handle.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DfmError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
+    if sys.stdin is not None and not sys.stdin.isatty():
+        return sys.stdin.read()
+    return ""  # generate from BOS
+
+
+def _load_generator(args: argparse.Namespace):
+    """The ensemble, or the baseline / one expert wrapped as a one-expert ensemble (same code path)."""
+    from models.ensemble import Ensemble, load_tokenizer
+    from models.expert import load_expert
+    from models.generation import single_model
+    from models.manifest import Manifest, resolve_inside
+
+    if args.model == "ensemble":
+        return Ensemble.from_run(args.run, allow_missing=args.allow_missing)
+    manifest = Manifest.load(args.run)
+    tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
+    paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}
+    if paths.get(args.model) is None:
+        raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
+                       f"{', '.join(name for name, p in paths.items() if p)}")
+    return single_model(load_expert(resolve_inside(args.run, paths[args.model])), tokenizer, name=args.model)
+
+
+def _routing_view(generation, tokenizer, colour: bool) -> str:
+    """One line per generated token: the token, the experts that ran, and the routing weights."""
+    palette = ["\033[31m", "\033[32m", "\033[34m", "\033[35m", "\033[36m", "\033[33m"]
+    lines = [f"{'token':>16}  ran        weights ({', '.join(generation.names)})"]
+    for step, token in enumerate(generation.token_ids[0]):
+        weights = generation.weights[0][step]
+        ran = generation.experts_ran[step]
+        text = repr(tokenizer.decode([token]))[:16]
+        if colour:
+            top = int(weights.argmax())
+            text = f"{palette[top % len(palette)]}{text:>16}\033[0m"
+        cells = " ".join(f"{w:.2f}" for w in weights.tolist())
+        lines.append(f"{text:>16}  {','.join(map(str, ran)):<9}  {cells}")
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from models.generation import generate_text, oracle_weigher
+
+    prompt = _read_prompt(args)
+    model = _load_generator(args)
+    weigher = None
+    if args.routing == "centroid":
+        from models.manifest import Manifest, resolve_inside
+        from training.centroid import CentroidWeigher
+        from training.partition import Partition
+
+        manifest = Manifest.load(args.run)
+        if manifest.partition is None:
+            raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
+        partition = Partition.load(resolve_inside(args.run, manifest.partition))
+        weigher = CentroidWeigher(partition, args.centroid_temperature, bos_id=model.tokenizer.eos_token_id)
+    elif args.routing == "oracle":
+        if args.cluster is None:
+            raise DfmError("oracle routing needs the true cluster: pass --cluster K")
+        weigher = oracle_weigher([args.cluster], model.num_experts)
+    tokenizer = model.tokenizer
+    streamed: list[int] = []
+    printed = ""
+
+    def stream(step: int, tokens: list[int]) -> None:
+        nonlocal printed
+        streamed.append(tokens[0])
+        text = tokenizer.decode([t for t in streamed if t != tokenizer.eos_token_id])
+        if text.endswith("\ufffd"):
+            return  # wait for the rest of a multi-byte character
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: print(f"dfm: warning: {message}", file=sys.stderr)
+        generation = generate_text(
+            model, prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            exclude=args.exclude_expert, route_on=args.route_on, weigher=weigher,
+            on_token=None if args.json else stream)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
+        return
+    sys.stdout.write("\n")
+    if args.show_routing:
+        print(_routing_view(generation, tokenizer, colour=sys.stdout.isatty()))
+    _say(f"{len(generation.token_ids[0])} tokens; expert forward passes {generation.forward_passes}, "
+         f"tokens processed {generation.tokens_processed}")
 
 
 def cmd_not_implemented(args: argparse.Namespace) -> None:
@@ -187,9 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p = add("assemble", "write ensemble.json (experts, priors, router, tokenizer fingerprint)", cmd_assemble)
     p.add_argument("--run", required=True, help="run directory")
-    for name, text in [("generate", "generate text with the routed ensemble (not implemented yet)"),
-                       ("eval", "perplexity-equivalence report against the baseline (not implemented yet)"),
-                       ("bench", "speed and memory benchmarks (not implemented yet)")]:
+    p = add("eval", "perplexity-equivalence report: baseline vs experts vs every routing mode", cmd_eval)
+    _add_eval_flags(p)
+    p = add("generate", "generate text with the routed ensemble, streaming tokens to stdout", cmd_generate)
+    p.add_argument("--run", required=True, help="run directory")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="prompt text (default: read stdin if piped, else start from BOS)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--routing", default="mixture",
+                   help="mixture | topk | switch | bayes | centroid | oracle (default: mixture)")
+    p.add_argument("--k", type=int, help="experts kept per token for topk (default 1) and centroid")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--exclude-expert", type=int, nargs="+", default=[], metavar="K",
+                   help="opt these experts out; the remaining weights are renormalised")
+    p.add_argument("--route-on", choices=["token", "prompt"], default="token",
+                   help="re-route every token (default) or route once after the prompt")
+    p.add_argument("--cluster", type=int, help="true cluster for --routing oracle")
+    p.add_argument("--centroid-temperature", type=float, default=0.1, help="temperature of centroid routing")
+    p.add_argument("--model", default="ensemble",
+                   help="ensemble (default), baseline, or expert-K: generate with one model through the same path")
+    p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
+    p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    for name, text in [("bench", "speed and memory benchmarks (not implemented yet)")]:
         add(name, text, cmd_not_implemented)
     return parser
 

@@ -118,7 +118,8 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     for path in ["config.json", "tokenizer/tokenizer.json", "partition/centres.safetensors", "partition/stats.json",
                  "data/documents/dataset_dict.json", "data/expert-0/dataset_dict.json", "experts/expert-2/model.safetensors",
                  "router/model.safetensors", "router/config.json", "baseline/model.safetensors", "ensemble.json",
-                 "logs/expert-0.jsonl", "logs/timings.json"]:
+                 "logs/expert-0.jsonl", "logs/timings.json", "eval/report.json", "eval/report.md",
+                 "eval/bpb_by_cluster.png", "eval/router_accuracy.png"]:
         assert (run / path).exists(), path
     stats = json.loads((run / "partition/stats.json").read_text())
     assert sum(stats["sizes"]) == 150 - 2 * round(150 * 0.05) and stats["purity"] is not None
@@ -127,6 +128,13 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     assert abs(sum(e["prior"] for e in manifest["experts"]) - 1) < 1e-9
     baseline_log = [json.loads(line) for line in (run / "logs/baseline.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in baseline_log) == 3 * 6  # compute matched: K x expert steps
+    report = json.loads((run / "eval/report.json").read_text())
+    for name in ["baseline", "expert-0", "mixture", "top1", "top2", "bayes", "centroid", "oracle"]:
+        assert set(report["models"][name]) >= {"nll", "ppl", "bpb", "tokens", "documents"}
+    assert report["per_cluster"]["0"]["mixture"]["bpb"] > 0 and report["entropy_floor_bpb"] > 0
+    assert set(report["equivalence"]) >= {"delta_bpb", "ci95", "margin", "verdict"}
+    assert set(report["router"]) >= {"accuracy_by_prefix", "kl_to_bayes", "ece"} and "compute" in report
+    assert "| mixture |" in capsys.readouterr().out
     # artifacts load with plain Hugging Face calls
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(run / "experts/expert-0")

@@ -1,0 +1,60 @@
+"""PNG plots of an evaluation report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dfm.atomic import atomic_file  # noqa: E402
+
+COMPARED = ("baseline", "mixture", "top1", "bayes", "centroid", "oracle")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_bpb_by_cluster(report: dict, path: Path) -> None:
+    clusters = sorted(report["per_cluster"], key=int)
+    names = [n for n in COMPARED if n in report["models"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(clusters)), 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [report["per_cluster"][c][name]["bpb"] for c in clusters]
+        ax.bar([j + i * width for j in range(len(clusters))], values, width, label=name)
+    if report.get("entropy_floor_bpb") is not None:
+        ax.axhline(report["entropy_floor_bpb"], color="black", linestyle="--", linewidth=1, label="entropy floor")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(clusters))], [f"cluster {c}" for c in clusters])
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Bits per byte by cluster: baseline vs ensemble modes")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_router_accuracy(report: dict, path: Path) -> None:
+    acc = report["router"]["accuracy_by_prefix"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(acc["lengths"], acc["accuracy"], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("prefix length (tokens)")
+    ax.set_ylabel("router argmax accuracy")
+    ax.set_title("Router accuracy vs prefix length")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [out_dir / "bpb_by_cluster.png"]
+    plot_bpb_by_cluster(report, paths[0])
+    if "router" in report:
+        paths.append(out_dir / "router_accuracy.png")
+        plot_router_accuracy(report, paths[1])
+    return paths

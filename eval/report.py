@@ -1,0 +1,160 @@
+"""`dfm eval`: score held-out documents under the baseline, every expert and every routing mode,
+and judge perplexity equivalence of the decentralized ensemble against the central baseline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dfm.atomic import write_json, write_text
+from dfm.errors import DfmError
+from eval.equivalence import equivalence
+from eval.perplexity import (
+    bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb, expert_token_log_probs, mixed_token_log_probs,
+    oracle_log_weights, router_log_weights, summarize, synthetic_corpus, token_log_probs, topk_log_weights,
+)
+from eval.router_quality import compute_accounting, router_quality
+from models.ensemble import Ensemble
+from models.expert import load_expert, num_parameters
+from training.config import read_run_config
+from training.data import load_saved
+from training.layout import RunLayout
+from training.partition import Partition
+
+ENSEMBLE_MODES = ("mixture", "top1", "top2", "bayes", "centroid", "oracle")
+
+
+def _mode_weights(mode: str, expert_lps: list[Tensor], router_lw: list[Tensor] | None, ensemble: Ensemble,
+                  docs: Sequence[Sequence[int]], clusters: Sequence[int], partition: Partition | None,
+                  centroid_temperature: float) -> list[Tensor]:
+    if mode in ("mixture", "top1", "top2") and router_lw is None:
+        raise DfmError(f"mode {mode} needs a router: run `dfm train-router` and `dfm assemble`, or drop the mode")
+    if mode == "mixture":
+        return router_lw
+    if mode.startswith("top"):
+        return topk_log_weights(router_lw, min(int(mode[3:]), ensemble.num_experts))
+    if mode == "bayes":
+        return bayes_log_weights(expert_lps, ensemble.log_prior)
+    if mode == "centroid":
+        if partition is None:
+            raise DfmError("centroid mode needs RUN/partition: run `dfm prepare`, or drop the mode")
+        return centroid_log_weights(partition, docs, centroid_temperature)
+    return oracle_log_weights(expert_lps, clusters)
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] = ENSEMBLE_MODES,
+                 max_documents: int | None = None, stride: int | None = None, batch_size: int = 8,
+                 margin: float = 0.02, centroid_temperature: float = 0.1, resamples: int = 2000,
+                 seed: int = 0, device: str | None = None) -> dict:
+    """Everything `report.json` holds; see README for the keys."""
+    unknown = [m for m in modes if m not in ENSEMBLE_MODES]
+    if unknown:
+        raise DfmError(f"unknown evaluation mode(s) {unknown}; choose from {', '.join(ENSEMBLE_MODES)}")
+    layout = RunLayout.of(run_dir)
+    config = read_run_config(run_dir)
+    documents = load_saved(layout.documents, "the tokenized documents")
+    if split not in documents:
+        raise DfmError(f"no split {split!r} in {layout.documents}: choose one of {sorted(documents)}")
+    data = documents[split]
+    if max_documents is not None:
+        data = data.select(range(min(max_documents, len(data))))
+    if len(data) == 0:
+        raise DfmError(f"the {split} split is empty: nothing to evaluate")
+    docs, clusters = list(data["input_ids"]), list(data["cluster"])
+    num_bytes, texts = list(data["num_bytes"]), list(data[config["data"]["text_column"]])
+
+    ensemble = Ensemble.from_run(run_dir, device=device)
+    context = ensemble.experts[0].config.max_position_embeddings
+    score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
+    expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
+    router_lw = router_log_weights(ensemble.router, docs, **score) if ensemble.router is not None else None
+    partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
+
+    log_probs: dict[str, list[Tensor]] = {}
+    baseline = load_expert(layout.baseline, device) if layout.baseline.is_dir() else None
+    if baseline is not None:
+        log_probs["baseline"] = token_log_probs(baseline, docs, **score)
+    for k, name in enumerate(ensemble.names):
+        log_probs[name] = [lp[k] for lp in expert_lps]
+    weights = {}
+    for mode in modes:
+        weights[mode] = _mode_weights(mode, expert_lps, router_lw, ensemble, docs, clusters, partition,
+                                      centroid_temperature)
+        log_probs[mode] = mixed_token_log_probs(expert_lps, weights[mode])
+
+    nll = {name: [-lp for lp in lps] for name, lps in log_probs.items()}
+    report: dict = {"split": split, "documents": len(docs), "context": context, "stride": stride or context}
+    report["models"] = {name: summarize(values, num_bytes) for name, values in nll.items()}
+    report["per_cluster"] = {}
+    for k in sorted(set(clusters)):
+        members = [i for i, c in enumerate(clusters) if c == k]
+        report["per_cluster"][str(k)] = {name: summarize([values[i] for i in members], [num_bytes[i] for i in members])
+                                         for name, values in nll.items()}
+    corpus = synthetic_corpus(config)
+    report["entropy_floor_bpb"] = entropy_floor_bpb(corpus, texts) if corpus is not None else None
+    if baseline is not None:
+        base_bits = doc_bits(nll["baseline"])
+        report["equivalence_by_mode"] = {mode: equivalence(doc_bits(nll[mode]), base_bits, num_bytes, margin, resamples, seed)
+                                         for mode in modes}
+        if "mixture" in modes:
+            report["equivalence"] = report["equivalence_by_mode"]["mixture"]
+            report["equivalence_per_cluster"] = {}
+            for k in sorted(set(clusters)):
+                idx = torch.tensor([i for i, c in enumerate(clusters) if c == k])
+                report["equivalence_per_cluster"][str(k)] = equivalence(
+                    doc_bits(nll["mixture"])[idx], base_bits[idx], torch.tensor(num_bytes)[idx], margin, resamples, seed)
+    if router_lw is not None:
+        quality = router_quality(router_lw, bayes_log_weights(expert_lps, ensemble.log_prior), clusters, context)
+        report["router"] = {"accuracy_by_prefix": quality["accuracy_by_length"], "kl_to_bayes": quality["kl_bayes_router"],
+                            "ece": quality["ece"]}
+    report["compute"] = _compute(layout, ensemble, baseline)
+    return report
+
+
+def _compute(layout: RunLayout, ensemble: Ensemble, baseline) -> dict:
+    """FLOP accounting from the parameter counts and the token counts the trainers logged."""
+    def tokens(name: str) -> int:
+        path = layout.summary(name)
+        return json.loads(path.read_text()).get("tokens", 0) if path.is_file() else 0
+
+    router_params = ensemble.router.num_parameters if ensemble.router is not None else 0
+    return compute_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],
+                              expert_tokens=[tokens(name) for name in ensemble.names],
+                              router_params=router_params, router_tokens=tokens("router"),
+                              baseline_params=num_parameters(baseline) if baseline is not None else 0,
+                              baseline_tokens=tokens("baseline"),
+                              top_k=[k for k in (1, 2) if k <= ensemble.num_experts])
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (also printed by `dfm eval`)."""
+    floor = report.get("entropy_floor_bpb")
+    base = report["models"].get("baseline", {}).get("bpb")
+    lines = [f"# dfm evaluation ({report['split']} split, {report['documents']} documents)", "",
+             "| model | NLL/token | perplexity | bits/byte | vs baseline | vs floor |", "|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        ratio = f"{m['bpb'] / base:.3f}x" if base else "-"
+        over = f"{m['bpb'] / floor:.3f}x" if floor else "-"
+        lines.append(f"| {name} | {m['nll']:.4f} | {m['ppl']:.3f} | {m['bpb']:.4f} | {ratio} | {over} |")
+    if floor is not None:
+        lines += ["", f"True entropy floor of the synthetic source: {floor:.4f} bits/byte."]
+    if "equivalence" in report:
+        eq = report["equivalence"]
+        lines += ["", f"Equivalence (mixture - baseline): delta {eq['delta_bpb']:+.4f} bpb, 95% CI "
+                      f"[{eq['ci95'][0]:+.4f}, {eq['ci95'][1]:+.4f}], margin ±{eq['margin']:.4f}: **{eq['verdict']}**"]
+    if "router" in report:
+        acc = report["router"]["accuracy_by_prefix"]
+        cells = ", ".join(f"{n}: {a:.3f}" for n, a in zip(acc["lengths"], acc["accuracy"]))
+        lines += ["", f"Router accuracy by prefix length: {cells}",
+                  f"Router KL(bayes || router) {report['router']['kl_to_bayes']:.4f} nats, ECE {report['router']['ece']:.4f}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", markdown(report))
