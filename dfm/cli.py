@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("run", "the whole pipeline: prepare, train every expert, router, baseline, assemble", cmd_run)
+    p = add("run", "the whole pipeline: prepare, train every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages from checkpoints")
     _add_config_flags(p)
@@ -370,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfm: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"dfm: error: unexpected {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
