@@ -69,6 +69,7 @@ class DecodeResult:
     attention_mask: Tensor  # (B, T + n)
     new_tokens: Tensor     # (B, n)
     lengths: Tensor        # (B,) generated tokens per row, up to and including EOS
+    token_log_probs: Tensor  # (B, n) log-prob of each sampled token under the mixture it was drawn from
     weights: Tensor        # (B, n, K) routing distribution of every generated token (before sparsification)
     used_weights: Tensor   # (B, n, K) weights actually mixed (zero for experts that did not run)
     experts_ran: list[list[int]]  # per step, the experts that ran a forward pass
@@ -104,7 +105,7 @@ def generate(
 
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    weights, used, ran, new = [], [], [], []
+    weights, used, ran, new, chosen = [], [], [], [], []
     selection = None
     for step in range(config.max_new_tokens):
         if selection is None or config.route_on == "token":
@@ -113,6 +114,7 @@ def generate(
             selection = select_experts(routed, config.routing, config.k, generator)
         out = decode_step(pool, tokens, attention_mask, selection, config, generator)
         token = out.token
+        chosen.append(out.log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1))
         if bayes and config.route_on == "token":
             picked = out.expert_log_probs.gather(-1, token.view(-1, 1, 1).expand(-1, len(selection.active), 1))
             posterior.log_joint[:, selection.active] += picked.squeeze(-1)
@@ -138,6 +140,7 @@ def generate(
         attention_mask=attention_mask,
         new_tokens=torch.stack(new, 1) if new else tokens[:, :0],
         lengths=lengths,
+        token_log_probs=torch.stack(chosen, 1) if new else no_weights[..., 0],
         weights=torch.stack(weights, 1) if new else no_weights,
         used_weights=torch.stack(used, 1) if new else no_weights,
         experts_ran=ran,
