@@ -12,6 +12,9 @@ import yaml
 
 from dfm.errors import DfmError
 from models.expert import DEFAULT_ARCH
+from models.router import RouterConfig
+from training.synthetic import SyntheticSpec
+from training.trainer import TrainConfig
 
 #: Every key a run understands; a config file or override may only set these.
 DEFAULTS: dict[str, Any] = {
@@ -103,7 +106,41 @@ def resolve_config(file: str | os.PathLike | None = None, overrides: list[dict] 
         _merge(config, override)
     if config["data"]["dataset"] is None and config["data"]["label_column"] is None:
         config["data"]["label_column"] = "domain"
+    validate(config)
     return config
+
+
+def _positive_int(config: dict, dotted: str, minimum: int = 1, optional: bool = False) -> None:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DfmError(f"config {dotted} must be an integer >= {minimum}, got {value!r}")
+
+
+def validate(config: dict) -> None:
+    """Refuse impossible settings before any work starts, naming the key to fix."""
+    _positive_int(config, "seed", minimum=0)
+    _positive_int(config, "num_proc", optional=True)
+    _positive_int(config, "partition.num_clusters")
+    _positive_int(config, "tokenizer.vocab_size", minimum=257)
+    _positive_int(config, "expert.block_size", minimum=2)
+    _positive_int(config, "router.max_length", minimum=2)
+    _positive_int(config, "data.max_documents", optional=True)
+    for name in ("validation_fraction", "test_fraction"):
+        value = config["data"][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+            raise DfmError(f"config data.{name} must lie in (0, 0.5), got {value!r}")
+    if not isinstance(config["partition"]["balance"], (int, float)) or config["partition"]["balance"] < 1:
+        raise DfmError(f"config partition.balance must be >= 1, got {config['partition']['balance']!r}")
+    TrainConfig.from_dict(config["expert"]["train"])
+    TrainConfig.from_dict(config["router"]["train"])
+    router = config["router"]
+    RouterConfig(vocab_size=1, num_experts=1, hidden_size=router["hidden_size"], num_layers=router["num_layers"],
+                 num_heads=router["num_heads"])
+    SyntheticSpec.from_dict(config["synthetic"])
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
