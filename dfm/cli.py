@@ -234,8 +234,10 @@ def _routing_view(generation, tokenizer, colour: bool) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from dfm.routing import parse_routing
     from models.generation import generate_text, oracle_weigher
 
+    parse_routing(args.routing)  # fail on a typo before loading anything
     prompt = _read_prompt(args)
     model = _load_generator(args)
     weigher = None

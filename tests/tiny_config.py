@@ -4,7 +4,7 @@ TINY_ARCH = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "
              "intermediate_size": 64, "max_position_embeddings": 64}
 
 TINY_RUN = {
-    "synthetic": {"num_domains": 3, "num_documents": 150, "seed": 0},
+    "synthetic": {"num_domains": 3, "num_documents": 150, "seed": 0, "mean_length": 20},
     "tokenizer": {"vocab_size": 300},
     "partition": {"num_clusters": 3},
     "expert": {"arch": TINY_ARCH, "block_size": 32,

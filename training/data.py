@@ -66,17 +66,34 @@ def _load_raw(source: DataSource):
             missing = [f for f in source.data_files if not glob.glob(f)]
             if missing:
                 raise DfmError(f"data file(s) not found: {', '.join(missing)}")
+            if all(os.path.getsize(p) == 0 for f in source.data_files for p in glob.glob(f)):
+                raise DfmError(f"the data files are empty: {', '.join(source.data_files)}")
         return datasets.load_dataset(name, source.config_name, split=source.split, data_files=source.data_files,
                                      streaming=source.streaming)
     except DfmError:
         raise
     except FileNotFoundError as err:
-        raise DfmError(f"dataset {name!r} not found ({str(err).splitlines()[0]}): check the name or path") from err
-    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise DfmError(f"cannot read dataset {name!r}: {str(err).splitlines()[0]}") from err
+        raise DfmError(f"dataset {name!r} not found ({_first_line(err)}): check the name or path") from err
     except ConnectionError as err:
         raise DfmError(f"cannot reach the hub for {name!r} (offline?): use local files with --dataset json "
                        f"--data-files ...") from err
+    except Exception as err:  # datasets raises many types for unreadable input; name the root cause
+        cause = _root_cause(err)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DfmError(f"dataset {name!r} is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
+                           f"re-encode the files as UTF-8, e.g. iconv -f latin1 -t utf-8") from err
+        raise DfmError(f"cannot read dataset {name!r}: {type(cause).__name__}: {_first_line(cause)}") from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else "no details"
 
 
 def _is_saved_dataset(path: Path) -> bool:

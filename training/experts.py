@@ -46,8 +46,6 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
                                  arch=config["expert"]["arch"])
     model = build_expert(model_config, seed=seed)
     options = TrainConfig.from_dict({**train_options, "seed": seed})
-    if val_data is not None and len(val_data) == 0:
-        val_data = None
     result: TrainResult = train(model, train_data, lm_loss, options, save_fn=save_expert, out_dir=out_dir,
                                 checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
                                 val_data=val_data, resume=resume, desc=name)
@@ -67,7 +65,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
         raise DfmError(f"--expert must be between 0 and {num_clusters - 1} for this run, got {k}")
     layout = RunLayout.of(run_dir)
     shard = load_saved(layout.shard(k), f"the data shard of expert {k}")
-    return _train_lm(run_dir, f"expert-{k}", shard["train"], shard["validation"], config["expert"]["train"],
+    return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
                      config["seed"] + k, layout.expert(k), resume)
 
 
@@ -84,7 +82,8 @@ def train_baseline(run_dir: str | Path, resume: bool = False) -> dict:
     shards = [load_saved(layout.shard(k), f"the data shard of expert {k}")
               for k in range(config["partition"]["num_clusters"])]
     train_data = datasets.concatenate_datasets([s["train"] for s in shards])
-    val_data = datasets.concatenate_datasets([s["validation"] for s in shards])
+    validation = [s["validation"] for s in shards if "validation" in s]
+    val_data = datasets.concatenate_datasets(validation) if validation else None
     options = {**config["expert"]["train"], "steps": baseline_steps(config)}
     return _train_lm(run_dir, "baseline", train_data, val_data, options,
                      config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume)

@@ -94,9 +94,11 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     eos = tokenizer.eos_token_id
     shard_tokens = []
     for k in range(num_clusters):
-        shard = DatasetDict({name: pack_blocks(tokenized[name].filter(lambda c: c == k, input_columns="cluster"),
-                                               block_size, eos)
-                             for name in ("train", "validation")})
+        blocks = {name: pack_blocks(tokenized[name].filter(lambda c: c == k, input_columns="cluster"), block_size, eos)
+                  for name in ("train", "validation")}
+        # an empty split cannot round-trip through save_to_disk: a cluster without validation
+        # documents gets a train split only
+        shard = DatasetDict({name: split for name, split in blocks.items() if len(split)})
         save_dataset(shard, layout.shard(k))
         shard_tokens.append(int((torch.tensor(list(shard["train"]["labels"])) >= 0).sum()))
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}

@@ -1,0 +1,164 @@
+"""The command line against a tiny run: generation, streaming, JSON, and every bad input a user
+makes ending in one line on stderr and a non-zero exit (never a traceback).
+
+BAD_INPUTS is the table of cases tried; each row is (case, argv, expected message fragment).
+"""
+
+import io
+import json
+import shutil
+
+import pytest
+
+from dfm.cli import main
+from tests.tiny_config import TINY_RUN
+
+
+@pytest.fixture(autouse=True)
+def piped_stdin(monkeypatch):
+    """The CLI reads a piped prompt from stdin; give every test an empty pipe."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    assert main(["run", "--out", str(root / "run"), "--config", str(config)]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    (root / "empty.jsonl").write_text("")
+    (root / "docs.jsonl").write_text("\n".join(json.dumps({"body": f"words {i} here"}) for i in range(40)))
+    (root / "few.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(12)))
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 20)
+    (root / "bad.yaml").write_text("expert: [unclosed\n")
+    return root
+
+
+BAD_INPUTS = [
+    ("missing run directory", ["generate", "--run", "{tmp}/nope", "--prompt", "x"], "does not exist"),
+    ("unknown routing mode", ["generate", "--run", "{run}", "--routing", "best"], "unknown routing mode"),
+    ("k larger than K", ["generate", "--run", "{run}", "--routing", "topk", "--k", "9"], "between 1 and the number"),
+    ("k zero", ["generate", "--run", "{run}", "--routing", "topk", "--k", "0"], "between 1 and the number"),
+    ("exclude every expert", ["generate", "--run", "{run}", "--exclude-expert", "0", "1", "2"], "exclude fewer"),
+    ("exclude unknown expert", ["generate", "--run", "{run}", "--exclude-expert", "7"], "numbered"),
+    ("oracle without cluster", ["generate", "--run", "{run}", "--routing", "oracle"], "--cluster"),
+    ("oracle with a bad cluster", ["generate", "--run", "{run}", "--routing", "oracle", "--cluster", "5"], "not experts"),
+    ("max new tokens beyond the context", ["generate", "--run", "{run}", "--max-new-tokens", "500"], "--max-new-tokens"),
+    ("negative temperature", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--temperature", "-1"], "temperature"),
+    ("top-p out of range", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--top-p", "0"], "top-p"),
+    ("unknown model", ["generate", "--run", "{run}", "--model", "expert-9"], "not in"),
+    ("missing prompt file", ["generate", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
+    ("json without data files", ["prepare", "--out", "{tmp}/p1", "--dataset", "json"], "--data-files"),
+    ("missing data file", ["prepare", "--out", "{tmp}/p2", "--dataset", "json", "--data-files", "{tmp}/none.jsonl"],
+     "not found"),
+    ("empty dataset", ["prepare", "--out", "{tmp}/p3", "--dataset", "json", "--data-files", "{files}/empty.jsonl"],
+     "empty"),
+    ("wrong text column", ["prepare", "--out", "{tmp}/p4", "--dataset", "json", "--data-files", "{files}/docs.jsonl"],
+     "--text-column"),
+    ("wrong cluster column", ["prepare", "--out", "{tmp}/p5", "--dataset", "json", "--data-files",
+                              "{files}/docs.jsonl", "--text-column", "body", "--cluster-column", "topic"], "topic"),
+    ("fewer documents than clusters", ["prepare", "--out", "{tmp}/p6", "--dataset", "json", "--data-files",
+                                       "{files}/few.jsonl", "--num-clusters", "20"], "fewer documents"),
+    ("non-UTF-8 text file", ["prepare", "--out", "{tmp}/p7", "--dataset", "text", "--data-files",
+                             "{files}/latin1.txt"], "UTF-8"),
+    ("streaming without a cap", ["prepare", "--out", "{tmp}/p8", "--dataset", "json", "--data-files",
+                                 "{files}/docs.jsonl", "--streaming"], "--max-documents"),
+    ("zero steps", ["prepare", "--out", "{tmp}/p9", "--steps", "0"], "steps must be positive"),
+    ("negative clusters", ["prepare", "--out", "{tmp}/p10", "--num-clusters", "-2"], "num_clusters"),
+    ("unknown config key", ["prepare", "--out", "{tmp}/p11", "--set", "expert.depth=3"], "unknown config key"),
+    ("malformed override", ["prepare", "--out", "{tmp}/p12", "--set", "expert"], "key.sub=value"),
+    ("missing config file", ["prepare", "--out", "{tmp}/p13", "--config", "{tmp}/none.yaml"], "not found"),
+    ("invalid config file", ["prepare", "--out", "{tmp}/p14", "--config", "{files}/bad.yaml"], "not valid YAML"),
+    ("train an expert before prepare", ["train-expert", "--run", "{tmp}/nothing", "--expert", "0"], "dfm prepare"),
+    ("expert index out of range", ["train-expert", "--run", "{run}", "--expert", "7"], "between 0 and 2"),
+    ("train again without --resume", ["train-expert", "--run", "{run}", "--expert", "0"], "--resume"),
+    ("assemble before prepare", ["assemble", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("unknown eval mode", ["eval", "--run", "{run}", "--modes", "magic"], "unknown evaluation mode"),
+    ("unknown eval split", ["eval", "--run", "{run}", "--split", "dev"], "no split"),
+]
+
+
+@pytest.mark.parametrize("case,argv,expected", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_one_line_and_non_zero(case, argv, expected, run, files, tmp_path, capsys):
+    argv = [a.format(run=run, tmp=tmp_path, files=files) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0, case
+    assert "Traceback" not in "\n".join(err)
+    message = [line for line in err if line.startswith("dfm: error:")]
+    assert len(message) == 1 and expected in message[0], err
+
+
+def test_incompatible_manifest_version(run, tmp_path, capsys):
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / "ensemble.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "ensemble.json").write_text(json.dumps(manifest))
+    assert main(["generate", "--run", str(copy), "--prompt", "x"]) == 2
+    assert "format version 99" in capsys.readouterr().err
+
+
+def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
+    copy = tmp_path / "partial"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "experts" / "expert-1")
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3"]) == 2
+    assert "expert-1" in capsys.readouterr().err
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3", "--allow-missing", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["names"] == ["expert-0", "expert-2"]
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_generate_streams_and_reports_json(run, capsys):
+    assert main(["generate", "--run", str(run), "--prompt", "", "--max-new-tokens", "5", "--seed", "3"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", "--run", str(run), "--prompt", "", "--max-new-tokens", "5", "--seed", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "weights", "experts_ran", "forward_passes", "tokens_processed", "names"}
+    assert streamed.rstrip("\n") == out["text"]  # same seed, same text, streamed or not
+    assert len(out["weights"][0]) == len(out["token_ids"][0])
+
+
+def test_generate_modes_exclusion_and_baseline(run, capsys):
+    for extra in (["--routing", "switch", "--exclude-expert", "1"], ["--routing", "bayes"],
+                  ["--routing", "centroid", "--k", "2"], ["--routing", "oracle", "--cluster", "2"],
+                  ["--routing", "topk", "--route-on", "prompt"], ["--model", "baseline"], ["--model", "expert-0"]):
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "4", "--json", *extra]) == 0, extra
+        out = json.loads(capsys.readouterr().out)
+        if "--exclude-expert" in extra:
+            assert all(1 not in step for step in out["experts_ran"])
+
+
+def test_long_prompt_is_truncated_with_a_warning(run, capsys):
+    assert main(["generate", "--run", str(run), "--prompt", "ka " * 200, "--max-new-tokens", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "truncated from the left" in captured.err
+    assert json.loads(captured.out)["truncated"] == [True]
+
+
+def test_prompt_from_stdin(run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("ka ka"))
+    assert main(["generate", "--run", str(run), "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "ka ka"
+
+
+def test_show_routing_lists_every_token(run, capsys):
+    args = ["generate", "--run", str(run), "--max-new-tokens", "6", "--seed", "1"]
+    assert main([*args, "--json"]) == 0
+    generated = len(json.loads(capsys.readouterr().out)["token_ids"][0])
+    assert main([*args, "--show-routing"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [i for i, line in enumerate(lines) if "weights (expert-0, expert-1, expert-2)" in line]
+    assert len(header) == 1 and len(lines) - header[0] - 1 == generated
