@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 
 from dfm.errors import DfmError
@@ -67,6 +68,10 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"dfm: warning: {message}", file=sys.stderr)
 
 
 def _say(message: str) -> None:
@@ -269,16 +274,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         printed = text
 
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *rest: print(f"dfm: warning: {message}", file=sys.stderr)
-        generation = generate_text(
-            model, prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            exclude=args.exclude_expert, route_on=args.route_on, weigher=weigher,
-            on_token=None if args.json else stream)
+    generation = generate_text(
+        model, prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        exclude=args.exclude_expert, route_on=args.route_on, weigher=weigher,
+        on_token=None if args.json else stream)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
         return
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         if args.command not in ("bench",):
             _quiet_libraries()

@@ -112,7 +112,9 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert main(["generate", "--run", str(copy), "--max-new-tokens", "3"]) == 2
     assert "expert-1" in capsys.readouterr().err
     assert main(["generate", "--run", str(copy), "--max-new-tokens", "3", "--allow-missing", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "dfm: warning: expert-1 left out" in captured.err
+    out = json.loads(captured.out)
     assert out["names"] == ["expert-0", "expert-2"]
 
 
