@@ -64,7 +64,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all)")
     parser.add_argument("--max-documents", type=int, help="score only the first N documents")
-    parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context")
+    parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
@@ -168,6 +168,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     write_report(report, RunLayout.of(run_dir).eval)
     write_plots(report, RunLayout.of(run_dir).eval)
     print(markdown(report))
+    from models.ensemble import Ensemble
+    from models.generation import generate_text
+
+    sample = generate_text(Ensemble.from_run(run_dir), "", max_new_tokens=60, routing="mixture", seed=config["seed"])
+    print(f"Sample (mixture routing, from BOS, 60 tokens max):\n  {sample.texts[0]}\n")
+    _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing topk --k 1 --show-routing")
     from dfm.atomic import write_json
 
     write_json(os.path.join(run_dir, "logs", "timings.json"), timings)

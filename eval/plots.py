@@ -25,11 +25,15 @@ def plot_bpb_by_cluster(report: dict, path: Path) -> None:
     names = [n for n in COMPARED if n in report["models"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(clusters)), 4))
     width = 0.8 / max(1, len(names))
+    shown = []
     for i, name in enumerate(names):
         values = [report["per_cluster"][c][name]["bpb"] for c in clusters]
+        shown += values
         ax.bar([j + i * width for j in range(len(clusters))], values, width, label=name)
     if report.get("entropy_floor_bpb") is not None:
+        shown.append(report["entropy_floor_bpb"])
         ax.axhline(report["entropy_floor_bpb"], color="black", linestyle="--", linewidth=1, label="entropy floor")
+    ax.set_ylim(0.9 * min(shown), 1.03 * max(shown))  # the differences are a few percent: zoom in
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(clusters))], [f"cluster {c}" for c in clusters])
     ax.set_ylabel("bits per byte")
     ax.set_title("Bits per byte by cluster: baseline vs ensemble modes")

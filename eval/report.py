@@ -69,6 +69,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
 
     ensemble = Ensemble.from_run(run_dir, device=device)
     context = ensemble.experts[0].config.max_position_embeddings
+    stride = stride or max(1, context // 2)  # documents longer than the context keep half a window of history
     score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
     router_lw = router_log_weights(ensemble.router, docs, **score) if ensemble.router is not None else None
@@ -87,7 +88,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         log_probs[mode] = mixed_token_log_probs(expert_lps, weights[mode])
 
     nll = {name: [-lp for lp in lps] for name, lps in log_probs.items()}
-    report: dict = {"split": split, "documents": len(docs), "context": context, "stride": stride or context}
+    report: dict = {"split": split, "documents": len(docs), "context": context, "stride": stride}
     report["models"] = {name: summarize(values, num_bytes) for name, values in nll.items()}
     report["per_cluster"] = {}
     for k in sorted(set(clusters)):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm.atomic import write_json
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
 from models.router import Router, RouterConfig
@@ -81,5 +82,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     result = train(router, examples("train"), router_loss, train_options, save_fn=save_router,
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
                    val_data=validation if len(validation) else None, resume=resume, desc="router")
-    return {"name": "router", "parameters": router.num_parameters, "steps": result.steps,
-            "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
+    summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
+               "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
+    write_json(layout.summary("router"), summary)
+    return summary
