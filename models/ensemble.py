@@ -22,6 +22,8 @@ from dfm.errors import DfmError
 from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.router import Router
+from models.stacked import StackedLlama
+from models.stacked import supports as supports_stacking
 
 
 def positions(attention_mask: Tensor) -> Tensor:
@@ -35,7 +37,7 @@ def autocast_for(device: torch.device):
 
 
 class _ExpertState:
-    """One expert's KV cache, how many columns it has consumed, and its latest next-token log-probs."""
+    """One expert's generic KV cache, how many columns it has consumed, and its latest next-token log-probs."""
 
     def __init__(self) -> None:
         self.cache: DynamicCache | None = None
@@ -44,10 +46,16 @@ class _ExpertState:
 
 
 class Ensemble:
-    """K experts over one tokenizer, usable as an ExpertPool."""
+    """K experts over one tokenizer, usable as an ExpertPool.
+
+    Llama-architecture experts with one shared configuration run on the stacked engine
+    (models/stacked.py: one batched forward for all K); any other causal LM runs through its
+    own Hugging Face forward with a DynamicCache. ``engine="hf"`` forces the generic path.
+    """
 
     def __init__(self, experts: Sequence[PreTrainedModel], log_prior: Tensor, *, router: Router | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None,
+                 engine: str = "auto") -> None:
         if not experts:
             raise DfmError("an ensemble needs at least one expert")
         vocab = {e.config.vocab_size for e in experts}
@@ -56,6 +64,8 @@ class Ensemble:
         if router is not None and router.config.num_experts != len(experts):
             raise DfmError(f"the router routes over {router.config.num_experts} experts but the ensemble has "
                            f"{len(experts)}: retrain it with `dfm train-router`")
+        if engine not in ("auto", "hf"):
+            raise DfmError(f"engine must be 'auto' or 'hf', got {engine!r}")
         self.experts = list(experts)
         self.log_prior = log_prior.double()
         self.router = router
@@ -63,6 +73,7 @@ class Ensemble:
         self.names = list(names) if names is not None else [f"expert-{i}" for i in range(len(experts))]
         self.device = next(self.experts[0].parameters()).device
         self.vocab_size = vocab.pop()
+        self.engine = StackedLlama(self.experts) if engine == "auto" and supports_stacking(self.experts) else None
         self.reset()
 
     @property
@@ -72,54 +83,77 @@ class Ensemble:
     def reset(self) -> None:
         """Forget all caches and counters: the next call starts a new batch of sequences."""
         self._states = [_ExpertState() for _ in self.experts]
+        self._batch_size: int | None = None
         self.forward_passes = [0] * self.num_experts
         self.tokens_processed = [0] * self.num_experts
 
     # --- ExpertPool -------------------------------------------------------------------------
     @torch.inference_mode()
     def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
-        for e in experts:
-            self._advance(e, tokens, attention_mask)
+        for group in self._groups(experts, tokens):
+            self._advance(group, tokens, attention_mask)
         return torch.stack([self._states[e].last for e in experts], dim=1)
 
     @torch.inference_mode()
     def prefix_log_likelihood(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
-        totals = [self._advance(e, tokens, attention_mask, score=True) for e in experts]
-        return torch.stack(totals, dim=1)
-
-    def _advance(self, e: int, tokens: Tensor, attention_mask: Tensor, score: bool = False) -> Tensor | None:
-        """Feed expert ``e`` the columns it has not seen; with ``score``, return the summed
-        log-likelihood of the real tokens it scored (it must start from an empty cache)."""
-        state = self._states[e]
-        length = tokens.shape[1]
-        if length < state.seen:
-            raise DfmError("token batch shrank between calls: call Ensemble.reset() before a new batch")
-        if score and state.seen:
+        if any(self._states[e].seen for e in experts):
             raise DfmError("prefix_log_likelihood must be the first call after Ensemble.reset()")
-        if length == state.seen:
-            return None
-        if state.cache is None:
-            state.cache = DynamicCache(config=self.experts[e].config)
-        new = tokens[:, state.seen:]
+        totals = [self._advance(group, tokens, attention_mask, score=True) for group in self._groups(experts, tokens)]
+        return torch.cat(totals, dim=1)
+
+    def _groups(self, experts: Sequence[int], tokens: Tensor) -> list[range]:
+        """Experts that advance together: all K in one stacked forward when they have seen the same
+        columns, otherwise one by one (each catching up on what it missed)."""
+        length = tokens.shape[1]
+        if any(length < self._states[e].seen for e in experts):
+            raise DfmError("token batch shrank between calls: call Ensemble.reset() before a new batch")
+        if self._batch_size is None:
+            self._batch_size = tokens.shape[0]
+            if self.engine is not None:
+                self.engine.reset(self._batch_size)
+        behind = [e for e in experts if self._states[e].seen < length]
+        everyone = range(self.num_experts)
+        if self.engine is not None and len(behind) == self.num_experts and len({s.seen for s in self._states}) == 1:
+            return [everyone]
+        return [range(e, e + 1) for e in behind]
+
+    def _advance(self, group: range, tokens: Tensor, attention_mask: Tensor, score: bool = False) -> Tensor | None:
+        """Feed the experts of ``group`` the columns they have not seen and store their next-token
+        log-probs; with ``score``, return (B, len(group)) summed log-likelihoods of the real tokens."""
+        seen, length = self._states[group[0]].seen, tokens.shape[1]
+        if length > self.experts[0].config.max_position_embeddings:
+            raise DfmError(f"sequence of {length} tokens exceeds the experts' context of "
+                           f"{self.experts[0].config.max_position_embeddings}: truncate the prompt or generate less")
+        new = tokens[:, seen:]
         with autocast_for(self.device):
-            logits = self.experts[e](
-                input_ids=new,
-                attention_mask=attention_mask,
-                position_ids=positions(attention_mask)[:, state.seen:],
-                past_key_values=state.cache,
-                use_cache=True,
-                logits_to_keep=0 if score else 1,
-            ).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        state.last = log_probs[:, -1]
-        state.seen = length
-        self.forward_passes[e] += 1
-        self.tokens_processed[e] += new.numel()
+            if self.engine is not None:
+                logits = self.engine.forward(slice(group.start, group.stop), new, attention_mask, all_logits=score)
+            else:
+                logits = self._hf_forward(group[0], new, attention_mask, seen, score).unsqueeze(0)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (E, B, T', V)
+        for i, e in enumerate(group):
+            state = self._states[e]
+            state.last, state.seen = log_probs[i, :, -1], length
+            self.forward_passes[e] += 1
+            self.tokens_processed[e] += new.numel()
         if not score:
             return None
-        picked = log_probs[:, :-1].gather(-1, new[:, 1:].unsqueeze(-1)).squeeze(-1)
+        picked = log_probs[:, :, :-1].gather(-1, new[:, 1:].expand(len(group), -1, -1).unsqueeze(-1)).squeeze(-1)
         real = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(picked.dtype)
-        return (picked * real).sum(-1).double()
+        return (picked * real).sum(-1).double().T
+
+    def _hf_forward(self, e: int, new: Tensor, attention_mask: Tensor, seen: int, score: bool) -> Tensor:
+        state = self._states[e]
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.experts[e].config)
+        return self.experts[e](
+            input_ids=new,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask)[:, seen:],
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=0 if score else 1,
+        ).logits
 
     # --- routing --------------------------------------------------------------------------
     def router_weigher(self) -> RouterWeigher:

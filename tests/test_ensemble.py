@@ -32,10 +32,13 @@ def tiny_expert(seed, vocab=VOCAB, fingerprint=FINGERPRINT):
     return build_expert(config, seed=seed).eval()
 
 
-def tiny_ensemble(k=3):
+def tiny_ensemble(k=3, engine="auto"):
     router = Router(RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2,
                                  max_positions=64)).eval()
-    return Ensemble([tiny_expert(s) for s in range(k)], uniform_log_prior(k), router=router)
+    return Ensemble([tiny_expert(s) for s in range(k)], uniform_log_prior(k), router=router, engine=engine)
+
+
+ENGINES = pytest.mark.parametrize("engine", ["auto", "hf"])
 
 
 def batch():
@@ -53,8 +56,9 @@ def full_log_probs(model, tokens, mask):
         return torch.log_softmax(model(tokens, attention_mask=mask, position_ids=pos).logits, -1)
 
 
-def test_cached_decoding_equals_a_full_forward():
-    ens = tiny_ensemble()
+@ENGINES
+def test_cached_decoding_equals_a_full_forward(engine):
+    ens = tiny_ensemble(engine=engine)
     tokens, mask = batch()
     full = [full_log_probs(e, tokens, mask) for e in ens.experts]
     for t in range(4, tokens.shape[1] + 1):  # prefill 4 columns, then one column at a time
@@ -63,8 +67,9 @@ def test_cached_decoding_equals_a_full_forward():
             torch.testing.assert_close(got[:, e], full[e][:, t - 1], atol=1e-5, rtol=0)
 
 
-def test_sparse_experts_catch_up_in_one_forward():
-    ens = tiny_ensemble()
+@ENGINES
+def test_sparse_experts_catch_up_in_one_forward(engine):
+    ens = tiny_ensemble(engine=engine)
     tokens, mask = batch()
     ens.next_token_log_probs(tokens[:, :4], mask[:, :4], [0])
     for t in range(5, 9):
@@ -75,8 +80,9 @@ def test_sparse_experts_catch_up_in_one_forward():
     assert ens.tokens_processed == [2 * 8, 2 * 9, 0]
 
 
-def test_prefix_log_likelihood_matches_full_forward():
-    ens = tiny_ensemble()
+@ENGINES
+def test_prefix_log_likelihood_matches_full_forward(engine):
+    ens = tiny_ensemble(engine=engine)
     tokens, mask = batch()
     got = ens.prefix_log_likelihood(tokens, mask, [0, 1, 2])
     for e in range(3):
@@ -85,6 +91,33 @@ def test_prefix_log_likelihood_matches_full_forward():
         torch.testing.assert_close(got[:, e], picked.sum(-1).double(), atol=1e-4, rtol=0)
     with pytest.raises(DfmError, match="reset"):
         ens.prefix_log_likelihood(tokens, mask, [0])
+
+
+def test_stacked_engine_is_used_and_matches_experts_run_one_by_one():
+    stacked, generic = tiny_ensemble(engine="auto"), tiny_ensemble(engine="hf")
+    assert stacked.engine is not None and generic.engine is None
+    tokens, mask = batch()
+    torch.testing.assert_close(stacked.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]),
+                               generic.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]), atol=1e-5, rtol=0)
+    for t in range(5, 10):
+        torch.testing.assert_close(stacked.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]),
+                                   generic.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]), atol=1e-5, rtol=0)
+    assert stacked.forward_passes == generic.forward_passes == [5, 5, 5]
+
+
+def test_non_llama_experts_use_the_generic_path():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    experts = [GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+               for _ in range(2)]
+    ens = Ensemble(experts, uniform_log_prior(2))
+    assert ens.engine is None
+    tokens = torch.randint(1, VOCAB, (1, 6))
+    mask = torch.ones_like(tokens)
+    got = ens.next_token_log_probs(tokens, mask, [0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(got[:, 1], torch.log_softmax(experts[1](tokens).logits[:, -1], -1), atol=1e-5, rtol=0)
 
 
 def test_router_weigher_is_incremental():
