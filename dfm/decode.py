@@ -110,7 +110,7 @@ def generate(
     for step in range(config.max_new_tokens):
         if selection is None or config.route_on == "token":
             raw = posterior.log_posterior if bayes else weigher(tokens, attention_mask)
-            routed = exclude_log_weights(raw, config.exclude)
+            routed = exclude_log_weights(raw, config.exclude) if config.exclude else raw
             selection = select_experts(routed, config.routing, config.k, generator)
         out = decode_step(pool, tokens, attention_mask, selection, config, generator)
         token = out.token

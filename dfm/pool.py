@@ -29,6 +29,6 @@ class ExpertPool(Protocol):
 
 
 class Weigher(Protocol):
-    """Routing weights from the prefix: log w_k(x_<=T) of shape (B, K) (router, centroid, oracle)."""
+    """Routing weights from the prefix: normalised log w_k(x_<=T) of shape (B, K) (router, centroid, oracle)."""
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor: ...
