@@ -96,7 +96,7 @@ class _Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
-    def forward(self, x: Tensor, attn_bias: Tensor, cache: RouterCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Tensor | None, cache: RouterCache | None, layer: int) -> Tensor:
         batch, time, hidden = x.shape
         qkv = self.qkv(self.ln1(x)).view(batch, time, 3, self.num_heads, hidden // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, time, head_dim)
@@ -184,11 +184,13 @@ class Router(nn.Module):
         # key j is real. A padded query also attends to itself so that no row is fully masked
         # (SDPA returns NaN there). Built once as an additive bias shared by all layers.
         x = self.token_embedding(input_ids) + self.position_embedding(positions)
-        query_index = torch.arange(past, total, device=x.device)[:, None]
-        key_index = torch.arange(total, device=x.device)[None, :]
-        allowed = (key_index <= query_index) & (full_mask[:, None, None, :] | (key_index == query_index))
-        attn_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        attn_bias.masked_fill_(~allowed, float("-inf"))
+        attn_bias = None  # one new token and no padding: it may attend to everything cached
+        if t_new > 1 or not bool(full_mask.all()):
+            query_index = torch.arange(past, total, device=x.device)[:, None]
+            key_index = torch.arange(total, device=x.device)[None, :]
+            allowed = (key_index <= query_index) & (full_mask[:, None, None, :] | (key_index == query_index))
+            attn_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            attn_bias.masked_fill_(~allowed, float("-inf"))
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, training=True)
         for layer, block in enumerate(self.blocks):

@@ -111,7 +111,9 @@ class StackedLlama:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:end]
         freqs = positions.unsqueeze(-1).float() * self.inv_freq
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, T, head_dim)
-        cos, sin = angles.cos().repeat(count, 1, 1, 1), angles.sin().repeat(count, 1, 1, 1)
+        cos, sin = angles.cos(), angles.sin()
+        if count > 1:
+            cos, sin = cos.repeat(count, 1, 1, 1), sin.repeat(count, 1, 1, 1)
         mask = self._attention_mask(attention_mask[:, :end], start, count)
 
         x = self.embed[experts][:, input_ids].reshape(count, batch * new, -1)
