@@ -5,6 +5,7 @@ A crash leaves either the old artifact or the new one, never a half-written file
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -52,9 +53,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on clean exit it replaces ``path`` as a whole."""
+    """Yield a fresh temporary directory; on clean exit it replaces ``path`` as a whole.
+
+    Temporary directories that a killed writer of the same ``path`` left behind are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -101,9 +101,28 @@ def cmd_train_expert(args: argparse.Namespace) -> dict:
     from training.experts import train_expert
 
     summary = train_expert(args.run, args.expert, resume=args.resume)
+    from training.distributed import setup_distributed
+
+    if not setup_distributed().is_main:
+        return summary
     _say(f"expert-{args.expert}: val loss {summary['val_loss']} nats/token "
          f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s")
     return summary
+
+
+def cmd_add_expert(args: argparse.Namespace) -> int:
+    from training.add_cluster import add_cluster, read_texts
+    from training.config import read_run_config
+    from training.prepare import data_source
+
+    config = read_run_config(args.run)
+    data = {**config["data"], "dataset": args.dataset, "config_name": args.dataset_config, "split": args.split,
+            "data_files": args.data_files, "text_column": args.text_column, "streaming": args.streaming,
+            "max_documents": args.max_documents}
+    k = add_cluster(args.run, read_texts(data_source({**config, "data": data})))
+    _say(f"added cluster {k} to {args.run}; next: dfm train-expert --run {args.run} --expert {k} && "
+         f"dfm train-router --run {args.run} && dfm assemble --run {args.run}")
+    return k
 
 
 def cmd_train_router(args: argparse.Namespace) -> dict:
@@ -325,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--expert", type=int, required=True, help="cluster / expert index K")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    p = add("add-expert", "add a new cluster of documents to a prepared run as expert K (others untouched)",
+            cmd_add_expert)
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--dataset", required=True,
+                   help="hub name, json|csv|parquet|text (with --data-files), or a save_to_disk dir")
+    p.add_argument("--dataset-config", help="hub dataset configuration name")
+    p.add_argument("--split", help="split to read (default: every split)")
+    p.add_argument("--data-files", nargs="+", help="local files for --dataset json|csv|parquet|text")
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--streaming", action="store_true", help="stream the dataset (needs --max-documents)")
+    p.add_argument("--max-documents", type=int, help="read at most this many documents")
     p = add("train-router", "train the router on prefixes of every cluster", cmd_train_router)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")

@@ -6,14 +6,19 @@ import torch
 from torch import Tensor
 
 
+def _masked(token_log_probs: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero evidence at padded positions, whatever they hold (a -inf there must not become NaN)."""
+    if mask is None:
+        return token_log_probs
+    return token_log_probs.masked_fill(~mask.bool().unsqueeze(1), 0.0)
+
+
 def bayes_log_posterior(log_prior: Tensor, token_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """One-shot posterior from per-token log-likelihoods (B, K, T) of a whole prefix. Returns (B, K).
 
     ``mask`` (B, T) marks the tokens that count (1) and padding (0).
     """
-    if mask is not None:
-        token_log_probs = token_log_probs * mask.unsqueeze(1).to(token_log_probs.dtype)
-    log_joint = log_prior + token_log_probs.sum(-1)
+    log_joint = log_prior + _masked(token_log_probs, mask).sum(-1)
     return log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)
 
 
@@ -29,9 +34,7 @@ class BayesPosterior:
 
     def update_prefix(self, token_log_probs: Tensor, mask: Tensor | None = None) -> None:
         """Add a whole prefix at once: (B, K, T) per-token log-likelihoods, optional mask (B, T)."""
-        if mask is not None:
-            token_log_probs = token_log_probs * mask.unsqueeze(1).to(token_log_probs.dtype)
-        self.log_joint = self.log_joint + token_log_probs.sum(-1)
+        self.log_joint = self.log_joint + _masked(token_log_probs, mask).sum(-1)
 
     @property
     def log_posterior(self) -> Tensor:

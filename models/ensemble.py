@@ -139,8 +139,8 @@ class Ensemble:
         if not score:
             return None
         picked = log_probs[:, :, :-1].gather(-1, new[:, 1:].expand(len(group), -1, -1).unsqueeze(-1)).squeeze(-1)
-        real = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(picked.dtype)
-        return (picked * real).sum(-1).double().T
+        real = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+        return picked.masked_fill(~real, 0.0).sum(-1).double().T  # padding holds no evidence, even -inf
 
     def _hf_forward(self, e: int, new: Tensor, attention_mask: Tensor, seen: int, score: bool) -> Tensor:
         state = self._states[e]

@@ -70,6 +70,7 @@ BAD_INPUTS = [
     ("streaming without a cap", ["prepare", "--out", "{tmp}/p8", "--dataset", "json", "--data-files",
                                  "{files}/docs.jsonl", "--streaming"], "--max-documents"),
     ("zero steps", ["prepare", "--out", "{tmp}/p9", "--steps", "0"], "steps must be positive"),
+    ("non-finite learning rate", ["prepare", "--out", "{tmp}/p15", "--set", "expert.train.lr=.inf"], "finite"),
     ("negative clusters", ["prepare", "--out", "{tmp}/p10", "--num-clusters", "-2"], "num_clusters"),
     ("unknown config key", ["prepare", "--out", "{tmp}/p11", "--set", "expert.depth=3"], "unknown config key"),
     ("malformed override", ["prepare", "--out", "{tmp}/p12", "--set", "expert"], "key.sub=value"),

@@ -15,6 +15,7 @@ from models.expert import build_expert, expert_config, num_parameters, save_expe
 from models.manifest import tokenizer_fingerprint
 from training.config import read_run_config
 from training.data import load_saved
+from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.trainer import TrainConfig, TrainResult, train
 
@@ -52,7 +53,8 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     summary = {"name": name, "parameters": num_parameters(model), "steps": result.steps, "tokens": result.tokens,
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
                "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
-    write_json(layout.summary(name), summary)
+    if setup_distributed().is_main:
+        write_json(layout.summary(name), summary)
     return summary
 
 

@@ -58,6 +58,20 @@ def _clusters_of(split: datasets.Dataset, partition: Partition, column: str | No
     return [index[v] for v in split[column]]
 
 
+def write_shard(documents: DatasetDict, k: int, block_size: int, eos_id: int, directory: Path) -> int:
+    """Pack cluster k's train/validation documents into blocks and save them as its shard.
+
+    Returns the number of training targets (a block's first label is its input only, never a target).
+    """
+    blocks = {name: pack_blocks(documents[name].filter(lambda c: c == k, input_columns="cluster"), block_size, eos_id)
+              for name in ("train", "validation")}
+    # an empty split cannot round-trip through save_to_disk: a cluster without validation
+    # documents gets a train split only
+    shard = DatasetDict({name: split for name, split in blocks.items() if len(split)})
+    save_dataset(shard, directory)
+    return int((torch.tensor(list(shard["train"]["labels"]))[:, 1:] >= 0).sum())
+
+
 def prepare(config: dict, run_dir: str | Path) -> dict:
     """Load, tokenize, partition and shard the corpus; returns a summary of what was written."""
     layout = RunLayout.of(run_dir)
@@ -90,17 +104,8 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     write_json(layout.partition / "stats.json", stats)
     save_dataset(tokenized, layout.documents)
 
-    block_size = config["expert"]["block_size"]
-    eos = tokenizer.eos_token_id
-    shard_tokens = []
-    for k in range(num_clusters):
-        blocks = {name: pack_blocks(tokenized[name].filter(lambda c: c == k, input_columns="cluster"), block_size, eos)
-                  for name in ("train", "validation")}
-        # an empty split cannot round-trip through save_to_disk: a cluster without validation
-        # documents gets a train split only
-        shard = DatasetDict({name: split for name, split in blocks.items() if len(split)})
-        save_dataset(shard, layout.shard(k))
-        shard_tokens.append(int((torch.tensor(list(shard["train"]["labels"])) >= 0).sum()))
+    shard_tokens = [write_shard(tokenized, k, config["expert"]["block_size"], tokenizer.eos_token_id, layout.shard(k))
+                    for k in range(num_clusters)]
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
     return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,

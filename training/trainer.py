@@ -81,6 +81,8 @@ class TrainConfig:
             expected = int if f.type in ("int", int) else (int, float)
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise DfmError(f"training option {f.name} must be a number of type {f.type}, got {value!r}")
+            if not math.isfinite(value):
+                raise DfmError(f"training option {f.name} must be a finite number, got {value!r}")
         for name in ("steps", "batch_size", "grad_accum", "lr", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise DfmError(f"training option {name} must be positive, got {getattr(self, name)}")
@@ -303,51 +305,55 @@ def train(
 
     bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not info.is_main, dynamic_ncols=True)
     window_loss, window_steps = 0.0, 0
-    for step in range(start_step, config.steps):
-        indices = stream.take(step * per_rank * info.world_size + info.rank * per_rank, per_rank).tolist()
-        step_loss = torch.zeros((), device=info.device)
-        step_tokens = 0
-        for micro in range(config.grad_accum):
-            batch = _fetch(data, indices[micro * config.batch_size : (micro + 1) * config.batch_size], info.device)
-            last = micro == config.grad_accum - 1
-            with net.no_sync() if info.world_size > 1 and not last else nullcontext():
-                with _autocast(info.device):
-                    loss = loss_fn(net, batch)
-                (loss / config.grad_accum).backward()
-            step_loss += loss.detach().float() / config.grad_accum
-            step_tokens += tokens_per_sample * config.batch_size if tokens_per_sample else batch["input_ids"].numel()
-        if info.world_size > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= info.world_size
-        loss_value = step_loss.item()
-        if not math.isfinite(loss_value):
-            raise _non_finite("loss", step + 1, checkpoint_dir)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise _non_finite("gradient", step + 1, checkpoint_dir)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(start_step, config.steps):
+            indices = stream.take(step * per_rank * info.world_size + info.rank * per_rank, per_rank).tolist()
+            step_loss = torch.zeros((), device=info.device)
+            step_tokens = 0
+            for micro in range(config.grad_accum):
+                batch = _fetch(data, indices[micro * config.batch_size : (micro + 1) * config.batch_size], info.device)
+                last = micro == config.grad_accum - 1
+                with net.no_sync() if info.world_size > 1 and not last else nullcontext():
+                    with _autocast(info.device):
+                        loss = loss_fn(net, batch)
+                    (loss / config.grad_accum).backward()
+                step_loss += loss.detach().float() / config.grad_accum
+                step_tokens += (tokens_per_sample * config.batch_size if tokens_per_sample
+                                else batch["input_ids"].numel())
+            if info.world_size > 1:
+                dist.all_reduce(step_loss)
+                step_loss /= info.world_size
+            loss_value = step_loss.item()
+            if not math.isfinite(loss_value):
+                raise _non_finite("loss", step + 1, checkpoint_dir)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise _non_finite("gradient", step + 1, checkpoint_dir)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        tokens += step_tokens * info.world_size
-        final_loss = loss_value
-        window_loss, window_steps = window_loss + loss_value, window_steps + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if info.is_main and config.log_every and (done % config.log_every == 0 or done == config.steps):
-            seconds = seconds_before + time.perf_counter() - started
-            record = {"step": done, "loss": window_loss / window_steps, "lr": lr, "tokens": tokens, "seconds": seconds}
-            _append_log(log_path, record)
-            window_loss, window_steps = 0.0, 0
-        if val is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            step_val = _evaluate(model, val, loss_fn, config.batch_size, info)
-            if info.is_main:
-                _append_log(log_path, {"step": done, "val_loss": step_val})
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint(done)
-    bar.close()
+            done = step + 1
+            tokens += step_tokens * info.world_size
+            final_loss = loss_value
+            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if info.is_main and config.log_every and (done % config.log_every == 0 or done == config.steps):
+                seconds = seconds_before + time.perf_counter() - started
+                record = {"step": done, "loss": window_loss / window_steps, "lr": lr, "tokens": tokens,
+                          "seconds": seconds}
+                _append_log(log_path, record)
+                window_loss, window_steps = 0.0, 0
+            if val is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                step_val = _evaluate(model, val, loss_fn, config.batch_size, info)
+                if info.is_main:
+                    _append_log(log_path, {"step": done, "val_loss": step_val})
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                checkpoint(done)
+    finally:
+        bar.close()  # end the bar's line, so an error message starts on a line of its own
 
     if start_step < config.steps:
         if val is not None:

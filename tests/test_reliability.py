@@ -1,0 +1,522 @@
+"""Trying to break decentralized training: compute islands, SIGKILL at random moments, damaged
+and malicious checkpoints, non-finite losses, impossible tokens, and unsafe loading.
+
+Fault injection: every kill in FAST_KILLS and SLOW_KILLS SIGKILLs a real `python -m dfm.cli
+train-expert` process at a seeded random point of the kind named; KILL_POINTS counts them. After
+the kills, `--resume` must finish with weights and a training log bit-identical to an
+uninterrupted run (CPU, one thread on both sides).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfm.cli import main
+from dfm.decode import DecodeConfig, generate
+from dfm.errors import DfmError
+from dfm.routing import Routing
+from models.ensemble import Ensemble, load_tokenizer
+from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
+from tests.tiny_config import TINY_RUN
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERT = 1
+STEPS = 40
+#: Crash runs checkpoint after every step, so a kill often lands in a checkpoint write; dropout
+#: makes the result depend on the restored RNG state too.
+CRASH_SETTINGS = [f"expert.train.steps={STEPS}", "expert.train.checkpoint_every=1", "expert.train.log_every=1",
+                  "expert.arch.attention_dropout=0.1"]
+
+KILL_SEED = 20240607
+#: Kinds of kill points; each entry is one SIGKILLed process. The fast test runs FAST_KILLS, the
+#: slow one SLOW_KILLS (a fresh run each time). Step targets are drawn with a seeded RNG, one in
+#: each of as many equal slices of the run as there are step-based kills, in order.
+FAST_KILLS = ("checkpoint-write", "after-step")
+SLOW_KILLS = ("while-starting", "after-checkpoint", "checkpoint-write", "after-step", "checkpoint-write", "final-save")
+KILL_POINTS = len(FAST_KILLS) + len(SLOW_KILLS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Same thread count as the subprocesses (OMP_NUM_THREADS=1), so in-process runs compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reliability")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    overrides = [arg for setting in CRASH_SETTINGS for arg in ("--set", setting)]
+    assert main(["prepare", "--out", str(root / "run"), "--config", str(config), *overrides]) == 0
+    return root / "run"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory) -> Path:
+    """Expert 1 trained in place, in this process, without interruption."""
+    run = copy_run(prepared, tmp_path_factory.mktemp("reference") / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def expert_dir(run: Path) -> Path:
+    return run / "experts" / f"expert-{EXPERT}"
+
+
+def checkpoint_root(run: Path) -> Path:
+    return run / "checkpoints" / f"expert-{EXPERT}"
+
+
+def assert_same_expert(run: Path, reference: Path) -> None:
+    ours = load_file(expert_dir(run) / "model.safetensors")
+    theirs = load_file(expert_dir(reference) / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def log_records(run: Path) -> list[tuple]:
+    """The training log without wall-clock times."""
+    lines = (run / "logs" / f"expert-{EXPERT}.jsonl").read_text().splitlines()
+    return [tuple(sorted((k, v) for k, v in json.loads(line).items() if k != "seconds")) for line in lines]
+
+
+def summary_without_time(run: Path) -> dict:
+    summary = json.loads((run / "logs" / f"expert-{EXPERT}.summary.json").read_text())
+    return {key: value for key, value in summary.items() if key != "seconds"}
+
+
+def dfm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dfm.cli", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Lines that are an error message; one glued behind a progress bar does not count."""
+    return [line for line in stderr.splitlines() if line.startswith("dfm: error:")]
+
+
+# --- 1. compute islands ---------------------------------------------------------------------------
+ISLAND_FILES = ("config.json", "tokenizer", f"data/expert-{EXPERT}")
+
+
+def make_island(run: Path, island: Path) -> Path:
+    """What the coordinator ships to island k: the run config, the tokenizer and shard k only."""
+    for part in ISLAND_FILES:
+        source, target = run / part, island / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    return island
+
+
+def test_island_training_is_bit_identical_to_training_in_place(prepared, reference, tmp_path) -> None:
+    island = make_island(prepared, tmp_path / "island")
+    assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "tokenizer"]
+    assert [p.name for p in (island / "data").iterdir()] == [f"expert-{EXPERT}"]
+    proc = subprocess.run(dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
+                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    home = copy_run(prepared, tmp_path / "home")  # back on the coordinator: copy the expert in
+    shutil.copytree(expert_dir(island), expert_dir(home))
+    assert_same_expert(home, reference)
+    for name in ("config.json", "model.safetensors"):  # the files themselves, not only the tensors
+        assert (expert_dir(home) / name).read_bytes() == (expert_dir(reference) / name).read_bytes(), name
+    assert log_records(island) == log_records(reference)
+
+
+@pytest.mark.slow
+def test_island_under_torchrun_writes_the_expert(prepared, tmp_path) -> None:
+    """torchrun's own parser takes `--run` for its `--run-path`: the `--` separator is required."""
+    island = make_island(prepared, tmp_path / "island")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dfm.cli",
+           "--", "train-expert", "--run", str(island), "--expert", str(EXPERT)]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_file(expert_dir(island) / "model.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    state = json.loads(max(checkpoint_root(island).glob("step-*/state.json")).read_text())
+    assert state["step"] == STEPS and state["extra"]["world_size"] == 2
+
+
+# --- 2. crash and resume ------------------------------------------------------------------------
+def _temp_dirs(directory: Path, prefix: str) -> set[str]:
+    try:
+        return {n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")}
+    except FileNotFoundError:
+        return set()
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in checkpoint_root(run).glob("step-*")) if checkpoint_root(run).is_dir() else []
+
+
+def _logged_step(run: Path) -> int:
+    path = run / "logs" / f"expert-{EXPERT}.jsonl"
+    step = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                step = max(step, json.loads(line).get("step", 0))
+            except json.JSONDecodeError:  # a line being written right now
+                pass
+    return step
+
+
+STEP_KINDS = ("after-step", "after-checkpoint", "checkpoint-write")
+
+
+def plan_kills(kinds: tuple[str, ...], seed: int) -> list[tuple[str, float]]:
+    """(kind, target) per kill: a step for step-based kinds, seconds after launch for
+    while-starting, nothing for final-save (there is only one final save)."""
+    rng = random.Random(seed)
+    slices = sum(kind in STEP_KINDS for kind in kinds)
+    width = (STEPS - 1) // slices if slices else 0
+    plan, used = [], 0
+    for kind in kinds:
+        if kind in STEP_KINDS:
+            plan.append((kind, rng.randint(used * width + 1, (used + 1) * width)))
+            used += 1
+        else:
+            plan.append((kind, rng.uniform(0.2, 1.5) if kind == "while-starting" else 0))
+    return plan
+
+
+class Trigger:
+    """The moment of one kill point; ``fire`` kills the process when it has come."""
+
+    def __init__(self, kind: str, target: float, run: Path) -> None:
+        self.kind, self.run = kind, run
+        # a step target lies beyond the newest checkpoint and any step the killed run logged after it
+        done = max([*_checkpoint_steps(run), _logged_step(run)])
+        self.target = max(target, done + 1) if kind in STEP_KINDS else target
+        assert self.target < STEPS or kind not in STEP_KINDS, "kill plan leaves no room"
+        self.stale = _temp_dirs(checkpoint_root(run), ".step-") | _temp_dirs(run / "experts", f".expert-{EXPERT}.")
+        self.started = time.monotonic()
+
+    def _new_temp(self) -> str | None:
+        """A temp dir of a checkpoint (at or after the target step) or of the final model being written now."""
+        if self.kind == "final-save":
+            fresh = _temp_dirs(self.run / "experts", f".expert-{EXPERT}.") - self.stale
+        else:
+            fresh = {n for n in _temp_dirs(checkpoint_root(self.run), ".step-") - self.stale
+                     if int(n[6:13]) >= self.target}
+        return min(fresh, default=None)
+
+    def fire(self, proc: subprocess.Popen) -> str | None:
+        """Kill ``proc`` if this is the moment; returns a description of where it was hit."""
+        if self.kind == "while-starting":
+            if time.monotonic() - self.started >= self.target:
+                return self._kill(proc, f"{self.target:.2f}s after launch, logged step {_logged_step(self.run)}")
+        elif self.kind == "after-step":
+            if _logged_step(self.run) >= self.target:
+                return self._kill(proc, f"after logging step {self.target}")
+        elif self.kind == "after-checkpoint":
+            if self.target in _checkpoint_steps(self.run):
+                return self._kill(proc, f"after checkpoint step {self.target}")
+        elif self._new_temp() is not None:  # a write in progress: freeze it, make sure, then kill
+            proc.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once it is really stopped
+            if not os.WIFSTOPPED(status):  # it exited just before
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return None
+            temp = self._new_temp()
+            if temp is not None:
+                return self._kill(proc, f"while writing {temp}")
+            proc.send_signal(signal.SIGCONT)  # the write finished in between: wait for the next one
+        return None
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, where: str) -> str:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return where
+
+
+def start_training(run: Path, log: Path, resume: bool) -> subprocess.Popen:
+    args = dfm_command("train-expert", "--run", str(run), "--expert", str(EXPERT), *(["--resume"] if resume else []))
+    with open(log, "a") as handle:
+        return subprocess.Popen(args, env=subprocess_env(), stdout=handle, stderr=handle, cwd=run.parent)
+
+
+def kill_and_resume(run: Path, kinds: tuple[str, ...], seed: int, tmp: Path, attempts: int = 3) -> list[str]:
+    """SIGKILL `dfm train-expert` once per kind, each time resuming the previous run, then resume
+    to the end. A kill point the run finished without reaching is retried from a copy of the state
+    before it. Returns where each kill landed."""
+    hits, log = [], tmp / "stderr.log"
+    for number, (kind, target) in enumerate(plan_kills(kinds, seed)):
+        snapshot = copy_run(run, tmp / f"before-kill-{number}")
+        for _ in range(attempts):
+            trigger = Trigger(kind, target, run)
+            proc = start_training(run, log, resume=number > 0)
+            where = None
+            while where is None and proc.poll() is None:
+                where = trigger.fire(proc)
+                time.sleep(0.0005)
+            if where is not None:
+                assert proc.returncode == -signal.SIGKILL
+                hits.append(f"{kind}: {where}")
+                break
+            assert proc.returncode == 0, log.read_text()[-3000:]
+            shutil.rmtree(run)  # finished before the kill point: retry from the same state
+            copy_run(snapshot, run)
+        else:
+            pytest.fail(f"kill point {kind} never reached in {attempts} attempts: {hits}")
+        shutil.rmtree(snapshot)
+    print("\n".join(hits))  # where the kills landed (pytest -rP shows it)
+    proc = start_training(run, log, resume=True)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    return hits
+
+
+def check_resumed(run: Path, reference: Path) -> None:
+    assert_same_expert(run, reference)
+    assert log_records(run) == log_records(reference)  # no lost, duplicated or torn log lines
+    assert summary_without_time(run) == summary_without_time(reference)
+    assert _checkpoint_steps(run) == _checkpoint_steps(reference) == [STEPS - 1, STEPS]
+    # partial checkpoints and partial models of killed writers were cleaned up
+    assert not _temp_dirs(checkpoint_root(run), ".step-")
+    assert sorted(p.name for p in (run / "experts").iterdir()) == [f"expert-{EXPERT}"]
+
+
+def test_sigkill_during_training_then_resume_is_bit_identical(prepared, reference, tmp_path) -> None:
+    run = copy_run(prepared, tmp_path / "run")
+    hits = kill_and_resume(run, FAST_KILLS, KILL_SEED, tmp_path)
+    assert len(hits) == len(FAST_KILLS) and "while writing .step-" in hits[0], hits
+    check_resumed(run, reference)
+
+
+@pytest.mark.slow
+def test_many_sigkills_then_resume_is_bit_identical(prepared, reference, tmp_path) -> None:
+    run = copy_run(prepared, tmp_path / "run")
+    hits = kill_and_resume(run, SLOW_KILLS, KILL_SEED + 1, tmp_path)
+    assert len(hits) == len(SLOW_KILLS), hits
+    assert sum("while writing" in hit for hit in hits) == 3, hits
+    check_resumed(run, reference)
+
+
+def resume_in_process(run: Path, capsys) -> tuple[int, list[str]]:
+    shutil.rmtree(expert_dir(run))
+    code = main(["train-expert", "--run", str(run), "--expert", str(EXPERT), "--resume"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.splitlines() if line.startswith("dfm: warning:")]
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "flipped weight byte", "garbage state.json"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(reference, tmp_path, capsys, damage) -> None:
+    run = copy_run(reference, tmp_path / "run")
+    newest = checkpoint_root(run) / f"step-{STEPS:07d}"
+    weights = newest / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "flipped weight byte":  # header intact, so only the checksum can tell
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x10
+        weights.write_bytes(bytes(data))
+    else:
+        (newest / "state.json").write_text("{not json")
+    code, warnings = resume_in_process(run, capsys)
+    assert code == 0
+    assert len(warnings) == 1 and f"skipping damaged checkpoint {newest}" in warnings[0], warnings
+    assert_same_expert(run, reference)  # redone from step 39, not loaded from the damaged step 40
+
+
+def test_malicious_optimizer_pickle_is_not_executed(reference, tmp_path, capsys) -> None:
+    run = copy_run(reference, tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    newest = checkpoint_root(run) / f"step-{STEPS:07d}"
+    torch.save({"optimizer": Payload()}, newest / "optim.pt")
+    state = json.loads((newest / "state.json").read_text())  # a forger updates the checksum too
+    state["sha256"]["optim.pt"] = hashlib.sha256((newest / "optim.pt").read_bytes()).hexdigest()
+    (newest / "state.json").write_text(json.dumps(state))
+    code, warnings = resume_in_process(run, capsys)
+    assert code == 0 and not marker.exists()
+    assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0]
+    assert_same_expert(run, reference)
+
+
+# --- 3. numerical faults ------------------------------------------------------------------------
+def set_train_option(run: Path, **options) -> None:
+    config = json.loads((run / "config.json").read_text())
+    config["expert"]["train"].update(options)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys) -> None:
+    run = copy_run(prepared, tmp_path / "run")
+    set_train_option(run, lr=1e30, warmup_steps=0)  # finite, accepted, and ruinous: step 2's loss is NaN
+    for args in ([], ["--resume"]):  # resuming from the kept checkpoint reproduces the fault, never hides it
+        assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT), *args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        kept = checkpoint_root(run) / "step-0000001"
+        assert error_lines(err) == [f"dfm: error: non-finite loss at step 2; last good checkpoint kept at {kept}"]
+    assert _checkpoint_steps(run) == [1] and not expert_dir(run).exists()
+    assert all(torch.isfinite(t).all() for t in load_file(kept / "model.safetensors").values())
+
+
+def test_non_finite_learning_rate_is_refused_before_training(prepared, tmp_path, capsys) -> None:
+    """An infinite lr used to pass validation and leave a checkpoint of inf weights called 'good'."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    code = main(["prepare", "--out", str(tmp_path / "p"), "--config", str(config), "--set", "expert.train.lr=.inf"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(error_lines(err)) == 1 and "lr" in error_lines(err)[0], err
+    run = copy_run(prepared, tmp_path / "run")
+    set_train_option(run, lr=float("inf"))  # a hand-edited config.json
+    assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "lr" in error_lines(err)[0], err
+    for step_dir in checkpoint_root(run).glob("step-*"):  # whatever was kept must be finite
+        assert all(torch.isfinite(t).all() for t in load_file(step_dir / "model.safetensors").values()), step_dir
+
+
+class ImpossibleTokens:
+    """A pool of fixed experts over 6 tokens; expert k gives token k probability 0 (and expert 0
+    also token 5), so every token stays possible under the mixture of all of them."""
+
+    num_experts = 3
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(self.num_experts, 6, generator=g, dtype=torch.float64)
+        logits[torch.arange(3), torch.arange(3)] = float("-inf")
+        logits[0, 5] = float("-inf")
+        self.log_probs = torch.log_softmax(logits, -1)
+
+    def next_token_log_probs(self, tokens, attention_mask, experts):
+        return self.log_probs[list(experts)].expand(tokens.shape[0], -1, -1)
+
+    def prefix_log_likelihood(self, tokens, attention_mask, experts):
+        return torch.zeros(tokens.shape[0], len(experts), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("routing", [Routing.MIXTURE, Routing.TOPK, Routing.BAYES, Routing.SWITCH])
+def test_generation_survives_experts_that_rule_tokens_out(routing) -> None:
+    pool = ImpossibleTokens()
+    log_prior = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    tokens, mask = torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long)
+    config = DecodeConfig(routing=routing, k=2, max_new_tokens=30)
+    result = generate(pool, tokens, mask, config, weigher=lambda t, m: log_prior.expand(t.shape[0], -1),
+                      log_prior=log_prior, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(result.token_log_probs).all()  # never samples a token of probability 0
+    assert not result.weights.isnan().any()
+    assert torch.allclose(result.weights.sum(-1), torch.ones_like(result.weights[..., 0]))
+    if routing is Routing.BAYES:  # an expert that ruled out a generated token keeps weight 0 from then on
+        ruled_out = torch.stack([pool.log_probs[:, new[:-1]].isinf().any(-1) for new in result.new_tokens])
+        assert torch.equal(result.weights[:, -1] == 0, ruled_out)  # the last weights precede the last token
+        assert ruled_out.any()
+
+
+# --- safe loading -------------------------------------------------------------------------------
+PACKAGES = ("dfm", "models", "training", "eval")
+
+
+def _calls(tree: ast.AST):
+    return (node for node in ast.walk(tree) if isinstance(node, ast.Call))
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_no_unsafe_loading_in_the_package() -> None:
+    unsafe = []
+    files = [path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+    assert len(files) > 20
+    for path in files:
+        for call in _calls(ast.parse(path.read_text(), filename=str(path))):
+            func = ast.unparse(call.func)
+            where = f"{path.relative_to(REPO)}:{call.lineno}: {func}"
+            weights_only = _keyword(call, "weights_only")
+            if func == "torch.load" and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                unsafe.append(f"{where} without weights_only=True")
+            if func in ("pickle.load", "pickle.loads", "load_pickle"):
+                unsafe.append(where)
+            remote = _keyword(call, "trust_remote_code")
+            if remote is not None and not (isinstance(remote, ast.Constant) and remote.value is False):
+                unsafe.append(f"{where} with trust_remote_code={ast.unparse(remote)}")
+    assert not unsafe, unsafe
+
+
+def fake_run(prepared: Path, root: Path, expert_path: str, *, tokenizer: str = "tokenizer") -> Path:
+    """A run directory whose ensemble.json names one expert at ``expert_path``."""
+    run = root / "run"
+    shutil.copytree(prepared / "tokenizer", run / "tokenizer")
+    vocab = load_tokenizer(run / "tokenizer").get_vocab()
+    Manifest(experts=[ExpertEntry("expert-0", expert_path, 1.0)], tokenizer=tokenizer,
+             tokenizer_fingerprint=tokenizer_fingerprint(vocab), vocab_size=len(vocab)).save(run)
+    return run
+
+
+@pytest.mark.parametrize("field,path", [("expert", "../../etc"), ("expert", "/etc"), ("tokenizer", "../tokenizer")])
+def test_manifest_paths_cannot_escape_the_run_directory(prepared, tmp_path, capsys, field, path) -> None:
+    shutil.copytree(prepared / "tokenizer", tmp_path / "tokenizer")  # a real tokenizer right outside
+    run = fake_run(prepared, tmp_path, path if field == "expert" else "experts/expert-0",
+                   tokenizer=path if field == "tokenizer" else "tokenizer")
+    with pytest.raises(DfmError, match="outside the run directory") as err:
+        Ensemble.from_run(run)
+    assert str(run.resolve()) in str(err.value)
+    assert main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "outside the run directory" in lines[0] and str(run.resolve()) in lines[0]
+
+
+def test_weights_only_from_safetensors(prepared, tmp_path, capsys) -> None:
+    """An expert directory holding only pytorch_model.bin (a pickle) is refused, and never unpickled."""
+    run = fake_run(prepared, tmp_path, "experts/expert-0")
+    expert = run / "experts" / "expert-0"
+    expert.mkdir(parents=True)
+    (expert / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 32,
+                                                     "intermediate_size": 64, "num_hidden_layers": 1,
+                                                     "num_attention_heads": 2}))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"model.embed_tokens.weight": Payload()}, expert / "pytorch_model.bin")
+    with pytest.raises(DfmError, match="expert-0"):
+        Ensemble.from_run(run)
+    assert main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "expert-0" in lines[0], lines
+    assert not marker.exists()
