@@ -66,6 +66,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--max-documents", type=int, help="score only the first N documents")
     parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score without missing or corrupt experts (router weights renormalised) instead of failing")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
 
@@ -206,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     report = evaluate_run(args.run, split=args.split, modes=args.modes or ENSEMBLE_MODES,
                           max_documents=args.max_documents, stride=args.stride, batch_size=args.batch_size,
-                          margin=args.margin)
+                          margin=args.margin, allow_missing=args.allow_missing)
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)

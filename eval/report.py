@@ -4,6 +4,7 @@ and judge perplexity equivalence of the decentralized ensemble against the centr
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from dfm.atomic import write_json, write_text
 from dfm.errors import DfmError
+from dfm.mixing import normalize_log_weights
 from eval.equivalence import equivalence
 from eval.perplexity import (
     bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb, expert_token_log_probs, mixed_token_log_probs,
@@ -42,14 +44,15 @@ def _mode_weights(mode: str, expert_lps: list[Tensor], router_lw: list[Tensor] |
     if mode == "centroid":
         if partition is None:
             raise DfmError("centroid mode needs RUN/partition: run `dfm prepare`, or drop the mode")
-        return centroid_log_weights(partition, docs, centroid_temperature)
+        return [normalize_log_weights(w[:, ensemble.clusters])  # centres of missing experts dropped
+                for w in centroid_log_weights(partition, docs, centroid_temperature)]
     return oracle_log_weights(expert_lps, clusters)
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] = ENSEMBLE_MODES,
                  max_documents: int | None = None, stride: int | None = None, batch_size: int = 8,
                  margin: float = 0.02, centroid_temperature: float = 0.1, resamples: int = 2000,
-                 seed: int = 0, device: str | None = None) -> dict:
+                 seed: int = 0, device: str | None = None, allow_missing: bool = False) -> dict:
     """Everything `report.json` holds; see README for the keys."""
     unknown = [m for m in modes if m not in ENSEMBLE_MODES]
     if unknown:
@@ -67,7 +70,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     docs, clusters = list(data["input_ids"]), list(data["cluster"])
     num_bytes, texts = list(data["num_bytes"]), list(data[config["data"]["text_column"]])
 
-    ensemble = Ensemble.from_run(run_dir, device=device)
+    ensemble = Ensemble.from_run(run_dir, device=device, allow_missing=allow_missing)
+    if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
+        warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
+        modes = [m for m in modes if m != "oracle"]
     context = ensemble.experts[0].config.max_position_embeddings
     stride = stride or max(1, context // 2)  # documents longer than the context keep half a window of history
     score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}

@@ -55,7 +55,7 @@ class Ensemble:
 
     def __init__(self, experts: Sequence[PreTrainedModel], log_prior: Tensor, *, router: Router | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None,
-                 engine: str = "auto") -> None:
+                 clusters: Sequence[int] | None = None, engine: str = "auto") -> None:
         if not experts:
             raise DfmError("an ensemble needs at least one expert")
         vocab = {e.config.vocab_size for e in experts}
@@ -71,6 +71,8 @@ class Ensemble:
         self.router = router
         self.tokenizer = tokenizer
         self.names = list(names) if names is not None else [f"expert-{i}" for i in range(len(experts))]
+        #: the cluster each expert was trained on (differs from its index when experts are missing)
+        self.clusters = list(clusters) if clusters is not None else list(range(len(experts)))
         self.device = next(self.experts[0].parameters()).device
         self.vocab_size = vocab.pop()
         self.engine = StackedLlama(self.experts) if engine == "auto" and supports_stacking(self.experts) else None
@@ -198,11 +200,8 @@ class Ensemble:
             router = Router.from_pretrained(resolve_inside(run_dir, manifest.router), device=device)
             if len(kept) < len(manifest.experts):
                 router = SubsetRouter(router, kept)
-        ensemble = cls(experts, (prior / prior.sum()).log(), router=router, tokenizer=tokenizer,
-                       names=[manifest.experts[i].name for i in kept])
-        ensemble.manifest = manifest
-        ensemble.kept = kept
-        return ensemble
+        return cls(experts, (prior / prior.sum()).log(), router=router, tokenizer=tokenizer,
+                       names=[manifest.experts[i].name for i in kept], clusters=kept)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -257,6 +256,10 @@ class SubsetRouter(torch.nn.Module):
         self.inner = router
         self.register_buffer("kept", torch.tensor(list(kept)), persistent=False)
         self.config = type(router.config)(**{**router.config.to_dict(), "num_experts": len(kept)})
+
+    @property
+    def num_parameters(self) -> int:
+        return self.inner.num_parameters
 
     def new_cache(self):
         return self.inner.new_cache()

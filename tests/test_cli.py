@@ -117,6 +117,12 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert "dfm: warning: expert-1 left out" in captured.err
     out = json.loads(captured.out)
     assert out["names"] == ["expert-0", "expert-2"]
+    assert main(["eval", "--run", str(copy)]) == 2
+    assert "expert-1" in capsys.readouterr().err
+    assert main(["eval", "--run", str(copy), "--allow-missing"]) == 0
+    report = json.loads((copy / "eval" / "report.json").read_text())
+    assert "expert-1" not in report["models"] and "oracle" not in report["models"]
+    assert report["models"]["mixture"]["bpb"] > 0 and report["models"]["centroid"]["bpb"] > 0
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
