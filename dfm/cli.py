@@ -316,8 +316,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
          f"tokens processed {generation.tokens_processed}")
 
 
-def cmd_not_implemented(args: argparse.Namespace) -> None:
-    raise DfmError(f"`dfm {args.command}` is not implemented yet")
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from eval.bench import format_table, run_bench
+
+    results = run_bench(quick=args.quick, out=Path(args.out))
+    print(format_table(results))
+    _say(f"wrote {args.out} in {results['seconds']:.0f}s")
+    return results
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -391,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    for name, text in [("bench", "speed and memory benchmarks (not implemented yet)")]:
-        add(name, text, cmd_not_implemented)
+    p = add("bench", "speed and memory of training, decoding and scoring, side by side with transformers", cmd_bench)
+    p.add_argument("--quick", action="store_true", help="less work per figure: under two minutes, for a smoke test")
+    p.add_argument("--out", default="bench.json", help="write every figure as JSON here (default: bench.json)")
     return parser
 
 
@@ -400,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:
-        if args.command not in ("bench",):
-            _quiet_libraries()
+        _quiet_libraries()
         args.handler(args)
     except DfmError as err:
         if args.debug:

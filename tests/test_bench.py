@@ -1,0 +1,121 @@
+"""eval/bench.py: correctness of the benchmark's plumbing, never its timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from eval import bench
+from models.ensemble import Ensemble, RouterWeigher, load_tokenizer
+from models.generation import generate_text
+from models.manifest import tokenizer_fingerprint
+from training.tokenizer import save_tokenizer
+
+SECTIONS = {"machine", "peak", "training", "generation", "scaling", "scoring", "memory", "ratios"}
+RATIOS = {"trainer_vs_hf_trainer", "trainer_vs_plain_loop", "top1_vs_generate", "switch_vs_generate",
+          "mixture_vs_generate", "router_share"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bench.bench_tokenizer()
+
+
+def _numbers(tree, path=""):
+    """Every (path, number) leaf of a JSON tree (booleans and strings excluded)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+def test_tokenizer_has_one_special_token_and_survives_saving(tokenizer, tmp_path):
+    assert len(tokenizer) == bench.VOCAB_SIZE
+    assert tokenizer.bos_token_id == tokenizer.eos_token_id == tokenizer.pad_token_id == bench.BOS
+    assert tokenizer("t5 t2047", add_special_tokens=False)["input_ids"] == [5, 2047]
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert tokenizer_fingerprint(loaded.get_vocab()) == tokenizer_fingerprint(tokenizer.get_vocab())
+
+
+def test_bench_run_directory_loads_and_generates_exactly_n_tokens(tokenizer, tmp_path):
+    bench.write_bench_run(tmp_path / "run", 2, tokenizer)
+    ensemble = Ensemble.from_run(tmp_path / "run")
+    assert ensemble.num_experts == 2 and ensemble.router is not None
+    built = bench.bench_ensemble(2, tokenizer)
+    for loaded, fresh in zip(ensemble.experts, built.experts):
+        for (name, a), b in zip(loaded.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), name
+    out = generate_text(ensemble, [[1, 2, 3]], max_new_tokens=7, routing="mixture", temperature=0.0,
+                        stop_at_eos=False)
+    assert len(out.token_ids[0]) == 7
+
+
+def test_timed_router_weigher_returns_the_router_weights_and_counts_time(tokenizer):
+    ensemble = bench.bench_ensemble(3, tokenizer)
+    tokens = torch.tensor([[0, 5, 9, 11, 4]])
+    mask = torch.ones_like(tokens)
+    plain, timed = RouterWeigher(ensemble.router), bench.TimedRouterWeigher(ensemble.router)
+    for t in (3, 4, 5):
+        assert torch.equal(plain(tokens[:, :t], mask[:, :t]), timed(tokens[:, :t], mask[:, :t]))
+    assert timed.seconds > 0
+
+
+def test_chunk_seconds_is_the_median_per_step_time_of_chunks_after_warmup():
+    # start at 0; the warm-up step ends at 10; then steps end at 11 12 | 14 16 | 17 18
+    times = [0.0, 10.0, 11.0, 12.0, 14.0, 16.0, 17.0, 18.0]
+    assert bench._chunk_seconds(times, warmup=1, chunk=2) == 1.0  # chunks of 1, 2, 1 s/step
+    assert bench._chunk_seconds(times, warmup=1, chunk=3) == 4 / 3  # (14 - 10) / 3 and (18 - 14) / 3
+    assert bench._chunk_seconds(times, warmup=3, chunk=2) == 1.5  # (16 - 12) / 2 = 2 and (18 - 16) / 2 = 1
+
+
+def test_ratios_are_taken_between_figures_of_the_results():
+    results = {
+        "training": {"trainer": {"tokens_per_second": 300.0}, "plain_loop": {"tokens_per_second": 400.0},
+                     "hf_trainer": {"tokens_per_second": 200.0}},
+        "generation": {"batch_1": {"reference_generate": {"tokens_per_second": 100.0},
+                                   "top1": {"tokens_per_second": 90.0, "router_share": 0.25},
+                                   "switch": {"tokens_per_second": 80.0},
+                                   "mixture": {"tokens_per_second": 50.0}}},
+    }
+    assert bench._ratios(results) == {"trainer_vs_hf_trainer": 1.5, "trainer_vs_plain_loop": 0.75,
+                                      "top1_vs_generate": 0.9, "switch_vs_generate": 0.8,
+                                      "mixture_vs_generate": 0.5, "router_share": 0.25}
+    results["training"]["hf_trainer"] = {"skipped": "pip install accelerate"}
+    assert bench._ratios(results)["trainer_vs_hf_trainer"] is None
+
+
+def test_peak_flops_are_positive():
+    peak = bench.measure_peak(64, repeats=2)
+    assert peak["fp32"] > 0
+    assert peak["bf16"] is None or peak["bf16"] > 0
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_section_and_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    results = bench.run_bench(quick=True, out=out, progress=False)
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(results))
+    assert SECTIONS <= set(written)
+    assert set(written["ratios"]) == RATIOS
+    assert all(written["ratios"][name] is not None for name in RATIOS)
+    assert "tokens_per_second" in written["training"]["hf_trainer"]  # accelerate is in the test extra
+    for mode in bench.MODES:
+        assert written["generation"]["batch_1"][mode]["tokens_per_second"] > 0
+    assert {f"k_{k}" for k in bench.QUICK.scaling} <= set(written["scaling"])
+    numbers = {path: value for path, value in _numbers(written) if not path.startswith(".machine.load_average")}
+    bad = {path: value for path, value in numbers.items() if not (math.isfinite(value) and value > 0)}
+    assert not bad
+    assert written["peak"]["bf16_flops"] is None or written["peak"]["bf16_flops"] > 0
+    table = bench.format_table(results)
+    for label in ("peak matmul fp32", "dfm trainer", "transformers.Trainer", "top1", "mixture", "scoring",
+                  "memory", "ratio router_share"):
+        assert label in table
