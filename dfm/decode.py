@@ -58,7 +58,10 @@ def decode_step(
 ) -> StepOutput:
     """One token for every row: run only the selected experts, mix in log space, sample."""
     expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active)
-    mixed = mix_log_probs(expert_log_probs, selection.log_weights[:, selection.active])
+    if len(selection.active) == 1:  # every row gives the one active expert weight 1: nothing to mix
+        mixed = expert_log_probs[:, 0]
+    else:
+        mixed = mix_log_probs(expert_log_probs, selection.log_weights[:, selection.active])
     token = sample_tokens(mixed, generator, config.temperature, config.top_k, config.top_p)
     return StepOutput(token, mixed, expert_log_probs, selection)
 
@@ -103,11 +106,20 @@ def generate(
         posterior = BayesPosterior(log_prior.to(tokens.device), tokens.shape[0])
         posterior.log_joint = posterior.log_joint + pool.prefix_log_likelihood(tokens, attention_mask, all_experts)
 
-    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    weights, used, ran, new, chosen = [], [], [], [], []
+    # preallocated so that a step writes one column instead of concatenating the whole batch
+    batch, length = tokens.shape
+    buffer = tokens.new_full((batch, length + config.max_new_tokens), config.pad_id)
+    buffer[:, :length] = tokens
+    mask_buffer = attention_mask.new_ones((batch, length + config.max_new_tokens))
+    mask_buffer[:, :length] = attention_mask
+    prompt_length = length
+
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    log_weights, used, ran, chosen = [], [], [], []
     selection = None
     for step in range(config.max_new_tokens):
+        tokens, attention_mask = buffer[:, :length], mask_buffer[:, :length]
         if selection is None or config.route_on == "token":
             raw = posterior.log_posterior if bayes else weigher(tokens, attention_mask)
             routed = exclude_log_weights(raw, config.exclude) if config.exclude else raw
@@ -121,12 +133,11 @@ def generate(
         if config.eos_id is not None:
             token = torch.where(finished, torch.full_like(token, config.pad_id), token)
         lengths += (~finished).long()
-        weights.append(routed.exp())
-        used.append(selection.log_weights.exp())
+        log_weights.append(routed)
+        used.append(selection.log_weights)
         ran.append(list(selection.active))
-        new.append(token)
-        tokens = torch.cat([tokens, token.unsqueeze(1)], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        buffer[:, length] = token
+        length += 1
         if on_step is not None:
             on_step(step, token)
         if config.eos_id is not None:
@@ -134,14 +145,14 @@ def generate(
             if finished.all():
                 break
 
-    no_weights = torch.zeros(tokens.shape[0], 0, pool.num_experts, device=tokens.device)
+    no_weights = torch.zeros(batch, 0, pool.num_experts, device=tokens.device)
     return DecodeResult(
-        tokens=tokens,
-        attention_mask=attention_mask,
-        new_tokens=torch.stack(new, 1) if new else tokens[:, :0],
+        tokens=buffer[:, :length],
+        attention_mask=mask_buffer[:, :length],
+        new_tokens=buffer[:, prompt_length:length],
         lengths=lengths,
-        token_log_probs=torch.stack(chosen, 1) if new else no_weights[..., 0],
-        weights=torch.stack(weights, 1) if new else no_weights,
-        used_weights=torch.stack(used, 1) if new else no_weights,
+        token_log_probs=torch.stack(chosen, 1) if chosen else no_weights[..., 0],
+        weights=torch.stack(log_weights, 1).exp() if log_weights else no_weights,
+        used_weights=torch.stack(used, 1).exp() if used else no_weights,
         experts_ran=ran,
     )

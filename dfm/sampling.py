@@ -8,6 +8,8 @@ from torch import Tensor
 
 def filter_log_probs(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Tempered, truncated and renormalised log-probabilities (B, V). ``temperature`` must be > 0."""
+    if temperature == 1.0 and top_k == 0 and top_p >= 1.0:
+        return log_probs  # already normalised: nothing to filter
     scores = log_probs / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]

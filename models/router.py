@@ -67,7 +67,9 @@ class RouterConfig:
 
 
 class RouterCache:
-    """Per layer, keys and values stacked as (2, B, heads, T, head_dim); the (B, T) bool mask so far."""
+    """Per layer, a preallocated (2, B, heads, max_positions, head_dim) key/value buffer filled up
+    to ``length``; the (B, length) bool mask of real tokens so far. Writing new columns in place
+    (instead of concatenating) keeps an incremental step O(1) in Python and allocation."""
 
     def __init__(self, num_layers: int) -> None:
         self.key_values: list[Tensor | None] = [None] * num_layers
@@ -77,6 +79,16 @@ class RouterCache:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
+    def append(self, layer: int, kv: Tensor, start: int, capacity: int) -> Tensor:
+        """Store ``kv`` (2, B, heads, T, head_dim) at columns start..start+T; return all columns so far."""
+        end = start + kv.shape[3]
+        buffer = self.key_values[layer]
+        if buffer is None:
+            buffer = kv.new_zeros(*kv.shape[:3], capacity, kv.shape[4])
+            self.key_values[layer] = buffer
+        buffer[:, :, :, start:end] = kv
+        return buffer[:, :, :, :end]
+
 
 class _Block(nn.Module):
     """Pre-LayerNorm transformer block: causal self-attention, then a 4x GELU MLP."""
@@ -85,6 +97,7 @@ class _Block(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.num_heads = config.num_heads
+        self.max_positions = config.max_positions
         self.dropout = config.dropout
         self.ln1 = nn.LayerNorm(h)
         self.qkv = nn.Linear(h, 3 * h)
@@ -102,9 +115,7 @@ class _Block(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, time, head_dim)
         q, kv = qkv[0], qkv[1:]
         if cache is not None:
-            if cache.key_values[layer] is not None:
-                kv = torch.cat([cache.key_values[layer], kv], dim=3)
-            cache.key_values[layer] = kv
+            kv = cache.append(layer, kv, cache.length, self.max_positions)
         attn = F.scaled_dot_product_attention(
             q, kv[0], kv[1], attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
         )

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from dfm.errors import DfmError
+
 # The configuration fields the engine reproduces; any other value falls back to the generic path.
 _REQUIRED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 _SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -42,8 +44,10 @@ def supports(experts: Sequence[PreTrainedModel]) -> bool:
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    """Llama's RMSNorm: normalised in float32, scaled in the input dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -86,10 +90,14 @@ class StackedLlama:
             })
         theta = config.rope_parameters["rope_theta"]
         device = self.embed.device
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        freqs = torch.arange(self.context, dtype=torch.float, device=device).unsqueeze(1) * inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)  # (context, head_dim), as transformers builds them
+        self.cos_table, self.sin_table = angles.cos(), angles.sin()
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.filled = [0] * self.num_experts
+        self._views: dict[tuple[int, int], dict] = {}  # weights and caches of a group of experts
 
     def reset(self, batch_size: int) -> None:
         """Empty every expert's cache for a new batch of ``batch_size`` sequences."""
@@ -97,6 +105,19 @@ class StackedLlama:
         self.keys = [self.embed.new_zeros(shape) for _ in self.layers]
         self.values = [self.embed.new_zeros(shape) for _ in self.layers]
         self.filled = [0] * self.num_experts
+        self._views = {}
+
+    def _group(self, experts: slice) -> dict:
+        """Views of the weights and caches of a contiguous group of experts, made once per batch:
+        slicing a dozen tensors on every token costs more than the arithmetic at this size."""
+        key = (experts.start, experts.stop)
+        if key not in self._views:
+            self._views[key] = {
+                "embed": self.embed[experts], "norm": self.norm[experts].unsqueeze(1), "head": self.head[experts],
+                "layers": [{name: weight[experts] for name, weight in layer.items()} for layer in self.layers],
+                "keys": [k[experts] for k in self.keys], "values": [v[experts] for v in self.values],
+            }
+        return self._views[key]
 
     def forward(self, experts: slice, input_ids: Tensor, attention_mask: Tensor, all_logits: bool = False) -> Tensor:
         """Feed ``input_ids`` (B, T) to the experts of the contiguous range ``experts``, which must
@@ -104,45 +125,41 @@ class StackedLlama:
 
         Returns logits (E, B, T, V), or (E, B, 1, V) for the last position unless ``all_logits``.
         """
-        count = len(range(*experts.indices(self.num_experts)))
+        count = experts.stop - experts.start
+        group = self._group(experts)
         start = self.filled[experts.start]
         batch, new = input_ids.shape
         end = start + new
+        if end > self.context:
+            raise DfmError(f"sequence of {end} tokens exceeds the experts' context of {self.context}")
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:end]
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, T, head_dim)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)  # (B, 1, T, hd)
         if count > 1:
             cos, sin = cos.repeat(count, 1, 1, 1), sin.repeat(count, 1, 1, 1)
         mask = self._attention_mask(attention_mask[:, :end], start, count)
 
-        x = self.embed[experts][:, input_ids].reshape(count, batch * new, -1)
+        x = group["embed"][:, input_ids].reshape(count, batch * new, -1)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            h = _rms_norm(x, layer["ln1"][experts], self.eps)
-            q, k, v = torch.bmm(h, layer["qkv"][experts]).split([q_width, kv_width, kv_width], dim=-1)
+        for layer, keys, values in zip(group["layers"], group["keys"], group["values"]):
+            q, k, v = torch.bmm(_rms_norm(x, layer["ln1"], self.eps), layer["qkv"]).split([q_width, kv_width, kv_width], -1)
             q = q.reshape(count * batch, new, self.heads, self.head_dim).transpose(1, 2)
             k = k.reshape(count * batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
             q = q * cos + _rotate_half(q) * sin
-            k = (k * cos + _rotate_half(k) * sin).reshape(count, batch, self.kv_heads, new, self.head_dim)
-            keys[experts, :, :, start:end] = k
-            values[experts, :, :, start:end] = v
-            past_k = keys[experts, :, :, :end].flatten(0, 1)
-            past_v = values[experts, :, :, :end].flatten(0, 1)
-            attended = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=mask,
+            k = k * cos + _rotate_half(k) * sin
+            keys[:, :, :, start:end] = k.reshape(count, batch, self.kv_heads, new, self.head_dim)
+            values[:, :, :, start:end] = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
+            attended = F.scaled_dot_product_attention(q, keys[:, :, :, :end].flatten(0, 1),
+                                                      values[:, :, :, :end].flatten(0, 1), attn_mask=mask,
                                                       enable_gqa=self.kv_heads != self.heads)
-            attended = attended.transpose(1, 2).reshape(count, batch * new, q_width)
-            x = x + torch.bmm(attended, layer["o"][experts])
-            gate, up = torch.bmm(_rms_norm(x, layer["ln2"][experts], self.eps), layer["gate_up"][experts]).chunk(2, -1)
-            x = x + torch.bmm(F.silu(gate) * up, layer["down"][experts])
+            x = x + torch.bmm(attended.transpose(1, 2).reshape(count, batch * new, q_width), layer["o"])
+            gate, up = torch.bmm(_rms_norm(x, layer["ln2"], self.eps), layer["gate_up"]).chunk(2, -1)
+            x = x + torch.bmm(F.silu(gate) * up, layer["down"])
         x = x.reshape(count, batch, new, -1)
         if not all_logits:
             x = x[:, :, -1:]
-        x = _rms_norm(x, self.norm[experts].unsqueeze(1), self.eps)
-        logits = torch.bmm(x.flatten(1, 2), self.head[experts]).reshape(count, batch, x.shape[2], -1)
-        for e in range(*experts.indices(self.num_experts)):
-            self.filled[e] = end
+        x = _rms_norm(x, group["norm"], self.eps)
+        logits = torch.bmm(x.flatten(1, 2), group["head"]).reshape(count, batch, x.shape[2], -1)
+        self.filled[experts] = [end] * count
         return logits
 
     @staticmethod
