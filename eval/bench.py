@@ -124,7 +124,7 @@ def bench_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
 
 def bench_expert(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
     """The default expert architecture, random-initialised with ``seed``."""
-    config = expert_config(len(tokenizer), bos_token_id=BOS, eos_token_id=BOS, pad_token_id=BOS,
+    config = expert_config(len(tokenizer), bos_token_id=BOS, eos_token_id=BOS,
                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()))
     return build_expert(config, seed=seed)
 

@@ -23,12 +23,15 @@ DEFAULT_ARCH: dict[str, Any] = {
 }
 
 
-def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int,
                   tokenizer_fingerprint: str, arch: dict[str, Any] | None = None) -> PretrainedConfig:
     """A causal-LM config for ``arch`` (a ``model_type`` plus its config fields; default Llama).
 
     The tokenizer fingerprint travels in config.json, so an expert trained elsewhere can be
-    checked against the ensemble's tokenizer.
+    checked against the ensemble's tokenizer. No ``pad_token_id`` goes into the model config:
+    Hugging Face models freeze the embedding of that id at zero, and dfm pads with EOS, which is
+    also the document separator the model must see. Padding is masked instead, and generation
+    pads with EOS (``build_expert`` sets it in the generation config).
     """
     fields = dict(DEFAULT_ARCH if arch is None else arch)
     model_type = fields.pop("model_type", "llama")
@@ -37,14 +40,16 @@ def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int, pad_
     except ValueError as err:
         raise DfmError(f"unknown expert model_type {model_type!r}: use a Hugging Face causal LM type such as 'llama'") from err
     config.update({"vocab_size": vocab_size, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-                   "pad_token_id": pad_token_id, "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+                   "pad_token_id": None, "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
     return config
 
 
 def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     """A freshly initialised causal LM; the same seed gives the same weights."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = config.eos_token_id
+    return model
 
 
 def load_expert(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:

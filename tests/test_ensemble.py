@@ -27,7 +27,7 @@ FINGERPRINT = tokenizer_fingerprint(word_tokenizer().get_vocab())
 
 
 def tiny_expert(seed, vocab=VOCAB, fingerprint=FINGERPRINT):
-    config = expert_config(vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, tokenizer_fingerprint=fingerprint,
+    config = expert_config(vocab, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint=fingerprint,
                            arch=TINY)
     return build_expert(config, seed=seed).eval()
 
@@ -213,3 +213,13 @@ def test_manifest_paths_stay_inside_the_run(tmp_path):
         resolve_inside(tmp_path, "../elsewhere")
     with pytest.raises(DfmError, match="does not exist"):
         Manifest.load(tmp_path / "nope")
+
+
+def test_document_separator_embedding_is_learnable():
+    """EOS is BOS, separator and pad in dfm: its embedding must not be the frozen zero row that
+    Hugging Face gives `pad_token_id` (a zero BOS makes the first prediction uniform)."""
+    expert = tiny_expert(0)
+    embedding = expert.get_input_embeddings()
+    assert embedding.padding_idx is None and expert.config.pad_token_id is None
+    assert embedding.weight[0].abs().sum() > 0
+    assert expert.generation_config.pad_token_id == 0

@@ -25,7 +25,7 @@ TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_a
 
 
 def tiny_expert(seed):
-    config = expert_config(VOCAB, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=BOS,
+    config = expert_config(VOCAB, bos_token_id=BOS, eos_token_id=BOS,
                            tokenizer_fingerprint="test", arch=TINY)
     return build_expert(config, seed=seed).eval()
 

@@ -41,7 +41,7 @@ def word_tokenizer():
 
 
 def tiny_expert(seed):
-    config = expert_config(VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, tokenizer_fingerprint="test",
+    config = expert_config(VOCAB, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint="test",
                            arch=ARCH)
     return build_expert(config, seed=seed).eval()
 

@@ -42,7 +42,7 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     model_config = expert_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
                                  arch=config["expert"]["arch"])
     model = build_expert(model_config, seed=seed)
