@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dfm.atomic import atomic_dir, write_json
-from dfm.errors import DfmError
+from dfm.errors import DfmError, reject_unknown_keys
 
 MODEL_TYPE = "dfm-router"
 CONFIG_NAME = "config.json"
@@ -56,10 +56,7 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RouterConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DfmError(f"router config: unknown keys {unknown}; allowed keys are {sorted(known)}")
+        reject_unknown_keys(d, {f.name for f in fields(cls)}, "router config keys")
         missing = sorted({"vocab_size", "num_experts"} - set(d))
         if missing:
             raise DfmError(f"router config: missing required keys {missing}")

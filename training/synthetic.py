@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import datasets
 import torch
 
-from dfm.errors import DfmError
+from dfm.errors import DfmError, reject_unknown_keys
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -112,10 +112,7 @@ class SyntheticSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> SyntheticSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DfmError(f"unknown synthetic spec keys {unknown}; valid keys are {sorted(known)}")
+        reject_unknown_keys(d, {f.name for f in fields(cls)}, "synthetic spec keys")
         return cls(**d)
 
 

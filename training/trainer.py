@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dfm.atomic import write_text
-from dfm.errors import DfmError
+from dfm.errors import DfmError, reject_unknown_keys
 from training.checkpoint import checkpoint_dirs, load_latest_checkpoint, rng_state, save_checkpoint
 from training.distributed import DistInfo, setup_distributed
 
@@ -66,10 +66,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DfmError(f"unknown training option(s) {unknown}; valid options: {sorted(known)}")
+        reject_unknown_keys(data, {f.name for f in fields(cls)}, "training option(s)")
         config = cls(**data)
         config.validate()
         return config
