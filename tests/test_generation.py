@@ -22,15 +22,6 @@ ARCH = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_a
         "intermediate_size": 64, "max_position_embeddings": CONTEXT, "initializer_range": 0.2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny per-token forwards drown in intra-op thread synchronisation on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -50,15 +50,6 @@ SLOW_KILLS = ("while-starting", "after-checkpoint", "checkpoint-write", "after-s
 KILL_POINTS = len(FAST_KILLS) + len(SLOW_KILLS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Same thread count as the subprocesses (OMP_NUM_THREADS=1), so in-process runs compare bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reliability")
@@ -78,12 +69,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 def reference(prepared, tmp_path_factory) -> Path:
     """Expert 1 trained in place, in this process, without interruption."""
     run = copy_run(prepared, tmp_path_factory.mktemp("reference") / "run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 0
     return run
 
 

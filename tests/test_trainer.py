@@ -26,15 +26,6 @@ VOCAB, SEQ = 64, 16
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads slow them down a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

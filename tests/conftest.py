@@ -1,0 +1,15 @@
+"""Shared test setup."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test runs torch on one thread: the test models are tiny, their forwards drown in
+    intra-op synchronisation on a busy 2-core machine, and subprocesses that tests compare bit
+    for bit run with OMP_NUM_THREADS=1 too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
