@@ -41,6 +41,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set expert.train.lr=1e-3 (repeatable)")
     for flag, (key, options) in CONFIG_FLAGS.items():
+        if "action" not in options:
+            options = {"metavar": flag[2:].upper().replace("-", "_"), **options}
         group.add_argument(flag, dest="cfg:" + key, default=None, **options)
 
 
