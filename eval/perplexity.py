@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from dfm.errors import DfmError
 from dfm.mixing import mix_log_probs, normalize_log_weights, top_k_log_weights
+from models.stacked import StackedLlama
+from models.stacked import supports as supports_stacking
 from training.partition import Partition
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
@@ -102,12 +104,30 @@ def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, 
                      device=_device(model))
 
 
+@torch.inference_mode()
 def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: int, context: int,
                            stride: int | None = None, batch_size: int = 8) -> list[Tensor]:
-    """Per document, (K, n + 1): each expert's own per-token log-probs (experts run independently)."""
-    per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size)
-                  for e in experts]
-    return [torch.stack(rows) for rows in zip(*per_expert)]
+    """Per document, (K, n + 1): each expert's own per-token log-probs.
+
+    Llama experts sharing one configuration are scored together on the stacked engine (one
+    batched forward for all K); others one after another.
+    """
+    if not supports_stacking(experts):
+        per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size)
+                      for e in experts]
+        return [torch.stack(rows) for rows in zip(*per_expert)]
+    engine = StackedLlama(experts)
+    everyone = slice(0, len(experts))
+
+    def score(inputs: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
+        engine.reset(inputs.shape[0])
+        logits = engine.forward(everyone, inputs, mask, all_logits=True).float()  # (K, B, T, V)
+        picked = logits.gather(-1, targets.expand(len(experts), -1, -1).unsqueeze(-1)).squeeze(-1)
+        return (picked - logits.logsumexp(-1)).permute(1, 2, 0).double()  # (B, T, K)
+
+    scored = _windowed(score, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
+                       device=_device(experts[0]))
+    return [values.T for values in scored]
 
 
 @torch.inference_mode()

@@ -255,3 +255,13 @@ def test_compute_accounting():
     assert per_token["mixture"] == 2 * 30 + 4 and per_token["bayes"] == 60 and per_token["top1"] == 24
     assert per_token["top2"] == 44 and per_token["switch"] == 24 and per_token["oracle"] == 20
     assert per_token["baseline"] == 20
+
+
+def test_stacked_scoring_equals_experts_scored_one_by_one():
+    experts = [tiny_expert(s) for s in (3, 4, 5)]
+    docs = random_docs([3, 21, 40], seed=9)
+    options = dict(bos_id=BOS, context=16, stride=8, batch_size=2)
+    stacked = expert_token_log_probs(experts, docs, **options)
+    for k, expert in enumerate(experts):
+        for together, alone in zip(stacked, token_log_probs(expert, docs, **options)):
+            torch.testing.assert_close(together[k], alone, atol=1e-5, rtol=0)
