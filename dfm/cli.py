@@ -78,6 +78,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"dfm: warning: {message}", file=sys.stderr)
 
 
+def _loss(value: float | None) -> str:
+    return "n/a (no validation data)" if value is None else f"{value:.4f}"
+
+
 def _say(message: str) -> None:
     print(f"[dfm] {message}", file=sys.stderr, flush=True)
 
@@ -109,7 +113,7 @@ def cmd_train_expert(args: argparse.Namespace) -> dict:
 
     if not setup_distributed().is_main:
         return summary
-    _say(f"expert-{args.expert}: val loss {summary['val_loss']} nats/token "
+    _say(f"expert-{args.expert}: val loss {_loss(summary['val_loss'])} nats/token "
          f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s")
     return summary
 
@@ -133,7 +137,7 @@ def cmd_train_router(args: argparse.Namespace) -> dict:
     from training.router_training import train_router
 
     summary = train_router(args.run, resume=args.resume)
-    _say(f"router: val loss {summary['val_loss']} in {summary['seconds']:.1f}s")
+    _say(f"router: val loss {_loss(summary['val_loss'])} in {summary['seconds']:.1f}s")
     return summary
 
 
@@ -141,7 +145,7 @@ def cmd_train_baseline(args: argparse.Namespace) -> dict:
     from training.experts import train_baseline
 
     summary = train_baseline(args.run, resume=args.resume)
-    _say(f"baseline: val loss {summary['val_loss']} nats/token in {summary['seconds']:.1f}s")
+    _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
 
@@ -173,15 +177,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = read_run_config(run_dir)
     for k in range(config["partition"]["num_clusters"]):
         summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume))
-        _say(f"expert-{k}: val loss {summary['val_loss']:.4f} nats/token, unigram entropy "
+        _say(f"expert-{k}: val loss {_loss(summary['val_loss'])} nats/token, unigram entropy "
              f"{summary['unigram_entropy']:.4f}")
     if config["partition"]["num_clusters"] > 1:
         from training.router_training import train_router
 
         summary = stage("router", lambda: train_router(run_dir, resume=args.resume))
-        _say(f"router: val loss {summary['val_loss']:.4f}")
+        _say(f"router: val loss {_loss(summary['val_loss'])}")
     summary = stage("baseline", lambda: train_baseline(run_dir, resume=args.resume))
-    _say(f"baseline: val loss {summary['val_loss']:.4f} nats/token")
+    _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token")
     stage("assemble", lambda: assemble(run_dir))
     from eval.plots import write_plots
     from eval.report import evaluate_run, markdown, write_report
@@ -284,7 +288,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if manifest.partition is None:
             raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
         partition = Partition.load(resolve_inside(args.run, manifest.partition))
-        weigher = CentroidWeigher(partition, args.centroid_temperature, bos_id=model.tokenizer.eos_token_id)
+        if args.model != "ensemble":
+            raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
+        weigher = CentroidWeigher(partition, args.centroid_temperature, bos_id=model.tokenizer.eos_token_id,
+                                  clusters=model.clusters)
     elif args.routing == "oracle":
         if args.cluster is None:
             raise DfmError("oracle routing needs the true cluster: pass --cluster K")

@@ -104,7 +104,7 @@ def generate(
     posterior = None
     if bayes:
         posterior = BayesPosterior(log_prior.to(tokens.device), tokens.shape[0])
-        posterior.log_joint = posterior.log_joint + pool.prefix_log_likelihood(tokens, attention_mask, all_experts)
+        posterior.update(pool.prefix_log_likelihood(tokens, attention_mask, all_experts))
 
     # preallocated so that a step writes one column instead of concatenating the whole batch
     batch, length = tokens.shape
@@ -122,6 +122,8 @@ def generate(
         tokens, attention_mask = buffer[:, :length], mask_buffer[:, :length]
         if selection is None or config.route_on == "token":
             raw = posterior.log_posterior if bayes else weigher(tokens, attention_mask)
+            if raw.shape[-1] != pool.num_experts:
+                raise DfmError(f"routing weights cover {raw.shape[-1]} experts but the pool has {pool.num_experts}")
             routed = exclude_log_weights(raw, config.exclude) if config.exclude else raw
             selection = select_experts(routed, config.routing, config.k, generator)
         out = decode_step(pool, tokens, attention_mask, selection, config, generator)
@@ -129,7 +131,9 @@ def generate(
         chosen.append(out.log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1))
         if bayes and config.route_on == "token":
             picked = out.expert_log_probs.gather(-1, token.view(-1, 1, 1).expand(-1, len(selection.active), 1))
-            posterior.log_joint[:, selection.active] += picked.squeeze(-1)
+            evidence = torch.zeros_like(posterior.log_joint)
+            evidence[:, selection.active] = picked.squeeze(-1).to(evidence.dtype)
+            posterior.update(evidence)
         if config.eos_id is not None:
             token = torch.where(finished, torch.full_like(token, config.pad_id), token)
         lengths += (~finished).long()

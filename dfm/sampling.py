@@ -16,9 +16,9 @@ def filter_log_probs(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        probs = sorted_scores.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the best token always stays)
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.log_softmax(scores, dim=-1)

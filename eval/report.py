@@ -75,10 +75,15 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
     context = ensemble.experts[0].config.max_position_embeddings
-    stride = stride or max(1, context // 2)  # documents longer than the context keep half a window of history
+    stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
     score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
-    router_lw = router_log_weights(ensemble.router, docs, **score) if ensemble.router is not None else None
+    if ensemble.router is not None:
+        router_lw = router_log_weights(ensemble.router, docs, **score)
+    elif ensemble.num_experts == 1:  # one expert needs no router: its weight is 1 everywhere
+        router_lw = [ensemble.log_prior.expand(len(d) + 1, 1).clone() for d in docs]
+    else:
+        router_lw = None
     partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
 
     log_probs: dict[str, list[Tensor]] = {}
@@ -114,7 +119,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
                 idx = torch.tensor([i for i, c in enumerate(clusters) if c == k])
                 report["equivalence_per_cluster"][str(k)] = equivalence(
                     doc_bits(nll["mixture"])[idx], base_bits[idx], torch.tensor(num_bytes)[idx], margin, resamples, seed)
-    if router_lw is not None:
+    if ensemble.router is not None and ensemble.clusters == list(range(ensemble.num_experts)):
         quality = router_quality(router_lw, bayes_log_weights(expert_lps, ensemble.log_prior), clusters, context)
         report["router"] = {"accuracy_by_prefix": quality["accuracy_by_length"], "kl_to_bayes": quality["kl_bayes_router"],
                             "ece": quality["ece"]}

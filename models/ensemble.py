@@ -115,7 +115,8 @@ class Ensemble:
                 self.engine.reset(self._batch_size)
         behind = [e for e in experts if self._states[e].seen < length]
         everyone = range(self.num_experts)
-        if self.engine is not None and len(behind) == self.num_experts and len({s.seen for s in self._states}) == 1:
+        in_order = list(experts) == list(everyone)  # the stacked group returns experts 0..K-1 in order
+        if self.engine is not None and in_order and len(behind) == self.num_experts and len({s.seen for s in self._states}) == 1:
             return [everyone]
         return [range(e, e + 1) for e in behind]
 
@@ -162,9 +163,6 @@ class Ensemble:
         if self.router is None:
             raise DfmError("this ensemble has no router: train one with `dfm train-router`, or use --routing bayes")
         return RouterWeigher(self.router)
-
-    def prior_weigher(self) -> PriorWeigher:
-        return PriorWeigher(self.log_prior)
 
     # --- loading --------------------------------------------------------------------------
     @classmethod

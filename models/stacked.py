@@ -148,9 +148,12 @@ class StackedLlama:
             k = k * cos + _rotate_half(k) * sin
             keys[:, :, :, start:end] = k.reshape(count, batch, self.kv_heads, new, self.head_dim)
             values[:, :, :, start:end] = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
-            attended = F.scaled_dot_product_attention(q, keys[:, :, :, :end].flatten(0, 1),
-                                                      values[:, :, :, :end].flatten(0, 1), attn_mask=mask,
-                                                      enable_gqa=self.kv_heads != self.heads)
+            past_keys, past_values = keys[:, :, :, :end].flatten(0, 1), values[:, :, :, :end].flatten(0, 1)
+            if self.kv_heads != self.heads:  # grouped-query attention (written out: torch 2.4 has no enable_gqa)
+                repeat = self.heads // self.kv_heads
+                past_keys = past_keys.repeat_interleave(repeat, dim=1)
+                past_values = past_values.repeat_interleave(repeat, dim=1)
+            attended = F.scaled_dot_product_attention(q, past_keys, past_values, attn_mask=mask)
             x = x + torch.bmm(attended.transpose(1, 2).reshape(count, batch * new, q_width), layer["o"])
             gate, up = torch.bmm(_rms_norm(x, layer["ln2"], self.eps), layer["gate_up"]).chunk(2, -1)
             x = x + torch.bmm(F.silu(gate) * up, layer["down"])

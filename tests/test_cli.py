@@ -52,6 +52,8 @@ BAD_INPUTS = [
     ("max new tokens beyond the context", ["generate", "--run", "{run}", "--max-new-tokens", "500"], "--max-new-tokens"),
     ("negative temperature", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--temperature", "-1"], "temperature"),
     ("top-p out of range", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--top-p", "0"], "top-p"),
+    ("centroid with one model", ["generate", "--run", "{run}", "--model", "baseline", "--routing", "centroid"],
+     "--model ensemble"),
     ("unknown model", ["generate", "--run", "{run}", "--model", "expert-9"], "not in"),
     ("missing prompt file", ["generate", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
     ("json without data files", ["prepare", "--out", "{tmp}/p1", "--dataset", "json"], "--data-files"),
@@ -117,6 +119,10 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert "dfm: warning: expert-1 left out" in captured.err
     out = json.loads(captured.out)
     assert out["names"] == ["expert-0", "expert-2"]
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3", "--allow-missing", "--routing", "centroid",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(len(w) == 2 for w in out["weights"][0])
     assert main(["eval", "--run", str(copy)]) == 2
     assert "expert-1" in capsys.readouterr().err
     assert main(["eval", "--run", str(copy), "--allow-missing"]) == 0

@@ -103,6 +103,10 @@ def test_stacked_engine_is_used_and_matches_experts_run_one_by_one():
         torch.testing.assert_close(stacked.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]),
                                    generic.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]), atol=1e-5, rtol=0)
     assert stacked.forward_passes == generic.forward_passes == [5, 5, 5]
+    stacked.reset()
+    generic.reset()
+    torch.testing.assert_close(stacked.prefix_log_likelihood(tokens, mask, [2, 0, 1]),
+                               generic.prefix_log_likelihood(tokens, mask, [2, 0, 1]), atol=1e-5, rtol=0)
 
 
 def test_non_llama_experts_use_the_generic_path():

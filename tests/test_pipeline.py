@@ -103,6 +103,10 @@ def test_config_file_and_overrides(tmp_path):
     assert config["expert"]["train"]["steps"] == 7 and config["expert"]["train"]["lr"] == 0.01
     assert config["partition"]["num_clusters"] == 2 and config["data"]["max_documents"] == 9
     assert config["expert"]["train"]["batch_size"] == 16  # defaults survive a partial override
+    other = resolve_config(None, [parse_override("expert.arch={model_type: gpt2, n_embd: 64, n_layer: 2}")])
+    assert other["expert"]["arch"] == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2}  # no Llama fields leak in
+    same = resolve_config(None, [parse_override("expert.arch={num_hidden_layers: 2}")])
+    assert same["expert"]["arch"]["num_hidden_layers"] == 2 and same["expert"]["arch"]["hidden_size"] == 128
     with pytest.raises(DfmError, match="unknown config key 'partition.clusters'"):
         resolve_config(None, [parse_override("partition.clusters=3")])
     with pytest.raises(DfmError, match="key.sub=value"):
@@ -146,3 +150,14 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
         a = AutoModelForCausalLM.from_pretrained(run / name).state_dict()
         b = AutoModelForCausalLM.from_pretrained(again / name).state_dict()
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_single_cluster_runs_end_to_end(tmp_path, capsys):
+    """K = 1: no router is trained; evaluation and generation weight the one expert by 1."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    run = tmp_path / "one"
+    assert main(["run", "--out", str(run), "--config", str(config), "--num-clusters", "1"]) == 0
+    report = json.loads((run / "eval/report.json").read_text())
+    torch.testing.assert_close(report["models"]["mixture"]["nll"], report["models"]["expert-0"]["nll"])
+    assert "router" not in report

@@ -127,6 +127,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path: Path) -> None:
         run(tmp_path / "run", tiny_llama(dropout=0.1), data, config)
     with pytest.raises(DfmError, match=r"\['lr'\] differ"):
         run(tmp_path / "run", tiny_llama(dropout=0.1), data, TrainConfig(**{**config.to_dict(), "lr": 1e-3}), resume=True)
+    with pytest.raises(DfmError, match="training data changed"):  # e.g. the run was prepared again
+        run(tmp_path / "run", tiny_llama(dropout=0.1), random_blocks(12, seed=1), config, resume=True)
 
     resumed = tiny_llama(seed=123, dropout=0.1)  # the checkpoint overrides the initial weights
     result = run(tmp_path / "run", resumed, data, config, resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dfm.errors import DfmError
@@ -24,12 +25,13 @@ class CentroidWeigher:
     """
 
     def __init__(self, partition: Partition, temperature: float = DEFAULT_TEMPERATURE,
-                 bos_id: int | None = None) -> None:
+                 bos_id: int | None = None, clusters: list[int] | None = None) -> None:
         if not temperature > 0:
             raise DfmError(f"centroid routing temperature must be > 0, got {temperature}")
         self.partition = partition
         self.temperature = temperature
         self.bos_id = bos_id
+        self.clusters = clusters  # the clusters the pool's experts serve (all, unless some are missing)
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, K) float64 log-weights."""
@@ -40,4 +42,6 @@ class CentroidWeigher:
                 ids = ids[1:]
             prefixes.append(ids)
         log_weights = self.partition.log_weights(prefixes, self.temperature)
+        if self.clusters is not None:
+            log_weights = torch.log_softmax(log_weights[:, self.clusters], dim=-1)
         return log_weights.double().to(tokens.device)

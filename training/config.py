@@ -66,7 +66,9 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise DfmError(f"config key {name!r} must be a mapping")
-            base[key] = {**base[key], **value}
+            same_model = key != "arch" or value.get("model_type", base[key].get("model_type")) == base[key].get("model_type")
+            # another model type replaces the default architecture: Llama's fields would leak into it
+            base[key] = {**base[key], **value} if same_model else dict(value)
         else:
             base[key] = value
     return base

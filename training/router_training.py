@@ -20,6 +20,7 @@ from models.ensemble import load_tokenizer
 from models.router import Router, RouterConfig
 from training.config import read_run_config
 from training.data import load_saved
+from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.trainer import TrainConfig, train
 
@@ -84,5 +85,6 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
                    val_data=validation if len(validation) else None, resume=resume, desc="router")
     summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
-    write_json(layout.summary("router"), summary)
+    if setup_distributed().is_main:
+        write_json(layout.summary("router"), summary)
     return summary

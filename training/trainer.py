@@ -184,9 +184,21 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint_dir: Path) -> None:
+def data_fingerprint(data: datasets.Dataset) -> str:
+    """sha256 of the row count and the first, middle and last rows: cheap, deterministic, and
+    different when the data was prepared again from other documents or clusters."""
+    rows = [data[i] for i in sorted({0, len(data) // 2, len(data) - 1})]
+    blob = json.dumps([len(data), rows], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint_dir: Path,
+                     fingerprint: str) -> None:
     extra = state["extra"]
     hint = f"or delete {checkpoint_dir} to start over"
+    if extra.get("data", fingerprint) != fingerprint:
+        raise DfmError(f"the training data changed since the checkpoint was written (prepared again?); "
+                       f"checkpoints of other data cannot be resumed: delete {checkpoint_dir}")
     if extra["world_size"] != world_size:
         raise DfmError(f"checkpoint was written by {extra['world_size']} process(es); resume with as many {hint}")
     changed = [k for k in _TRAJECTORY if extra["config"][k] != getattr(config, k)]
@@ -268,10 +280,11 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     start_step, tokens, seconds_before, final_loss, val_loss = 0, 0, 0.0, math.nan, None
+    fingerprint = data_fingerprint(train_data)
     if resume:
         state = load_latest_checkpoint(checkpoint_dir, model, optimizer, scheduler, rank=info.rank)
         if state is not None:
-            _check_resumable(state, config, info.world_size, checkpoint_dir)
+            _check_resumable(state, config, info.world_size, checkpoint_dir, fingerprint)
             extra = state["extra"]
             start_step, tokens, seconds_before = state["step"], extra["tokens"], extra["seconds"]
             final_loss, val_loss = extra["loss"], extra.get("val_loss")
@@ -293,7 +306,8 @@ def train(
 
     def run_state(**more: Any) -> dict[str, Any]:
         seconds = seconds_before + time.perf_counter() - started
-        base = {"tokens": tokens, "seconds": seconds, "loss": final_loss, "world_size": info.world_size}
+        base = {"tokens": tokens, "seconds": seconds, "loss": final_loss, "world_size": info.world_size,
+                "data": fingerprint}
         return {**base, "config": config.to_dict(), **more}
 
     def checkpoint(step: int, **more: Any) -> None:
