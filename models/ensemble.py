@@ -11,7 +11,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,21 +18,12 @@ from torch import Tensor
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
+from dfm.tensors import autocast_for, positions_from_mask
 from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.router import Router
 from models.stacked import StackedLlama
 from models.stacked import supports as supports_stacking
-
-
-def positions(attention_mask: Tensor) -> Tensor:
-    """Position ids that ignore left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 class _ExpertState:
@@ -152,7 +142,7 @@ class Ensemble:
         return self.experts[e](
             input_ids=new,
             attention_mask=attention_mask,
-            position_ids=positions(attention_mask)[:, seen:],
+            position_ids=positions_from_mask(attention_mask)[:, seen:],
             past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=0 if score else 1,

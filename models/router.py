@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError, reject_unknown_keys
+from dfm.tensors import positions_from_mask
 
 MODEL_TYPE = "dfm-router"
 CONFIG_NAME = "config.json"
@@ -179,7 +180,7 @@ class Router(nn.Module):
         else:
             full_mask = new_mask
 
-        positions = (full_mask.cumsum(dim=1)[:, past:] - 1).clamp_(min=0)
+        positions = positions_from_mask(full_mask)[:, past:]
         if total > self.config.max_positions:
             longest = int(positions.max()) + 1
             if longest > self.config.max_positions:

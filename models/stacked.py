@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from dfm.errors import DfmError
+from dfm.tensors import positions_from_mask
 
 # The configuration fields the engine reproduces; any other value falls back to the generic path.
 _REQUIRED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
@@ -132,7 +133,7 @@ class StackedLlama:
         end = start + new
         if end > self.context:
             raise DfmError(f"sequence of {end} tokens exceeds the experts' context of {self.context}")
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:end]
+        positions = positions_from_mask(attention_mask)[:, start:end]
         cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)  # (B, 1, T, hd)
         if count > 1:
             cos, sin = cos.repeat(count, 1, 1, 1), sin.repeat(count, 1, 1, 1)

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dfm.atomic import write_text
 from dfm.errors import DfmError, reject_unknown_keys
+from dfm.tensors import autocast_for
 from training.checkpoint import checkpoint_dirs, load_latest_checkpoint, rng_state, save_checkpoint
 from training.distributed import DistInfo, setup_distributed
 
@@ -146,10 +147,6 @@ def _fetch(data: datasets.Dataset, indices: list[int], device: torch.device) -> 
     return batch
 
 
-def _autocast(device: torch.device) -> AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases, norms or embeddings)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -217,7 +214,7 @@ def _evaluate(model: nn.Module, data: datasets.Dataset, loss_fn: LossFn, batch_s
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     for start in range(0, len(shard), batch_size):
         rows = shard[start : start + batch_size]
-        with _autocast(info.device):
+        with autocast_for(info.device):
             loss = loss_fn(model, _fetch(data, rows, info.device))
         total[0] += loss.double() * len(rows)
         total[1] += len(rows)
@@ -327,7 +324,7 @@ def train(
                 batch = _fetch(data, indices[micro * config.batch_size : (micro + 1) * config.batch_size], info.device)
                 last = micro == config.grad_accum - 1
                 with net.no_sync() if info.world_size > 1 and not last else nullcontext():
-                    with _autocast(info.device):
+                    with autocast_for(info.device):
                         loss = loss_fn(net, batch)
                     (loss / config.grad_accum).backward()
                 step_loss += loss.detach().float() / config.grad_accum
