@@ -21,7 +21,7 @@ from training.layout import RunLayout
 from training.partition import Partition
 from training.prepare import write_shard
 from training.synthetic import SyntheticCorpus, SyntheticSpec
-from tests.tiny_config import TINY_RUN
+from tests.tiny_config import TINY_RUN, write_tiny_config
 
 K = TINY_RUN["partition"]["num_clusters"]
 #: A fourth source: another seed draws other words, so its documents form a topic of their own.
@@ -36,8 +36,7 @@ def piped_stdin(monkeypatch):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("add")
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(root)
     assert main(["prepare", "--out", str(root / "run"), "--config", str(config)]) == 0
     return root / "run"
 

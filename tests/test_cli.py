@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from dfm.cli import main
-from tests.tiny_config import TINY_RUN
+from tests.tiny_config import write_tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +23,7 @@ def piped_stdin(monkeypatch):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(root)
     assert main(["run", "--out", str(root / "run"), "--config", str(config)]) == 0
     return root / "run"
 

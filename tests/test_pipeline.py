@@ -13,7 +13,7 @@ from dfm.errors import DfmError
 from training.config import parse_override, resolve_config
 from training.data import DataSource, load_documents, pack_blocks, tokenize
 from training.tokenizer import train_bpe
-from tests.tiny_config import TINY_RUN
+from tests.tiny_config import write_tiny_config
 
 TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'dogs'} and more words {i * 7}" for i in range(40)]
 
@@ -115,8 +115,7 @@ def test_config_file_and_overrides(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(tmp_path)
     run = tmp_path / "run"
     assert main(["run", "--out", str(run), "--config", str(config)]) == 0
     for path in ["config.json", "tokenizer/tokenizer.json", "partition/centres.safetensors", "partition/stats.json",
@@ -154,8 +153,7 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
 
 def test_a_single_cluster_runs_end_to_end(tmp_path, capsys):
     """K = 1: no router is trained; evaluation and generation weight the one expert by 1."""
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(tmp_path)
     run = tmp_path / "one"
     assert main(["run", "--out", str(run), "--config", str(config), "--num-clusters", "1"]) == 0
     report = json.loads((run / "eval/report.json").read_text())

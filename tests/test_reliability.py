@@ -31,7 +31,7 @@ from dfm.errors import DfmError
 from dfm.routing import Routing
 from models.ensemble import Ensemble, load_tokenizer
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
-from tests.tiny_config import TINY_RUN
+from tests.tiny_config import write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERT = 1
@@ -53,8 +53,7 @@ KILL_POINTS = len(FAST_KILLS) + len(SLOW_KILLS)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reliability")
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(root)
     overrides = [arg for setting in CRASH_SETTINGS for arg in ("--set", setting)]
     assert main(["prepare", "--out", str(root / "run"), "--config", str(config), *overrides]) == 0
     return root / "run"
@@ -380,8 +379,7 @@ def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(p
 
 def test_non_finite_learning_rate_is_refused_before_training(prepared, tmp_path, capsys) -> None:
     """An infinite lr used to pass validation and leave a checkpoint of inf weights called 'good'."""
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config = write_tiny_config(tmp_path)
     code = main(["prepare", "--out", str(tmp_path / "p"), "--config", str(config), "--set", "expert.train.lr=.inf"])
     err = capsys.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "lr" in error_lines(err)[0], err

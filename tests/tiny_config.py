@@ -12,3 +12,13 @@ TINY_RUN = {
     "router": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_length": 32,
                "train": {"steps": 6, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 2}},
 }
+
+
+def write_tiny_config(directory):
+    """Write TINY_RUN as ``directory/tiny.json`` (for --config) and return its path."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "tiny.json"
+    path.write_text(json.dumps(TINY_RUN))
+    return path
