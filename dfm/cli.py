@@ -19,7 +19,8 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                            "default: the embedded synthetic corpus"}),
     "--dataset-config": ("data.config_name", {"help": "hub dataset configuration name"}),
     "--split": ("data.split", {"help": "split to train on (validation/test are carved from it if absent)"}),
-    "--data-files": ("data.data_files", {"nargs": "+", "help": "local files for --dataset json|csv|parquet|text"}),
+    "--data-files": ("data.data_files", {"nargs": "+", "help": "local files for --dataset json|csv|parquet|text; "
+                                                                "SPLIT=PATH names the split of a file (train=a.jsonl test=b.jsonl)"}),
     "--text-column": ("data.text_column", {"help": "column holding the text (default: text)"}),
     "--cluster-column": ("data.cluster_column", {"help": "use this label column as the partition instead of k-means"}),
     "--label-column": ("data.label_column", {"help": "reference label for purity/NMI of the partition"}),
@@ -28,7 +29,13 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--tokenizer": ("tokenizer.path", {"help": "use this saved tokenizer instead of training a BPE one"}),
     "--vocab-size": ("tokenizer.vocab_size", {"type": int, "help": "BPE vocabulary size (default 2048)"}),
     "--num-clusters": ("partition.num_clusters", {"type": int, "help": "number of clusters = experts (default 4)"}),
-    "--steps": ("expert.train.steps", {"type": int, "help": "optimizer steps per expert (baseline: K times this)"}),
+    "--init-from": ("seed_model.init_from", {"help": "branch experts and baseline from this pretrained causal LM (hub "
+                                                     "name or local dir); its tokenizer is used and no seed is trained"}),
+    "--shared-column": ("seed_model.shared_column", {"help": "boolean column marking the documents the seed model may "
+                                                             "train on (default: a fraction of every cluster)"}),
+    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 600)"}),
+    "--steps": ("expert.train.steps", {"type": int, "help": "optimizer steps per expert (the baseline gets as much "
+                                                            "compute as all experts and the router together)"}),
     "--router-steps": ("router.train.steps", {"type": int, "help": "optimizer steps of the router"}),
     "--seed": ("seed", {"type": int, "help": "seed of everything (default 0)"}),
     "--num-proc": ("num_proc", {"type": int, "help": "processes for tokenization (Dataset.map)"}),
@@ -105,6 +112,14 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_train_seed(args: argparse.Namespace) -> dict:
+    from training.experts import train_seed
+
+    summary = train_seed(args.run, resume=args.resume)
+    _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
+    return summary
+
+
 def cmd_train_expert(args: argparse.Namespace) -> dict:
     from training.experts import train_expert
 
@@ -159,8 +174,8 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from training.assemble import assemble
-    from training.config import read_run_config
-    from training.experts import train_baseline, train_expert
+    from training.config import read_run_config, seed_phase
+    from training.experts import train_baseline, train_expert, train_seed
     from training.prepare import prepare
 
     timings: dict[str, float] = {}
@@ -175,6 +190,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_dir = args.out
     stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir))}"))
     config = read_run_config(run_dir)
+    if seed_phase(config):
+        summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume))
+        _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
     for k in range(config["partition"]["num_clusters"]):
         summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume))
         _say(f"expert-{k}: val loss {_loss(summary['val_loss'])} nats/token, unigram entropy "
@@ -351,13 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("run", "the whole pipeline: prepare, train every expert, router, baseline, assemble, eval", cmd_run)
+    p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages from checkpoints")
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     _add_config_flags(p)
+    p = add("train-seed", "train the seed model on the shared documents; every expert and the baseline branch from it",
+            cmd_train_seed)
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p = add("train-expert", "train expert K on its own shard only (runs under torchrun too)", cmd_train_expert)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--expert", type=int, required=True, help="cluster / expert index K")

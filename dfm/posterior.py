@@ -39,3 +39,15 @@ class BayesPosterior:
     @property
     def log_posterior(self) -> Tensor:
         return self.log_joint - torch.logsumexp(self.log_joint, dim=-1, keepdim=True)
+
+
+def prefix_log_posteriors(token_log_probs: Tensor, log_prior: Tensor) -> Tensor:
+    """Bayes weights of every prediction of one document: (K, n) per-token log-likelihoods ->
+    (n, K) log P(k | x_<t) = log pi_k + sum_{s<t} log p_k(x_s | x_<s), normalised.
+
+    Prediction t is weighted by the evidence of the earlier predictions only (an exclusive
+    cumulative sum); prediction 0 (after BOS alone) gets the prior.
+    """
+    before = torch.cat([torch.zeros_like(token_log_probs[:, :1]), torch.cumsum(token_log_probs[:, :-1], dim=1)], dim=1)
+    log_joint = (log_prior.to(token_log_probs).unsqueeze(1) + before).T
+    return log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)

@@ -38,7 +38,8 @@ from transformers.utils import logging as hf_logging
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
-from eval.perplexity import expert_token_log_probs, mixed_token_log_probs, router_log_weights, token_log_probs
+from eval.perplexity import mixed_token_log_probs
+from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from models.ensemble import Ensemble, RouterWeigher, uniform_log_prior
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text

@@ -16,12 +16,13 @@ from dfm.errors import DfmError
 from dfm.mixing import normalize_log_weights
 from eval.equivalence import equivalence
 from eval.perplexity import (
-    bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb, expert_token_log_probs, mixed_token_log_probs,
-    oracle_log_weights, router_log_weights, summarize, synthetic_corpus, token_log_probs, topk_log_weights,
+    bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb, mixed_token_log_probs, oracle_log_weights,
+    summarize, synthetic_corpus, topk_log_weights,
 )
 from eval.router_quality import compute_accounting, router_quality
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
+from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from training.config import read_run_config
 from training.data import load_saved
 from training.layout import RunLayout
@@ -74,7 +75,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
-    context = ensemble.experts[0].config.max_position_embeddings
+    # never beyond the context the models were trained at
+    context = min(ensemble.experts[0].config.max_position_embeddings, config["expert"]["block_size"])
     stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
     score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)

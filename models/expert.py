@@ -64,6 +64,32 @@ def load_expert(path: str | os.PathLike, device: torch.device | str | None = Non
     return model.to(device or "cpu").eval()
 
 
+def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_id: int, eos_token_id: int,
+                tokenizer_fingerprint: str) -> PreTrainedModel:
+    """A causal LM initialised from a seed: a local ``save_pretrained`` directory or a hub name.
+
+    The seed's vocabulary must cover the tokenizer's (rows beyond it, padding of pretrained
+    embeddings, are dropped); the dfm fields of ``expert_config`` are set, and no embedding row
+    is frozen as padding (dfm pads with EOS and masks it).
+    """
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DfmError(f"cannot load the seed model {str(name_or_path)!r} ({str(err).splitlines()[0]}): pass a "
+                       f"local save_pretrained directory or a hub name of a causal LM") from err
+    have = model.get_input_embeddings().num_embeddings
+    if have < vocab_size:
+        raise DfmError(f"the seed model {str(name_or_path)!r} has {have} embeddings but the tokenizer has "
+                       f"{vocab_size} tokens: use the seed's own tokenizer (drop --tokenizer)")
+    if have > vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    model.get_input_embeddings().padding_idx = None
+    model.config.update({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
+                         "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+    model.generation_config.pad_token_id = eos_token_id
+    return model
+
+
 def save_expert(model: PreTrainedModel, path: str | os.PathLike) -> None:
     """save_pretrained (safetensors) into ``path`` atomically."""
     with atomic_dir(path) as tmp:

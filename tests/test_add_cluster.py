@@ -38,6 +38,7 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("add")
     config = write_tiny_config(root)
     assert main(["prepare", "--out", str(root / "run"), "--config", str(config)]) == 0
+    assert main(["train-seed", "--run", str(root / "run")]) == 0
     return root / "run"
 
 
@@ -95,7 +96,7 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     targets = sum(len(ids) + 1 for ids in added["train"]["input_ids"])
     assert int((labels[:, 1:] >= 0).sum()) == targets
     eos = load_tokenizer(layout.tokenizer).eos_token_id
-    assert write_shard(DatasetDict(added), K, labels.shape[1], eos, tmp_path / "shard") == targets
+    assert write_shard(DatasetDict(added), lambda row: row["cluster"] == K, labels.shape[1], eos, tmp_path / "shard") == targets
     assert not layout.checkpoints("router").exists()  # a router over K experts cannot be resumed
 
     assert main(["train-expert", "--run", str(run), "--expert", str(K)]) == 0

@@ -10,12 +10,12 @@ from dfm.errors import DfmError
 from dfm.posterior import bayes_log_posterior
 from eval.equivalence import equivalence
 from eval.perplexity import (bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb,
-                             expert_token_log_probs, mixed_token_log_probs, oracle_log_weights, router_log_weights,
-                             summarize, synthetic_corpus, token_log_probs, topk_log_weights, windows)
+                             mixed_token_log_probs, oracle_log_weights, summarize, synthetic_corpus, topk_log_weights)
 from eval.router_quality import (accuracy_by_prefix_length, compute_accounting, expected_calibration_error, mean_kl,
                                  router_quality)
 from models.expert import build_expert, expert_config
 from models.router import Router, RouterConfig
+from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs, windows
 from training.partition import from_labels
 
 VOCAB = 40

@@ -102,7 +102,7 @@ def test_config_file_and_overrides(tmp_path):
     config = resolve_config(path, [parse_override("expert.train.lr=0.01"), parse_override("data.max_documents=9")])
     assert config["expert"]["train"]["steps"] == 7 and config["expert"]["train"]["lr"] == 0.01
     assert config["partition"]["num_clusters"] == 2 and config["data"]["max_documents"] == 9
-    assert config["expert"]["train"]["batch_size"] == 16  # defaults survive a partial override
+    assert config["expert"]["train"]["batch_size"] == 8  # defaults survive a partial override
     other = resolve_config(None, [parse_override("expert.arch={model_type: gpt2, n_embd: 64, n_layer: 2}")])
     assert other["expert"]["arch"] == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2}  # no Llama fields leak in
     same = resolve_config(None, [parse_override("expert.arch={num_hidden_layers: 2}")])

@@ -56,6 +56,7 @@ def prepared(tmp_path_factory) -> Path:
     config = write_tiny_config(root)
     overrides = [arg for setting in CRASH_SETTINGS for arg in ("--set", setting)]
     assert main(["prepare", "--out", str(root / "run"), "--config", str(config), *overrides]) == 0
+    assert main(["train-seed", "--run", str(root / "run")]) == 0
     return root / "run"
 
 
@@ -113,11 +114,11 @@ def error_lines(stderr: str) -> list[str]:
 
 
 # --- 1. compute islands ---------------------------------------------------------------------------
-ISLAND_FILES = ("config.json", "tokenizer", f"data/expert-{EXPERT}")
+ISLAND_FILES = ("config.json", "tokenizer", "seed", f"data/expert-{EXPERT}")
 
 
 def make_island(run: Path, island: Path) -> Path:
-    """What the coordinator ships to island k: the run config, the tokenizer and shard k only."""
+    """What the coordinator ships to island k: the run config, the tokenizer, the seed model and shard k only."""
     for part in ISLAND_FILES:
         source, target = run / part, island / part
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def make_island(run: Path, island: Path) -> Path:
 
 def test_island_training_is_bit_identical_to_training_in_place(prepared, reference, tmp_path) -> None:
     island = make_island(prepared, tmp_path / "island")
-    assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "tokenizer"]
+    assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "seed", "tokenizer"]
     assert [p.name for p in (island / "data").iterdir()] == [f"expert-{EXPERT}"]
     proc = subprocess.run(dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
                           env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -38,17 +38,29 @@ DEFAULTS: dict[str, Any] = {
     "synthetic": {"num_domains": 4, "num_documents": 6000, "seed": 0, "mean_length": 100},
     "tokenizer": {"path": None, "vocab_size": 2048},
     "partition": {"num_clusters": 4, "balance": 1.2, "svd_dim": None, "iterations": 30},
+    # every expert and the baseline branch from one seed model (DESIGN.md, "Seeds"): a public
+    # pretrained causal LM (init_from), and/or one trained centrally on the shareable documents
+    "seed_model": {
+        "init_from": None,  # hub name or local directory of a Hugging Face causal LM (its tokenizer is used)
+        "phase": None,  # train a seed on the shared documents: None = yes unless init_from is given
+        "shared_column": None,  # boolean column marking the documents every owner may share
+        "shared_fraction": 0.25,  # without shared_column: this fraction of every cluster's documents
+        "train": {"steps": 600, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "checkpoint_every": 200},
+    },
     "expert": {
         "arch": dict(DEFAULT_ARCH),
-        "block_size": 128,
-        "train": {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_steps": 30, "checkpoint_every": 100},
+        # training blocks as long as the context that evaluation and generation use
+        "block_size": 256,
+        "train": {"steps": 150, "batch_size": 8, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50},
     },
     "router": {
         "hidden_size": 64,
         "num_layers": 2,
         "num_heads": 4,
-        "max_length": 256,  # tokens per training sequence (a document and its cluster's next ones)
-        "train": {"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50},
+        "max_length": 256,  # tokens per training sequence (one document from BOS)
+        "targets": "bayes",  # bayes: the experts' posterior of every prefix; cluster: the document's cluster
+        "documents": 1000,  # training documents the experts score for the bayes targets (null: all)
+        "train": {"steps": 100, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "checkpoint_every": 50},
     },
 }
 
@@ -131,7 +143,19 @@ def validate(config: dict) -> None:
     _positive_int(config, "partition.num_clusters")
     _positive_int(config, "tokenizer.vocab_size", minimum=257)
     _positive_int(config, "expert.block_size", minimum=2)
+    context = config["expert"]["arch"].get("max_position_embeddings")
+    if config["seed_model"]["init_from"] is None and isinstance(context, int) and config["expert"]["block_size"] > context:
+        raise DfmError(f"config expert.block_size ({config['expert']['block_size']}) exceeds the model context "
+                       f"expert.arch.max_position_embeddings ({context}): lower one or raise the other")
+    seed = config["seed_model"]
+    if seed["phase"] not in (None, True, False):
+        raise DfmError(f"config seed_model.phase must be true, false or null (auto), got {seed['phase']!r}")
+    fraction = seed["shared_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise DfmError(f"config seed_model.shared_fraction must lie in (0, 1], got {fraction!r}")
+    TrainConfig.from_dict(seed["train"])
     _positive_int(config, "router.max_length", minimum=2)
+    _positive_int(config, "router.documents", optional=True)
     _positive_int(config, "data.max_documents", optional=True)
     for name in ("validation_fraction", "test_fraction"):
         value = config["data"][name]
@@ -156,3 +180,9 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         return _merge(copy.deepcopy(DEFAULTS), json.loads(path.read_text()))
     except json.JSONDecodeError as err:
         raise DfmError(f"{path} is corrupt ({err}); re-run `dfm prepare`") from err
+
+
+def seed_phase(config: dict) -> bool:
+    """Whether a seed model is trained centrally on the shared documents before the experts branch."""
+    phase = config["seed_model"]["phase"]
+    return config["seed_model"]["init_from"] is None if phase is None else bool(phase)

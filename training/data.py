@@ -26,7 +26,7 @@ class DataSource:
     dataset: str | None = None
     config_name: str | None = None
     split: str | None = None
-    data_files: list[str] | None = None
+    data_files: list[str] | dict[str, list[str]] | None = None  # a dict maps split names to files
     text_column: str = "text"
     streaming: bool = False
     max_documents: int | None = None
@@ -63,11 +63,13 @@ def _load_raw(source: DataSource):
         if name in LOCAL_FORMATS:
             if not source.data_files:
                 raise DfmError(f"--dataset {name} reads local files: pass --data-files PATH [PATH ...]")
-            missing = [f for f in source.data_files if not glob.glob(f)]
+            files = ([f for group in source.data_files.values() for f in group]
+                     if isinstance(source.data_files, dict) else source.data_files)
+            missing = [f for f in files if not glob.glob(f)]
             if missing:
                 raise DfmError(f"data file(s) not found: {', '.join(missing)}")
-            if all(os.path.getsize(p) == 0 for f in source.data_files for p in glob.glob(f)):
-                raise DfmError(f"the data files are empty: {', '.join(source.data_files)}")
+            if all(os.path.getsize(p) == 0 for f in files for p in glob.glob(f)):
+                raise DfmError(f"the data files are empty: {', '.join(files)}")
         return datasets.load_dataset(name, source.config_name, split=source.split, data_files=source.data_files,
                                      streaming=source.streaming)
     except DfmError:
@@ -147,6 +149,11 @@ def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
     The stream is EOS doc_1 EOS doc_2 EOS ...: each document follows an EOS, its BOS. Blocks
     overlap by one token so every token after the first EOS is a prediction target exactly
     once; ``labels`` is -100 on the padding of the last block.
+
+    ``position_ids`` restart at 0 at every EOS (a document's BOS) and at every block start. Given
+    to a Hugging Face model without an attention mask or cache, positions that restart make its
+    attention block-diagonal (transformers' packed-sequence masking): no document attends to
+    another, and each is read from position 0 as evaluation and generation read it.
     """
     if block_size < 2:
         raise DfmError("block size must be at least 2")
@@ -155,13 +162,23 @@ def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
         stream.extend(ids)
         stream.append(eos_id)
     step = block_size - 1
-    blocks, labels = [], []
+    blocks, labels, positions = [], [], []
     for start in range(0, len(stream) - 1, step):
         chunk = stream[start:start + block_size]
         pad = block_size - len(chunk)
         blocks.append(chunk + [eos_id] * pad)
         labels.append(chunk + [-100] * pad)
-    return Dataset.from_dict({"input_ids": blocks, "labels": labels})
+        positions.append(document_positions(blocks[-1], eos_id))
+    return Dataset.from_dict({"input_ids": blocks, "labels": labels, "position_ids": positions})
+
+
+def document_positions(ids: list[int], eos_id: int) -> list[int]:
+    """Position of every token within its document: 0 at the block start and at each EOS (BOS)."""
+    out, position = [], 0
+    for i, token in enumerate(ids):
+        position = 0 if i == 0 or token == eos_id else position + 1
+        out.append(position)
+    return out
 
 
 def save_dataset(ds: Dataset | DatasetDict, directory: str | os.PathLike) -> None:

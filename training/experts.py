@@ -1,7 +1,10 @@
-"""Training causal LMs of a run: expert k on its own shard, and the compute-matched baseline."""
+"""Training causal LMs of a run: the seed model, expert k on its own shard, and the compute-matched baseline."""
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from pathlib import Path
 
 import datasets
@@ -11,21 +14,27 @@ from torch import Tensor, nn
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
-from models.expert import build_expert, expert_config, num_parameters, save_expert
+from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
 from models.manifest import tokenizer_fingerprint
-from training.config import read_run_config
+from training.config import read_run_config, seed_phase
 from training.data import load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.trainer import TrainConfig, TrainResult, train
 
-#: The baseline's seed offset, so it never shares an initialisation with an expert.
+#: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
 BASELINE_SEED_OFFSET = 10_000
+SEED_OFFSET = 30_000
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Next-token cross-entropy (the DFM loss of the AR path), ignoring padded labels."""
-    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    """Next-token cross-entropy (the DFM loss of the AR path), ignoring padded labels.
+
+    With the shard's per-document ``position_ids`` and no cache, the model attends within each
+    document only (see training.data.pack_blocks).
+    """
+    return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                 use_cache=False).loss
 
 
 def unigram_entropy(blocks: datasets.Dataset) -> float:
@@ -36,21 +45,47 @@ def unigram_entropy(blocks: datasets.Dataset) -> float:
     return float(-(p * p.log()).sum())
 
 
+def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) -> nn.Module:
+    """A fresh network of ``expert.arch`` (init None), or a branch of the seed model at ``init``."""
+    fields = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer.get_vocab())}
+    if init is not None:
+        return branch_from(init, vocab_size=len(tokenizer), **fields)
+    return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)
+
+
+def branch_point(run_dir: str | Path, config: dict) -> str | Path | None:
+    """Where experts and the baseline start: RUN/seed after a seed phase, else the pretrained
+    ``seed_model.init_from``, else None (from scratch)."""
+    if seed_phase(config):
+        seed = RunLayout.of(run_dir).seed
+        if not (seed / "config.json").is_file():
+            raise DfmError(f"the seed model is missing at {seed}: run `dfm train-seed --run {run_dir}` first "
+                           f"(a compute island needs RUN/seed too)")
+        return seed
+    return config["seed_model"]["init_from"]
+
+
+def _where(init: str | Path | None, run_dir: Path) -> str | None:
+    """The branch point as a run-relative path (RUN/seed -> "seed"), a hub name, or None."""
+    if init is None:
+        return None
+    return str(Path(init).relative_to(run_dir)) if Path(init).is_relative_to(run_dir) else str(init)
+
+
 def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: datasets.Dataset | None,
-              train_options: dict, seed: int, out_dir: Path, resume: bool) -> dict:
+              train_options: dict, seed: int, out_dir: Path, resume: bool, init: str | Path | None) -> dict:
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
-    model_config = expert_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
-                                 arch=config["expert"]["arch"])
-    model = build_expert(model_config, seed=seed)
+    model = _initial_model(config, tokenizer, seed, init)
     options = TrainConfig.from_dict({**train_options, "seed": seed})
     result: TrainResult = train(model, train_data, lm_loss, options, save_fn=save_expert, out_dir=out_dir,
                                 checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
                                 val_data=val_data, resume=resume, desc=name)
-    summary = {"name": name, "parameters": num_parameters(model), "steps": result.steps, "tokens": result.tokens,
+    parameters = num_parameters(model)
+    summary = {"name": name, "parameters": parameters, "steps": result.steps, "tokens": result.tokens,
+               "flops": 6 * parameters * result.tokens, "branched_from": _where(init, run_dir),
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
                "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
     if setup_distributed().is_main:
@@ -58,8 +93,22 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     return summary
 
 
+def train_seed(run_dir: str | Path, resume: bool = False) -> dict:
+    """The seed phase: one model trained centrally on the shared documents of every cluster
+    (from ``seed_model.init_from`` when given), saved to RUN/seed for experts and baseline."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if not seed_phase(config):
+        raise DfmError("this run has no seed phase (seed_model.phase is false, or --init-from names the seed): "
+                       "train the experts directly")
+    layout = RunLayout.of(run_dir)
+    shard = load_saved(layout.shared, "the shared documents of the seed phase")
+    return _train_lm(run_dir, "seed", shard["train"], shard.get("validation"), config["seed_model"]["train"],
+                     config["seed"] + SEED_OFFSET, layout.seed, resume, config["seed_model"]["init_from"])
+
+
 def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
-    """Train expert k from its own shard, the tokenizer and config.json alone (a compute island)."""
+    """Train expert k from its own shard, the tokenizer, config.json and the seed alone (a compute island)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     num_clusters = config["partition"]["num_clusters"]
@@ -68,16 +117,41 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
     layout = RunLayout.of(run_dir)
     shard = load_saved(layout.shard(k), f"the data shard of expert {k}")
     return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
-                     config["seed"] + k, layout.expert(k), resume)
+                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config))
 
 
-def baseline_steps(config: dict) -> int:
-    """Compute matching: the baseline sees as many tokens as all experts together."""
-    return config["expert"]["train"]["steps"] * config["partition"]["num_clusters"]
+def _summary(layout: RunLayout, name: str) -> dict | None:
+    path = layout.summary(name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
+    """Compute matching: the baseline's optimizer steps so that its training FLOPs equal those of
+    every expert plus the router (its training and the experts' scoring of its documents).
+
+    FLOPs come from the logged token counts, so world size and gradient accumulation are counted
+    on both sides; the seed phase is shared by both and counted on neither. The baseline has an
+    expert's architecture, hence its parameter count.
+    """
+    layout = RunLayout.of(run_dir)
+    num_clusters = config["partition"]["num_clusters"]
+    experts = [_summary(layout, f"expert-{k}") for k in range(num_clusters)]
+    missing = [f"expert-{k}" for k, summary in enumerate(experts) if summary is None]
+    if missing:
+        raise DfmError(f"{', '.join(missing)} not trained yet: compute matching counts what every expert spent, "
+                       f"so train the baseline last")
+    router = _summary(layout, "router")
+    if router is None and num_clusters > 1:
+        warnings.warn("the router is not trained yet: the baseline is not charged for its compute", stacklevel=2)
+    flops = sum(e["flops"] for e in experts) + (router["flops"] if router else 0.0)
+    options = config["expert"]["train"]
+    tokens_per_step = options["batch_size"] * options.get("grad_accum", 1) * config["expert"]["block_size"] * world_size
+    return max(1, math.ceil(flops / (6 * experts[0]["parameters"] * tokens_per_step)))
 
 
 def train_baseline(run_dir: str | Path, resume: bool = False) -> dict:
-    """The centrally trained model: one expert's architecture and settings, on the union of shards."""
+    """The centrally trained model: one expert's architecture, start and settings, on the union of
+    shards, for as much compute as the decentralized side spent (``matched_steps``)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     layout = RunLayout.of(run_dir)
@@ -86,6 +160,6 @@ def train_baseline(run_dir: str | Path, resume: bool = False) -> dict:
     train_data = datasets.concatenate_datasets([s["train"] for s in shards])
     validation = [s["validation"] for s in shards if "validation" in s]
     val_data = datasets.concatenate_datasets(validation) if validation else None
-    options = {**config["expert"]["train"], "steps": baseline_steps(config)}
+    options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
     return _train_lm(run_dir, "baseline", train_data, val_data, options,
-                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume)
+                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config))

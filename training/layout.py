@@ -36,6 +36,16 @@ class RunLayout:
         """Packed train/validation blocks of cluster k: all an expert needs besides the tokenizer."""
         return self.root / "data" / f"expert-{k}"
 
+    @property
+    def shared(self) -> Path:
+        """Packed blocks of the shareable documents of every cluster: the seed model's data."""
+        return self.root / "data" / "shared"
+
+    @property
+    def seed(self) -> Path:
+        """The seed model every expert and the baseline branch from (save_pretrained)."""
+        return self.root / "seed"
+
     def expert(self, k: int) -> Path:
         return self.root / "experts" / f"expert-{k}"
 

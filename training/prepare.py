@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -10,6 +11,7 @@ from datasets import DatasetDict
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
+from training.config import seed_phase
 from training.data import DataSource, carve_splits, load_documents, pack_blocks, save_dataset, tokenize
 from training.layout import RunLayout
 from training.partition import Partition, fit_kmeans, from_labels, partition_stats
@@ -23,7 +25,22 @@ def data_source(config: dict) -> DataSource:
                                    "max_documents", "validation_fraction", "test_fraction")}
     if isinstance(fields["data_files"], str):
         fields["data_files"] = [fields["data_files"]]
+    fields["data_files"] = split_data_files(fields["data_files"])
     return DataSource(**fields, seed=config["seed"])
+
+
+def split_data_files(files: list[str] | None) -> list[str] | dict[str, list[str]] | None:
+    """``["train=a.jsonl", "test=b.jsonl"]`` -> {"train": ["a.jsonl"], "test": ["b.jsonl"]} (one split
+    per file, as ``load_dataset(data_files={...})`` takes them); plain paths stay a list (all train)."""
+    if not files or not any("=" in f for f in files):
+        return files
+    if not all("=" in f for f in files):
+        raise DfmError(f"--data-files mixes SPLIT=PATH and plain paths ({files}): name a split for every file")
+    out: dict[str, list[str]] = {}
+    for item in files:
+        split, path = item.split("=", 1)
+        out.setdefault(split.strip(), []).append(path)
+    return out
 
 
 def load_corpus(config: dict) -> DatasetDict:
@@ -58,13 +75,32 @@ def _clusters_of(split: datasets.Dataset, partition: Partition, column: str | No
     return [index[v] for v in split[column]]
 
 
-def write_shard(documents: DatasetDict, k: int, block_size: int, eos_id: int, directory: Path) -> int:
-    """Pack cluster k's train/validation documents into blocks and save them as its shard.
+def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
+    """Which documents every owner may share (the seed model's data): the ``shared_column``, or
+    else a fixed fraction of every cluster's documents, chosen by a seeded draw per cluster."""
+    seed = config["seed_model"]
+    column = seed["shared_column"]
+    if column is not None:
+        if column not in split.column_names:
+            raise DfmError(f"--shared-column {column!r} is not a column of the dataset (columns: {split.column_names})")
+        return [bool(v) for v in split[column]]
+    clusters = torch.tensor(list(split["cluster"]), dtype=torch.long)
+    flags = torch.zeros(len(clusters), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(config["seed"])
+    for k in clusters.unique().tolist():
+        members = (clusters == k).nonzero().flatten()
+        count = max(1, round(len(members) * seed["shared_fraction"]))
+        flags[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+    return flags.tolist()
+
+
+def write_shard(documents: DatasetDict, keep: Callable[[dict], bool], block_size: int, eos_id: int,
+                directory: Path) -> int:
+    """Pack the train/validation documents for which ``keep(row)`` holds into blocks and save them.
 
     Returns the number of training targets (a block's first label is its input only, never a target).
     """
-    blocks = {name: pack_blocks(documents[name].filter(lambda c: c == k, input_columns="cluster"), block_size, eos_id)
-              for name in ("train", "validation")}
+    blocks = {name: pack_blocks(documents[name].filter(keep), block_size, eos_id) for name in ("train", "validation")}
     # an empty split cannot round-trip through save_to_disk: a cluster without validation
     # documents gets a train split only
     shard = DatasetDict({name: split for name, split in blocks.items() if len(split)})
@@ -77,8 +113,9 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     layout = RunLayout.of(run_dir)
     corpus = load_corpus(config)
     text_column = config["data"]["text_column"]
-    if config["tokenizer"]["path"]:
-        tokenizer = existing_tokenizer(config["tokenizer"]["path"])
+    pretrained = config["tokenizer"]["path"] or config["seed_model"]["init_from"]
+    if pretrained:
+        tokenizer = existing_tokenizer(pretrained)
     else:
         tokenizer = train_bpe(list(corpus["train"][text_column]), config["tokenizer"]["vocab_size"])
     save_tokenizer(tokenizer, layout.tokenizer)
@@ -94,6 +131,8 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     clusters = {"train": partition.assignments.tolist()}
     clusters.update({name: _clusters_of(tokenized[name], partition, column) for name in ("validation", "test")})
     tokenized = DatasetDict({name: split.add_column("cluster", clusters[name]) for name, split in tokenized.items()})
+    tokenized = DatasetDict({name: split.add_column("shared", shared_flags(split, config)) if name != "test" else split
+                             for name, split in tokenized.items()})
 
     label_column = config["data"]["label_column"]
     labels = list(tokenized["train"][label_column]) if label_column in tokenized["train"].column_names else None
@@ -104,8 +143,11 @@ def prepare(config: dict, run_dir: str | Path) -> dict:
     write_json(layout.partition / "stats.json", stats)
     save_dataset(tokenized, layout.documents)
 
-    shard_tokens = [write_shard(tokenized, k, config["expert"]["block_size"], tokenizer.eos_token_id, layout.shard(k))
+    block, eos = config["expert"]["block_size"], tokenizer.eos_token_id
+    shard_tokens = [write_shard(tokenized, lambda row, k=k: row["cluster"] == k, block, eos, layout.shard(k))
                     for k in range(num_clusters)]
+    if seed_phase(config):
+        write_shard(tokenized, lambda row: row["shared"], block, eos, layout.shared)
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
     return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,

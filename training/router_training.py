@@ -1,23 +1,34 @@
 """`dfm train-router`: learn P(cluster | prefix) at every prefix length.
 
-Each training sequence starts at a document of cluster k (EOS, the document, EOS, the next
-documents of the same cluster...) up to ``max_length`` tokens, labelled k at every position.
-Cross-entropy is a proper scoring rule, so the optimum is the true posterior of each prefix.
+Each training sequence is one document read from BOS (as evaluation and generation read it),
+cut at ``max_length`` tokens. Its target at every prefix is a distribution over the K experts:
+
+- ``bayes`` (default): the experts' own posterior pi_k q_k(prefix) / sum_j pi_j q_j(prefix), from
+  their per-token log-likelihoods of the document. Mixture routing is exact when the weights are
+  this posterior (DESIGN.md), so the router is distilled towards it directly. Each expert only
+  sends back log-likelihoods of a shared router set, never weights or data.
+- ``cluster``: the document's cluster, one-hot. Its optimum is the true posterior of the data,
+  but a finite router learns it slowly and is overconfident on short prefixes.
+
+Soft cross-entropy is a proper scoring rule either way: the optimum is the target distribution.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
+from dfm.posterior import prefix_log_posteriors
 from models.ensemble import load_tokenizer
+from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
+from models.scoring import expert_token_log_probs
 from training.config import read_run_config
 from training.data import load_saved
 from training.distributed import setup_distributed
@@ -26,34 +37,53 @@ from training.trainer import TrainConfig, train
 
 #: The router's seed offset, so it never shares an initialisation with an expert.
 ROUTER_SEED_OFFSET = 20_000
+TARGETS = ("bayes", "cluster")
 
 
-def router_examples(docs: list[list[int]], clusters: list[int], max_length: int, eos_id: int) -> datasets.Dataset:
-    """One sequence per document: that document and its cluster's following ones, cut at max_length."""
-    streams: dict[int, list[int]] = {}
-    starts = []
-    for ids, k in zip(docs, clusters):
-        stream = streams.setdefault(k, [])
-        starts.append((k, len(stream)))
-        stream.extend([eos_id, *ids])
-    for stream in streams.values():
-        stream.append(eos_id)
-    input_ids, labels = [], []
-    for k, start in starts:
-        chunk = streams[k][start:start + max_length]
-        pad = max_length - len(chunk)
-        input_ids.append(chunk + [eos_id] * pad)
-        labels.append([k] * len(chunk) + [-100] * pad)
-    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, eos_id: int) -> datasets.Dataset:
+    """One sequence per document, ``[EOS] + ids`` cut at ``max_length``, with a (max_length, K)
+    target distribution per position (row j: the prefix of BOS and j document tokens); padding
+    rows are zero, so they carry no loss."""
+    input_ids, rows = [], []
+    for ids, target in zip(docs, targets, strict=True):
+        chunk = [eos_id, *ids][:max_length]
+        padded = torch.zeros(max_length, target.shape[1], dtype=torch.float32)
+        padded[:len(chunk)] = target[:len(chunk)]
+        input_ids.append(chunk + [eos_id] * (max_length - len(chunk)))
+        rows.append(padded.tolist())
+    return datasets.Dataset.from_dict({"input_ids": input_ids, "targets": rows})
+
+
+def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: int) -> list[Tensor]:
+    """The document's cluster, one-hot at every prefix."""
+    eye = torch.eye(num_clusters)
+    return [eye[k].expand(len(ids) + 1, -1) for ids, k in zip(docs, clusters, strict=True)]
+
+
+def bayes_targets(experts: list[nn.Module], docs: list[list[int]], log_prior: Tensor, *, eos_id: int,
+                  context: int, batch_size: int = 16) -> list[Tensor]:
+    """The experts' posterior P(k | prefix) at every prefix of every document, from their per-token log-likelihoods."""
+    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id, context=context, batch_size=batch_size)
+    return [prefix_log_posteriors(lp, log_prior).exp().float() for lp in token_log_probs]
 
 
 def router_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    """Soft cross-entropy against the target distributions, averaged over real (non-padding) positions."""
+    log_probs = torch.log_softmax(model(batch["input_ids"]).float(), dim=-1)
+    targets = batch["targets"]
+    real = targets.sum(-1) > 0
+    return -(targets * log_probs).sum(-1)[real].mean()
 
 
 def save_router(model: nn.Module, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
+
+
+def _truncated(documents: datasets.Dataset, count: int | None, max_length: int, seed: int) -> datasets.Dataset:
+    """At most ``count`` documents (a seeded choice), each cut to the ``max_length - 1`` tokens a router sequence holds."""
+    if count is not None and count < len(documents):
+        documents = documents.shuffle(seed=seed).select(range(count))
+    return documents.map(lambda ids: {"input_ids": ids[:max_length - 1]}, input_columns="input_ids")
 
 
 def train_router(run_dir: str | Path, resume: bool = False) -> dict:
@@ -63,27 +93,44 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(layout.tokenizer)
     documents = load_saved(layout.documents, "the tokenized documents")
     options = config["router"]
+    if options["targets"] not in TARGETS:
+        raise DfmError(f"config router.targets must be one of {', '.join(TARGETS)}, got {options['targets']!r}")
     max_length = options["max_length"]
-    context = config["expert"]["arch"].get("max_position_embeddings", max_length)
     num_clusters = config["partition"]["num_clusters"]
     if num_clusters < 2:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
-
-    def examples(split: str) -> datasets.Dataset:
-        return router_examples(list(documents[split]["input_ids"]), list(documents[split]["cluster"]), max_length,
-                               tokenizer.eos_token_id)
-
     seed = config["seed"] + ROUTER_SEED_OFFSET
+    splits = {"train": _truncated(documents["train"], options["documents"], max_length, seed),
+              "validation": _truncated(documents["validation"], None, max_length, seed)}
+    scoring_flops = 0
+    if options["targets"] == "bayes":
+        experts = [load_expert(layout.expert(k)) for k in range(num_clusters)]
+        context = min(experts[0].config.max_position_embeddings, config["expert"]["block_size"])
+        priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
+        log_prior = torch.tensor(priors, dtype=torch.float64).log()
+        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, eos_id=tokenizer.eos_token_id,
+                                       context=context) for name, split in splits.items()}
+        scored = sum(len(ids) + 1 for ids in splits["train"]["input_ids"])
+        scoring_flops = 2 * sum(num_parameters(e) for e in experts) * scored
+    else:
+        targets = {name: cluster_targets(list(split["input_ids"]), list(split["cluster"]), num_clusters)
+                   for name, split in splits.items()}
+    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, tokenizer.eos_token_id)
+                for name, split in splits.items()}
+
     torch.manual_seed(seed)
+    context = config["expert"]["arch"].get("max_position_embeddings", max_length)
     router = Router(RouterConfig(vocab_size=len(tokenizer), num_experts=num_clusters,
                                  hidden_size=options["hidden_size"], num_layers=options["num_layers"],
                                  num_heads=options["num_heads"], max_positions=max(context, max_length)))
     train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
-    validation = examples("validation")
-    result = train(router, examples("train"), router_loss, train_options, save_fn=save_router,
+    validation = examples["validation"]
+    result = train(router, examples["train"], router_loss, train_options, save_fn=save_router,
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
                    val_data=validation if len(validation) else None, resume=resume, desc="router")
     summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
+               "targets": options["targets"], "scoring_flops": scoring_flops,
+               "flops": 6 * router.num_parameters * result.tokens + scoring_flops,
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
     if setup_distributed().is_main:
         write_json(layout.summary("router"), summary)
