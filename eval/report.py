@@ -130,18 +130,28 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
 
 
 def _compute(layout: RunLayout, ensemble: Ensemble, baseline) -> dict:
-    """FLOP accounting from the parameter counts and the token counts the trainers logged."""
-    def tokens(name: str) -> int:
+    """FLOP accounting from the parameter counts and the token counts the trainers logged, and
+    the compute matching of the baseline: its training FLOPs against the experts' plus the
+    router's (training, and the experts scoring its documents); the seed is shared by both."""
+    def summary(name: str) -> dict:
         path = layout.summary(name)
-        return json.loads(path.read_text()).get("tokens", 0) if path.is_file() else 0
+        return json.loads(path.read_text()) if path.is_file() else {}
 
+    def tokens(name: str) -> int:
+        return summary(name).get("tokens", 0)
+
+    decentralized = sum(summary(name).get("flops", 0) for name in [*ensemble.names, "router"])
+    central = summary("baseline").get("flops", 0)
+    matching = {"seed_flops": summary("seed").get("flops", 0), "seed_from": summary(ensemble.names[0]).get("branched_from"),
+                "decentralized_flops": decentralized, "router_scoring_flops": summary("router").get("scoring_flops", 0),
+                "baseline_flops": central, "baseline_over_decentralized": central / decentralized if decentralized else None}
     router_params = ensemble.router.num_parameters if ensemble.router is not None else 0
-    return compute_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],
+    return {"matching": matching, **compute_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],
                               expert_tokens=[tokens(name) for name in ensemble.names],
                               router_params=router_params, router_tokens=tokens("router"),
                               baseline_params=num_parameters(baseline) if baseline is not None else 0,
                               baseline_tokens=tokens("baseline"),
-                              top_k=[k for k in (1, 2) if k <= ensemble.num_experts])
+                              top_k=[k for k in (1, 2) if k <= ensemble.num_experts])}
 
 
 def markdown(report: dict) -> str:
@@ -160,6 +170,13 @@ def markdown(report: dict) -> str:
         eq = report["equivalence"]
         lines += ["", f"Equivalence (mixture - baseline): delta {eq['delta_bpb']:+.4f} bpb, 95% CI "
                       f"[{eq['ci95'][0]:+.4f}, {eq['ci95'][1]:+.4f}], margin ±{eq['margin']:.4f}: **{eq['verdict']}**"]
+    matching = report.get("compute", {}).get("matching", {})
+    if matching.get("baseline_over_decentralized"):
+        lines += ["", f"Compute: baseline {matching['baseline_flops']:.3g} training FLOPs = "
+                      f"{matching['baseline_over_decentralized']:.3f}x the experts' and router's "
+                      f"{matching['decentralized_flops']:.3g} (router scoring {matching['router_scoring_flops']:.3g}); "
+                      f"both start from {matching['seed_from'] or 'scratch'}"
+                      + (f" (seed phase {matching['seed_flops']:.3g})" if matching["seed_flops"] else "")]
     if "router" in report:
         acc = report["router"]["accuracy_by_prefix"]
         cells = ", ".join(f"{n}: {a:.3f}" for n, a in zip(acc["lengths"], acc["accuracy"]))

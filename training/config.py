@@ -156,6 +156,8 @@ def validate(config: dict) -> None:
     TrainConfig.from_dict(seed["train"])
     _positive_int(config, "router.max_length", minimum=2)
     _positive_int(config, "router.documents", optional=True)
+    if config["router"]["targets"] not in ("bayes", "cluster"):
+        raise DfmError(f"config router.targets must be bayes or cluster, got {config['router']['targets']!r}")
     _positive_int(config, "data.max_documents", optional=True)
     for name in ("validation_fraction", "test_fraction"):
         value = config["data"][name]

@@ -37,7 +37,6 @@ from training.trainer import TrainConfig, train
 
 #: The router's seed offset, so it never shares an initialisation with an expert.
 ROUTER_SEED_OFFSET = 20_000
-TARGETS = ("bayes", "cluster")
 
 
 def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, eos_id: int) -> datasets.Dataset:
@@ -93,8 +92,6 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(layout.tokenizer)
     documents = load_saved(layout.documents, "the tokenized documents")
     options = config["router"]
-    if options["targets"] not in TARGETS:
-        raise DfmError(f"config router.targets must be one of {', '.join(TARGETS)}, got {options['targets']!r}")
     max_length = options["max_length"]
     num_clusters = config["partition"]["num_clusters"]
     if num_clusters < 2:

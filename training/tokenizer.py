@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
@@ -38,8 +38,16 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathL
 
 
 def existing_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """A tokenizer given with --tokenizer; it needs an EOS token to separate documents."""
-    tokenizer = load_tokenizer(Path(path))
+    """The tokenizer of --tokenizer or --init-from (a local directory or a hub name); it needs an
+    EOS token to separate documents."""
+    if Path(path).is_dir():
+        tokenizer = load_tokenizer(Path(path))
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise DfmError(f"cannot load a tokenizer from {str(path)!r} ({str(err).splitlines()[0]}): give "
+                           f"--init-from/--tokenizer a local save_pretrained directory or a hub name") from err
     if tokenizer.eos_token_id is None:
         raise DfmError(f"the tokenizer at {path} has no EOS token: dfm needs one to separate documents")
     if tokenizer.pad_token_id is None:
