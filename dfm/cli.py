@@ -206,10 +206,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token")
     stage("assemble", lambda: assemble(run_dir))
     from eval.plots import write_plots
-    from eval.report import evaluate_run, markdown, write_report
+    from eval.report import ENSEMBLE_MODES, evaluate_run, markdown, write_report
     from training.layout import RunLayout
 
-    report = stage("eval", lambda: evaluate_run(run_dir))
+    report = stage("eval", lambda: evaluate_run(run_dir, modes=args.modes or ENSEMBLE_MODES))
     write_report(report, RunLayout.of(run_dir).eval)
     write_plots(report, RunLayout.of(run_dir).eval)
     print(markdown(report))
@@ -372,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages from checkpoints")
+    p.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: all)")
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
