@@ -251,7 +251,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
         except (OSError, UnicodeDecodeError) as err:
             raise DfmError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
     if sys.stdin is not None and not sys.stdin.isatty():
-        return sys.stdin.read()
+        text = sys.stdin.read()
+        return text[:-1] if text.endswith("\n") else text  # `echo TEXT |` adds one newline; keep the rest
     return ""  # generate from BOS
 
 

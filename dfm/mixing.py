@@ -1,6 +1,6 @@
 """Combining experts: mixtures of next-token probabilities, computed in log space.
 
-Shapes: expert log-probs (B, K, V), log-weights (B, K). Weights of -inf mean "not used".
+Shapes: expert log-probs (B, K, V) (or (B, K, N, V) on a masked state), log-weights (B, K). Weights of -inf mean "not used".
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ def normalize_log_weights(log_weights: Tensor) -> Tensor:
 
 
 def mix_log_probs(expert_log_probs: Tensor, log_weights: Tensor) -> Tensor:
-    """log sum_k w_k p_k(y): the mixture of probabilities (never of logits). Returns (B, V)."""
-    return torch.logsumexp(expert_log_probs + log_weights.unsqueeze(-1), dim=-2)
+    """log sum_k w_k p_k(y): the mixture of probabilities (never of logits).
+
+    ``expert_log_probs`` is (B, K, V) for a next token, or (B, K, N, V) for the clean-token
+    posteriors of N positions of a masked state; ``log_weights`` (B, K). Returns the input
+    shape without K.
+    """
+    weights = log_weights.reshape(*log_weights.shape, *([1] * (expert_log_probs.dim() - 2)))
+    return torch.logsumexp(expert_log_probs + weights, dim=1)
 
 
 def top_k_log_weights(log_weights: Tensor, k: int) -> Tensor:

@@ -90,7 +90,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
 
     log_probs: dict[str, list[Tensor]] = {}
     baseline = load_expert(layout.baseline, device) if layout.baseline.is_dir() else None
-    if baseline is not None:
+    if baseline is None:
+        warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
+                      f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)
+    else:
         log_probs["baseline"] = token_log_probs(baseline, docs, **score)
     for k, name in enumerate(ensemble.names):
         log_probs[name] = [lp[k] for lp in expert_lps]

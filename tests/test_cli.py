@@ -139,6 +139,17 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert report["models"]["mixture"]["bpb"] > 0 and report["models"]["centroid"]["bpb"] > 0
 
 
+def test_missing_baseline_is_named(run, tmp_path, capsys):
+    copy = tmp_path / "no-baseline"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "baseline")
+    assert main(["eval", "--run", str(copy), "--modes", "mixture"]) == 0
+    err = capsys.readouterr().err
+    assert "dfm: warning: no baseline at" in err and "dfm train-baseline" in err
+    report = json.loads((copy / "eval" / "report.json").read_text())
+    assert "baseline" not in report["models"] and report["models"]["mixture"]["bpb"] > 0
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err
@@ -171,10 +182,12 @@ def test_long_prompt_is_truncated_with_a_warning(run, capsys):
     assert json.loads(captured.out)["truncated"] == [True]
 
 
-def test_prompt_from_stdin(run, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("ka ka"))
+@pytest.mark.parametrize(("piped", "prompt"), [("ka ka", "ka ka"), ("ka ka\n", "ka ka"), ("ka\nka\n\n", "ka\nka\n")])
+def test_prompt_from_stdin(run, capsys, monkeypatch, piped, prompt):
+    """A piped prompt loses the one final newline that `echo` adds, nothing else."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(piped))
     assert main(["generate", "--run", str(run), "--max-new-tokens", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["prompt"] == "ka ka"
+    assert json.loads(capsys.readouterr().out)["prompt"] == prompt
 
 
 def test_show_routing_lists_every_token(run, capsys):

@@ -264,3 +264,27 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=5e-5), name
     assert ddp["val_loss"] == pytest.approx(single.val_loss, abs=5e-5)
+
+
+def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Path) -> None:
+    """Experts train through dfm.loss on the AR path; on packed blocks with per-document positions
+    and a padded last block, the weights match transformers' own label loss bit for bit."""
+    from training.data import pack_blocks
+    from training.experts import lm_loss as dfm_path_loss
+
+    g = torch.Generator().manual_seed(3)
+    docs = Dataset.from_dict({"input_ids": [torch.randint(1, VOCAB, (int(n),), generator=g).tolist()
+                                            for n in torch.randint(3, 20, (26,), generator=g)]})
+    blocks = pack_blocks(docs, SEQ, eos_id=0)
+    assert (torch.tensor(blocks["labels"]) == -100).any()  # the padded last block is covered
+
+    def transformers_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                     use_cache=False).loss
+
+    config = TrainConfig(steps=5, batch_size=4, warmup_steps=1, checkpoint_every=0)
+    a, b = tiny_llama(), tiny_llama()
+    ra = run(tmp_path / "a", a, blocks, config, loss_fn=dfm_path_loss)
+    rb = run(tmp_path / "b", b, blocks, config, loss_fn=transformers_loss)
+    assert_same_weights(a, b)
+    assert ra.final_loss == rb.final_loss

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "phase": None,  # train a seed on the shared documents: None = yes unless init_from is given
         "shared_column": None,  # boolean column marking the documents every owner may share
         "shared_fraction": 0.25,  # without shared_column: this fraction of every cluster's documents
-        "train": {"steps": 600, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "checkpoint_every": 200},
+        "train": {"steps": 1200, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "checkpoint_every": 200},
     },
     "expert": {
         "arch": dict(DEFAULT_ARCH),

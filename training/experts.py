@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
+from dfm.loss import dfm_loss
 from models.ensemble import load_tokenizer
 from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
 from models.manifest import tokenizer_fingerprint
@@ -28,13 +29,13 @@ SEED_OFFSET = 30_000
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Next-token cross-entropy (the DFM loss of the AR path), ignoring padded labels.
+    """The DFM loss of the AR path (``dfm.loss.dfm_loss``: next-token cross-entropy), padded labels dropped.
 
     With the shard's per-document ``position_ids`` and no cache, the model attends within each
     document only (see training.data.pack_blocks).
     """
-    return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                 use_cache=False).loss
+    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+    return dfm_loss(logits, batch["input_ids"], batch["labels"] >= 0)
 
 
 def unigram_entropy(blocks: datasets.Dataset) -> float:

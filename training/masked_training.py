@@ -1,0 +1,59 @@
+"""Training on the masked path: rows of single documents, and the path's ELBO loss for the shared trainer."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from torch import Tensor, nn
+
+from dfm.errors import DfmError
+from dfm.loss import masked_dfm_loss
+from dfm.masked_path import MaskedPath
+from models.masked_expert import clean_logits
+from training.trainer import LossFn
+
+
+def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int) -> datasets.Dataset:
+    """One row per ``block_size`` tokens of one document (never two documents in a row): a
+    bidirectional model would otherwise read across documents. Short rows are padded with EOS
+    and marked 0 in ``attention_mask``."""
+    if block_size < 1:
+        raise DfmError("block size must be at least 1")
+    rows, masks = [], []
+    for ids in ds["input_ids"]:
+        for start in range(0, len(ids), block_size):
+            chunk = ids[start:start + block_size]
+            pad = block_size - len(chunk)
+            rows.append(chunk + [eos_id] * pad)
+            masks.append([1] * len(chunk) + [0] * pad)
+    return datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": masks})
+
+
+def masked_loss(path: MaskedPath) -> LossFn:
+    """The loss the trainer minimises for a masked expert: t ~ U[0, 1) per row, X_t from the path
+    (padding never masked), and the ELBO per real token. Randomness comes from torch's global
+    generator, which the trainer seeds and checkpoints, so runs and resumes are reproducible."""
+
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        x1, attention = batch["input_ids"], batch["attention_mask"]
+        t = torch.rand(x1.shape[0], dtype=torch.float64)
+        xt = torch.where(attention.bool(), path.sample(x1, t.to(x1.device)), x1)
+        return masked_dfm_loss(clean_logits(model, xt, attention), x1, xt, t.to(x1.device), path, attention)
+
+    return loss
+
+
+def noisy_router_loss(path: MaskedPath) -> LossFn:
+    """Cross-entropy of the router's P(k | X_t) against the row's cluster, X_t drawn from the path at
+    t ~ U[0, 1) (the router of Decentralized Diffusion Models). The router reads X_t causally; its
+    output at the last real token has seen the whole state."""
+
+    def loss(router: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        x1, attention = batch["input_ids"], batch["attention_mask"]
+        t = torch.rand(x1.shape[0], dtype=torch.float64)
+        xt = torch.where(attention.bool(), path.sample(x1, t.to(x1.device)), x1)
+        last = attention.sum(-1) - 1
+        logits = router(xt, attention)[torch.arange(x1.shape[0], device=x1.device), last]
+        return torch.nn.functional.cross_entropy(logits.float(), batch["cluster"])
+
+    return loss
