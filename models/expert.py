@@ -52,13 +52,15 @@ def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     return model
 
 
-def load_expert(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
-    """Load a saved causal LM from a local directory (safetensors only, no remote code)."""
+def load_expert(path: str | os.PathLike, device: torch.device | str | None = None,
+                auto_class: type = AutoModelForCausalLM) -> PreTrainedModel:
+    """Load a saved model (a causal LM unless ``auto_class`` says otherwise) from a local
+    directory, safetensors only and no remote code, in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise DfmError(f"cannot load the model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
     return model.to(device or "cpu").eval()

@@ -9,7 +9,6 @@ input: on the absorbing path the posterior of a masked token depends on the reve
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
 from dfm.errors import DfmError
+from models.expert import load_expert
 
 #: The default masked expert: ~1.1M parameters with a 2048-token vocabulary.
 DEFAULT_MASKED_ARCH: dict[str, Any] = {
@@ -57,14 +57,7 @@ def build_masked_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedMo
 
 def load_masked_expert(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
     """Load a saved masked LM from a local directory (safetensors only, no remote code)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained")
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise DfmError(f"cannot load the masked model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
-    return model.to(device or "cpu").eval()
+    return load_expert(path, device, auto_class=AutoModelForMaskedLM)
 
 
 def clean_logits(model: PreTrainedModel, xt: Tensor, attention_mask: Tensor | None = None) -> Tensor:

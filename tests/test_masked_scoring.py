@@ -4,7 +4,6 @@ for the exact denoiser, and exceeds the entropy on average for a denoiser that i
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
