@@ -145,6 +145,7 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
     k = add_cluster(args.run, read_texts(data_source({**config, "data": data})))
     _say(f"added cluster {k} to {args.run}; next: dfm train-expert --run {args.run} --expert {k} && "
          f"dfm train-router --run {args.run} && dfm assemble --run {args.run}")
+    print(k)  # stdout carries K alone, for K=$(dfm add-expert ...)
     return k
 
 
@@ -264,7 +265,9 @@ def _load_generator(args: argparse.Namespace):
     from models.manifest import Manifest, resolve_inside
 
     if args.model == "ensemble":
-        return Ensemble.from_run(args.run, allow_missing=args.allow_missing)
+        # bayes and centroid weigh the experts without the router: a run without one still generates
+        needs_router = args.routing not in ("bayes", "centroid")
+        return Ensemble.from_run(args.run, allow_missing=args.allow_missing, load_router=needs_router)
     manifest = Manifest.load(args.run)
     tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
     paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}

@@ -100,11 +100,14 @@ def generate(
         raise DfmError("bayes routing needs the cluster priors")
     if not bayes and weigher is None:
         raise DfmError(f"{config.routing.value} routing needs a weigher (router, centroid or oracle)")
-    all_experts = list(range(pool.num_experts))
     posterior = None
     if bayes:
         posterior = BayesPosterior(log_prior.to(tokens.device), tokens.shape[0])
-        posterior.update(pool.prefix_log_likelihood(tokens, attention_mask, all_experts))
+        # excluded experts never run, not even on the prompt: their weight is zero whatever they score
+        scored = [e for e in range(pool.num_experts) if e not in set(config.exclude)]
+        evidence = torch.zeros_like(posterior.log_joint)
+        evidence[:, scored] = pool.prefix_log_likelihood(tokens, attention_mask, scored).to(evidence.dtype)
+        posterior.update(evidence)
 
     # preallocated so that a step writes one column instead of concatenating the whole batch
     batch, length = tokens.shape

@@ -157,3 +157,19 @@ def test_texts_from_local_files_and_bad_input(prepared, tmp_path) -> None:
     with pytest.raises(DfmError, match="dfm prepare"):
         add_cluster(tmp_path / "nothing", texts)
     assert add_cluster(run, texts) == K
+    with pytest.raises(DfmError, match="added before"):  # the same documents again
+        add_cluster(run, texts)
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("\n".join(json.dumps({"body": text}) for text in [*texts, None]))
+    with pytest.raises(DfmError, match="1 of 13 documents have no text in column 'body'"):
+        read_texts(DataSource(dataset="json", data_files=[str(nulls)], text_column="body"))
+
+
+def test_add_expert_prints_k_alone_on_stdout(prepared, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run)
+    files = tmp_path / "new.jsonl"
+    files.write_text("\n".join(json.dumps({"text": text}) for text in new_texts()))
+    capsys.readouterr()
+    assert main(["add-expert", "--run", str(run), "--dataset", "json", "--data-files", str(files)]) == 0
+    assert capsys.readouterr().out == f"{K}\n"

@@ -150,6 +150,17 @@ def test_missing_baseline_is_named(run, tmp_path, capsys):
     assert "baseline" not in report["models"] and report["models"]["mixture"]["bpb"] > 0
 
 
+def test_bayes_and_centroid_generate_without_a_router(run, tmp_path, capsys):
+    copy = tmp_path / "no-router"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "router")
+    for routing in ("bayes", "centroid"):
+        assert main(["generate", "--run", str(copy), "--routing", routing, "--max-new-tokens", "3", "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["token_ids"][0]) == 3
+    assert main(["generate", "--run", str(copy), "--routing", "mixture", "--max-new-tokens", "3"]) == 2
+    assert "router directory" in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -190,7 +190,11 @@ def test_seeds_and_exclusion():
         gen = generate_text(ens, PROMPTS, routing=routing, k=k, exclude=[1], max_new_tokens=10, stop_at_eos=False)
         assert all(bool((w[:, 1] == 0).all()) for w in gen.weights)
         assert all(1 not in step for step in gen.experts_ran)
-        assert gen.forward_passes[1] == (1 if routing == "bayes" else 0)  # bayes scores the prompt with everyone
+        assert gen.forward_passes[1] == 0  # an opted-out expert never runs, not even on the prompt under bayes
+    kept = [e for e in range(K) if e != 1]
+    without = Ensemble([tiny_expert(s) for s in kept], uniform_log_prior(K - 1), tokenizer=word_tokenizer())
+    opted_out = generate_text(ens, PROMPTS, routing="bayes", exclude=[1], temperature=0, max_new_tokens=10)
+    assert opted_out.texts == generate_text(without, PROMPTS, routing="bayes", temperature=0, max_new_tokens=10).texts
 
 
 def test_batched_prompts_equal_generating_each_alone():

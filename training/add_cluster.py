@@ -34,13 +34,27 @@ from training.prepare import write_shard
 def read_texts(source: DataSource) -> list[str]:
     """Every document of ``source`` (all its splits); add_cluster carves its own held-out share."""
     documents = load_documents(source)
-    return [text if isinstance(text, str) else "" for split in documents.values() for text in split[source.text_column]]
+    texts = [text for split in documents.values() for text in split[source.text_column]]
+    missing = sum(1 for text in texts if not isinstance(text, str))
+    if missing:
+        raise DfmError(f"{missing} of {len(texts)} documents have no text in column {source.text_column!r}: "
+                       f"drop those rows or pick the right --text-column")
+    return texts
 
 
 def _without_cluster(split: Dataset, k: int) -> Dataset:
     """The rows of clusters below k (drops what an interrupted earlier call appended)."""
     keep = [i for i, c in enumerate(split["cluster"]) if c < k]
     return split if len(keep) == len(split) else split.select(keep)
+
+
+def _refuse_known(new: Dataset, old: Dataset, run_dir: Path) -> None:
+    """Refuse documents that all belong to the run already (the same data added twice)."""
+    known = {tuple(ids): cluster for ids, cluster in zip(old["input_ids"], old["cluster"], strict=True)}
+    clusters = {known.get(tuple(ids)) for ids in new["input_ids"]}
+    if None not in clusters:
+        raise DfmError(f"every new training document is already in {run_dir} (cluster(s) "
+                       f"{sorted(clusters)}): these documents were added before; nothing to do")
 
 
 def _like(new: Dataset, old: Dataset) -> Dataset:
@@ -86,6 +100,7 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
 
     documents = load_saved(layout.documents, "the tokenized documents")
     old = {name: _without_cluster(split, k) for name, split in documents.items()}
+    _refuse_known(new["train"], old["train"], run_dir)
     partition = Partition.load(layout.partition)
     assignments = partition.assignments[partition.assignments < k]
     if partition.num_clusters < k or len(assignments) != len(old["train"]):
