@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from dfm.atomic import atomic_dir
@@ -61,7 +62,7 @@ def load_expert(path: str | os.PathLike, device: torch.device | str | None = Non
         raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained")
     try:
         model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
         raise DfmError(f"cannot load the model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
     return model.to(device or "cpu").eval()
 

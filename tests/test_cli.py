@@ -161,6 +161,21 @@ def test_bayes_and_centroid_generate_without_a_router(run, tmp_path, capsys):
     assert "router directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", [0, 100])
+def test_a_corrupt_expert_is_a_missing_one(run, tmp_path, capsys, size):
+    copy = tmp_path / "corrupt"
+    shutil.copytree(run, copy)
+    weights = copy / "experts" / "expert-1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:size])  # empty, or cut off in its header
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "expert-1" in err and "retrain or re-copy it" in err and "Traceback" not in err
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3", "--allow-missing", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "dfm: warning: expert-1 left out" in captured.err
+    assert json.loads(captured.out)["names"] == ["expert-0", "expert-2"]
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err
