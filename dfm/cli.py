@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "combine them token by token with a router (discrete flow matching).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: the cores this process may use); give each of "
+                             "several dfm processes on one machine its share, e.g. --threads 1 twice on 2 cores")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
@@ -441,11 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads: ``threads``, else every core this process may run on (its affinity)."""
+    if threads is not None and threads < 1:
+        raise DfmError(f"--threads must be a positive number of threads, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:
         _quiet_libraries()
+        _set_threads(args.threads)
         args.handler(args)
     except DfmError as err:
         if args.debug:

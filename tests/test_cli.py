@@ -92,6 +92,7 @@ BAD_INPUTS = [
                                             "train={files}/docs.jsonl", "{files}/few.jsonl"], "SPLIT=PATH"),
     ("unknown eval mode", ["eval", "--run", "{run}", "--modes", "magic"], "unknown evaluation mode"),
     ("unknown eval split", ["eval", "--run", "{run}", "--split", "dev"], "no split"),
+    ("zero threads", ["--threads", "0", "eval", "--run", "{run}"], "--threads must be a positive"),
 ]
 
 
@@ -174,6 +175,21 @@ def test_a_corrupt_expert_is_a_missing_one(run, tmp_path, capsys, size):
     captured = capsys.readouterr()
     assert "dfm: warning: expert-1 left out" in captured.err
     assert json.loads(captured.out)["names"] == ["expert-0", "expert-2"]
+
+
+def test_threads_option_sets_torch_threads(run, capsys):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "generate", "--run", str(run), "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # the default: this process's cores
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
