@@ -117,13 +117,41 @@ def error_lines(stderr: str) -> list[str]:
 ISLAND_FILES = ("config.json", "tokenizer", "seed", f"data/expert-{EXPERT}")
 
 
-def make_island(run: Path, island: Path) -> Path:
+def make_island(run: Path, island: Path, parts: tuple[str, ...] | list[str] = ISLAND_FILES) -> Path:
     """What the coordinator ships to island k: the run config, the tokenizer, the seed model and shard k only."""
-    for part in ISLAND_FILES:
+    for part in parts:
         source, target = run / part, island / part
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
     return island
+
+
+def readme_island_parts() -> list[str]:
+    """The run-relative paths the README's rsync line ships to island 2 (each follows a `/./`)."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("rsync -aR "))
+    return [word.split("/./", 1)[1] for word in line.split() if "/./" in word]
+
+
+def test_readme_island_command_ships_what_an_island_needs(prepared, tmp_path) -> None:
+    """The README's rsync line, run as written where rsync exists (else the same copy by hand),
+    ships exactly ISLAND_FILES for expert 2; asked for expert 1, that island says which files it needs."""
+    parts = readme_island_parts()
+    assert parts == [part.replace(f"expert-{EXPERT}", "expert-2") for part in ISLAND_FILES]
+    island = tmp_path / "island"
+    if shutil.which("rsync"):
+        demo = tmp_path / "runs" / "demo"
+        shutil.copytree(prepared, demo)
+        subprocess.run(["rsync", "-aR", *[f"runs/demo/./{part}" for part in parts], f"{island}/"], cwd=tmp_path,
+                       check=True)
+    else:
+        make_island(prepared, island, parts)
+    assert [p.name for p in (island / "data").iterdir()] == ["expert-2"]
+    assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "seed", "tokenizer"]
+    proc = subprocess.run(dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
+                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (message,) = error_lines(proc.stderr)
+    assert f"data shard of expert {EXPERT} not found" in message and f"data/expert-{EXPERT}/" in message
 
 
 def test_island_training_is_bit_identical_to_training_in_place(prepared, reference, tmp_path) -> None:

@@ -187,8 +187,9 @@ def save_dataset(ds: Dataset | DatasetDict, directory: str | os.PathLike) -> Non
         ds.save_to_disk(str(tmp))
 
 
-def load_saved(directory: str | os.PathLike, what: str) -> Dataset | DatasetDict:
+def load_saved(directory: str | os.PathLike, what: str, fix: str = "run `dfm prepare` first") -> Dataset | DatasetDict:
+    """A dataset saved by ``save_dataset``; a missing one is a DfmError that says ``fix``."""
     path = Path(directory)
     if not path.is_dir():
-        raise DfmError(f"{what} not found at {path}: run `dfm prepare` first")
+        raise DfmError(f"{what} not found at {path}: {fix}")
     return datasets.load_from_disk(str(path))

@@ -116,7 +116,9 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
     if not 0 <= k < num_clusters:
         raise DfmError(f"--expert must be between 0 and {num_clusters - 1} for this run, got {k}")
     layout = RunLayout.of(run_dir)
-    shard = load_saved(layout.shard(k), f"the data shard of expert {k}")
+    shard = load_saved(layout.shard(k), f"the data shard of expert {k}",
+                       f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
+                       f"and data/expert-{k}/ of the run here (README, Compute islands)")
     return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
                      config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config))
 
