@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dfm.errors import DfmError
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -24,6 +26,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain mkdir/open would: mkdtemp makes 0700,
+    and libraries that write through temporary files (safetensors, for one) leave 0600."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            os.chmod(os.path.join(directory, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on clean exit fsync it and rename it to ``path``."""
@@ -31,6 +52,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the artifact gets what a plain write gets
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -67,6 +89,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _plain_modes(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -76,3 +99,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise DfmError unless artifacts can be written into ``directory`` (or created beside it),
+    so a long job fails before its work, not after. Creates nothing that stays."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DfmError(f"{directory} is a file, not a directory: move it away to write the results there")
+    target = directory if directory.is_dir() else directory.parent
+    if not target.is_dir():
+        return  # nothing to check against: the job itself reports the missing location
+    try:
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise DfmError(f"cannot write into {target} ({err.strerror}): make it writable, or copy the run "
+                       f"to a writable place first") from err

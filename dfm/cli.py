@@ -227,10 +227,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
+    from dfm.atomic import check_writable
     from eval.plots import write_plots
     from eval.report import ENSEMBLE_MODES, evaluate_run, markdown, write_report
     from training.layout import RunLayout
 
+    check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
     report = evaluate_run(args.run, split=args.split, modes=args.modes or ENSEMBLE_MODES,
                           max_documents=args.max_documents, stride=args.stride, batch_size=args.batch_size,
                           margin=args.margin, allow_missing=args.allow_missing)

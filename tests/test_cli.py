@@ -192,6 +192,18 @@ def test_threads_option_sets_torch_threads(run, capsys):
         torch.set_num_threads(before)
 
 
+def test_eval_checks_its_output_before_scoring(run, tmp_path, capsys):
+    copy = tmp_path / "blocked"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "eval", ignore_errors=True)
+    (copy / "eval").write_text("not a directory")
+    assert main(["eval", "--run", str(copy)]) == 2
+    captured = capsys.readouterr()
+    assert "is a file, not a directory" in captured.err and "bits/byte" not in captured.out  # nothing was scored
+    assert main(["eval", "--run", str(tmp_path / "nowhere")]) == 2  # a missing run is reported as such, not created
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err

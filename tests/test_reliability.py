@@ -533,3 +533,29 @@ def test_weights_only_from_safetensors(prepared, tmp_path, capsys) -> None:
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "expert-0" in lines[0], lines
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_artifacts_honour_the_umask(tmp_path, umask, file_mode, dir_mode) -> None:
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the artifacts must end up as a plain
+    write would leave them, so a teammate or a server under another user can read a run."""
+    from dfm.atomic import atomic_dir, write_json
+
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "config.json", {"a": 1})
+        with atomic_dir(tmp_path / "model") as tmp:
+            write_json(tmp / "inner.json", {})
+            (tmp / "weights.bin").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "model").iterdir()} == \
+        {"inner.json": file_mode, "weights.bin": file_mode}
+
+
+def test_a_prepared_run_is_readable_by_others(prepared) -> None:
+    for path in (prepared / "config.json", prepared / "tokenizer", prepared / "seed" / "model.safetensors",
+                 prepared / "partition" / "stats.json"):
+        assert path.stat().st_mode & 0o004, f"{path} is not world-readable under umask 022"
