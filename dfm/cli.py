@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 import traceback
 import warnings
 from collections.abc import Callable
@@ -179,16 +180,26 @@ def cmd_run(args: argparse.Namespace) -> None:
     from training.experts import train_baseline, train_expert, train_seed
     from training.prepare import prepare
 
+    from dfm.atomic import write_json
+
+    run_dir = args.out
+    timings_path = Path(run_dir) / "logs" / "timings.json"
+    # seconds per stage, written after every stage; a resumed run adds to what the interrupted ones spent
     timings: dict[str, float] = {}
+    if args.resume and timings_path.is_file():
+        try:
+            timings = json.loads(timings_path.read_text())
+        except (OSError, ValueError):
+            warnings.warn(f"{timings_path} is unreadable: the stage timings restart from zero", stacklevel=1)
 
     def stage(name: str, fn: Callable[[], object]) -> object:
         _say(f"{name} ...")
         start = time.perf_counter()
         result = fn()
-        timings[name] = round(time.perf_counter() - start, 2)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
+        write_json(timings_path, timings)
         return result
 
-    run_dir = args.out
     stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir))}"))
     config = read_run_config(run_dir)
     if seed_phase(config):
@@ -220,9 +231,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     sample = generate_text(Ensemble.from_run(run_dir), "", max_new_tokens=60, routing="mixture", seed=config["seed"])
     print(f"Sample (mixture routing, from BOS, 60 tokens max):\n  {sample.texts[0]}\n")
     _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing topk --k 1 --show-routing")
-    from dfm.atomic import write_json
-
-    write_json(os.path.join(run_dir, "logs", "timings.json"), timings)
     _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
 
 

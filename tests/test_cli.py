@@ -204,6 +204,20 @@ def test_eval_checks_its_output_before_scoring(run, tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_resumed_run_adds_to_the_stage_timings(run, tmp_path):
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    before = json.loads((copy / "logs" / "timings.json").read_text())
+    assert set(before) >= {"prepare", "seed", "expert-0", "router", "baseline", "eval"}
+    assert main(["run", "--out", str(copy), "--config", str(write_tiny_config(tmp_path)), "--resume",
+                 "--modes", "mixture"]) == 0
+    after = json.loads((copy / "logs" / "timings.json").read_text())
+    assert set(after) == set(before)
+    # every stage ran again, briefly (a finished training stage returns at once), and added its seconds
+    assert all(after[name] >= before[name] for name in before), (before, after)
+    assert after["eval"] > before["eval"] and sum(after.values()) > sum(before.values())
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -277,6 +277,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     start_step, tokens, seconds_before, final_loss, val_loss = 0, 0, 0.0, math.nan, None
+    window_loss, window_steps = 0.0, 0  # the losses since the last log line, averaged into the next one
     fingerprint = data_fingerprint(train_data)
     if resume:
         state = load_latest_checkpoint(checkpoint_dir, model, optimizer, scheduler, rank=info.rank)
@@ -285,6 +286,7 @@ def train(
             extra = state["extra"]
             start_step, tokens, seconds_before = state["step"], extra["tokens"], extra["seconds"]
             final_loss, val_loss = extra["loss"], extra.get("val_loss")
+            window_loss, window_steps = extra.get("window", (0.0, 0))  # so the next log line matches an unbroken run
             if start_step == config.steps and out_dir.exists():
                 return TrainResult(config.steps, tokens, final_loss, val_loss, seconds_before)
     elif checkpoint_dirs(checkpoint_dir):
@@ -314,7 +316,6 @@ def train(
                             keep=config.keep_checkpoints, rng_states=rng_states)
 
     bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not info.is_main, dynamic_ncols=True)
-    window_loss, window_steps = 0.0, 0
     try:
         for step in range(start_step, config.steps):
             indices = stream.take(step * per_rank * info.world_size + info.rank * per_rank, per_rank).tolist()
@@ -361,7 +362,7 @@ def train(
                 if info.is_main:
                     _append_log(log_path, {"step": done, "val_loss": step_val})
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                checkpoint(done)
+                checkpoint(done, window=[window_loss, window_steps])
     finally:
         bar.close()  # end the bar's line, so an error message starts on a line of its own
 
