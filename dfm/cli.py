@@ -108,7 +108,7 @@ def _quiet_libraries() -> None:
 def cmd_prepare(args: argparse.Namespace) -> dict:
     from training.prepare import prepare
 
-    summary = prepare(_resolved_config(args), args.out)
+    summary = prepare(_resolved_config(args), args.out, overwrite=args.overwrite)
     _say(f"prepared {args.out}: {json.dumps(summary)}")
     return summary
 
@@ -200,7 +200,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         write_json(timings_path, timings)
         return result
 
-    stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir))}"))
+    if args.resume and (Path(run_dir) / "config.json").is_file():
+        _say(f"prepare: resuming, {run_dir} stays as prepared")  # preparing again would replace what is trained
+    else:
+        stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir, args.overwrite))}"))
     config = read_run_config(run_dir)
     if seed_phase(config):
         summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume))
@@ -388,12 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--resume", action="store_true", help="continue interrupted training stages from checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep its prepared data, resume training stages from checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds trained models")
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: all)")
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that already holds trained models")
     _add_config_flags(p)
     p = add("train-seed", "train the seed model on the shared documents; every expert and the baseline branch from it",
             cmd_train_seed)

@@ -218,6 +218,32 @@ def test_resumed_run_adds_to_the_stage_timings(run, tmp_path):
     assert after["eval"] > before["eval"] and sum(after.values()) > sum(before.values())
 
 
+def test_preparing_again_over_trained_models_needs_overwrite(run, tmp_path, capsys):
+    copy = tmp_path / "trained"
+    shutil.copytree(run, copy)
+    before = {str(f): f.read_bytes() for f in sorted(copy.rglob("*")) if f.is_file()}
+    config = str(write_tiny_config(tmp_path))
+    for argv in (["prepare", "--out", str(copy), "--config", config, "--vocab-size", "280"],
+                 ["run", "--out", str(copy), "--config", config]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "already holds trained artifacts (seed, experts, router, baseline" in err and "--overwrite" in err
+    assert {str(f): f.read_bytes() for f in sorted(copy.rglob("*")) if f.is_file()} == before  # untouched
+    assert main(["prepare", "--out", str(copy), "--config", config, "--vocab-size", "280", "--overwrite"]) == 0
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "data", "partition", "tokenizer"]
+
+
+def test_assemble_refuses_experts_of_another_tokenizer(run, tmp_path, capsys):
+    copy = tmp_path / "foreign"
+    shutil.copytree(run, copy)
+    config_path = copy / "experts" / "expert-1" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "dfm_tokenizer_fingerprint": "another tokenizer"}))
+    assert main(["assemble", "--run", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "expert-1 of" in err and "another tokenizer" in err and "dfm train-expert" in err
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -29,6 +29,12 @@ def assemble(run_dir: str | Path) -> Manifest:
         names = ", ".join(f"expert-{k}" for k in missing)
         raise DfmError(f"{names} not trained yet: run `dfm train-expert --run {run_dir} --expert K` for each")
     tokenizer = load_tokenizer(layout.tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
+    foreign = [f"expert-{k}" for k in range(len(priors))
+               if json.loads((layout.expert(k) / "config.json").read_text()).get("dfm_tokenizer_fingerprint") != fingerprint]
+    if foreign:
+        raise DfmError(f"{', '.join(foreign)} of {run_dir} were trained with another tokenizer (was the run prepared "
+                       f"again?): retrain them with `dfm train-expert --run {run_dir} --expert K`")
     experts = [ExpertEntry(f"expert-{k}", str(layout.expert(k).relative_to(run_dir)), p) for k, p in enumerate(priors)]
 
     def optional(path: Path, marker: str) -> str | None:
@@ -37,7 +43,7 @@ def assemble(run_dir: str | Path) -> Manifest:
     manifest = Manifest(
         experts=experts,
         tokenizer=str(layout.tokenizer.relative_to(run_dir)),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
+        tokenizer_fingerprint=fingerprint,
         vocab_size=len(tokenizer),
         router=optional(layout.router, "config.json"),
         partition=optional(layout.partition, "partition.json"),

@@ -9,7 +9,7 @@ import datasets
 import torch
 from datasets import DatasetDict
 
-from dfm.atomic import write_json
+from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
 from training.config import seed_phase
 from training.data import DataSource, carve_splits, load_documents, pack_blocks, save_dataset, tokenize
@@ -108,8 +108,31 @@ def write_shard(documents: DatasetDict, keep: Callable[[dict], bool], block_size
     return int((torch.tensor(list(shard["train"]["labels"]))[:, 1:] >= 0).sum())
 
 
-def prepare(config: dict, run_dir: str | Path) -> dict:
-    """Load, tokenize, partition and shard the corpus; returns a summary of what was written."""
+#: What training leaves in a run; a new tokenizer and partition would make all of it unusable.
+TRAINED = ("seed", "experts", "router", "baseline", "checkpoints", "ensemble.json")
+
+
+def trained_artifacts(run_dir: str | Path) -> list[str]:
+    """The trained artifacts ``run_dir`` already holds (names of TRAINED that exist)."""
+    return [name for name in TRAINED if (Path(run_dir) / name).exists()]
+
+
+def prepare(config: dict, run_dir: str | Path, overwrite: bool = False) -> dict:
+    """Load, tokenize, partition and shard the corpus into ``run_dir``; returns a summary.
+
+    The run is written beside ``run_dir`` and replaces it as a whole, so a crash leaves the old run
+    or the new one, never a mix. A run that holds trained artifacts is only replaced with ``overwrite``.
+    """
+    trained = trained_artifacts(run_dir)
+    if trained and not overwrite:
+        raise DfmError(f"{run_dir} already holds trained artifacts ({', '.join(trained)}) that a new tokenizer and "
+                       f"partition would make unusable: pass --overwrite to replace the whole run, --resume to "
+                       f"continue it (dfm run), or choose another --out")
+    with atomic_dir(run_dir) as tmp:
+        return _prepare_into(config, tmp)
+
+
+def _prepare_into(config: dict, run_dir: Path) -> dict:
     layout = RunLayout.of(run_dir)
     corpus = load_corpus(config)
     text_column = config["data"]["text_column"]
