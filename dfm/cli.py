@@ -7,10 +7,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from dfm.errors import DfmError
 
@@ -34,7 +34,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                                      "name or local dir); its tokenizer is used and no seed is trained"}),
     "--shared-column": ("seed_model.shared_column", {"help": "boolean column marking the documents the seed model may "
                                                              "train on (default: a fraction of every cluster)"}),
-    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 600)"}),
+    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 1200)"}),
     "--steps": ("expert.train.steps", {"type": int, "help": "optimizer steps per expert (the baseline gets as much "
                                                             "compute as all experts and the router together)"}),
     "--router-steps": ("router.train.steps", {"type": int, "help": "optimizer steps of the router"}),

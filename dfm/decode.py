@@ -104,7 +104,8 @@ def generate(
     if bayes:
         posterior = BayesPosterior(log_prior.to(tokens.device), tokens.shape[0])
         # excluded experts never run, not even on the prompt: their weight is zero whatever they score
-        scored = [e for e in range(pool.num_experts) if e not in set(config.exclude)]
+        excluded = set(config.exclude)
+        scored = [e for e in range(pool.num_experts) if e not in excluded]
         evidence = torch.zeros_like(posterior.log_joint)
         evidence[:, scored] = pool.prefix_log_likelihood(tokens, attention_mask, scored).to(evidence.dtype)
         posterior.update(evidence)

@@ -3,7 +3,6 @@ and judge perplexity equivalence of the decentralized ensemble against the centr
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from eval.router_quality import compute_accounting, router_quality
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
-from training.config import read_run_config
+from training.config import read_run_config, scoring_context
 from training.data import load_saved
 from training.layout import RunLayout
 from training.partition import Partition
@@ -75,8 +74,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
-    # never beyond the context the models were trained at
-    context = min(ensemble.experts[0].config.max_position_embeddings, config["expert"]["block_size"])
+    context = scoring_context(config, ensemble.experts[0].config.max_position_embeddings)
     stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
     score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
@@ -136,17 +134,16 @@ def _compute(layout: RunLayout, ensemble: Ensemble, baseline) -> dict:
     """FLOP accounting from the parameter counts and the token counts the trainers logged, and
     the compute matching of the baseline: its training FLOPs against the experts' plus the
     router's (training, and the experts scoring its documents); the seed is shared by both."""
-    def summary(name: str) -> dict:
-        path = layout.summary(name)
-        return json.loads(path.read_text()) if path.is_file() else {}
+    summaries = {name: layout.read_summary(name) or {} for name in [*ensemble.names, "router", "baseline", "seed"]}
 
     def tokens(name: str) -> int:
-        return summary(name).get("tokens", 0)
+        return summaries[name].get("tokens", 0)
 
-    decentralized = sum(summary(name).get("flops", 0) for name in [*ensemble.names, "router"])
-    central = summary("baseline").get("flops", 0)
-    matching = {"seed_flops": summary("seed").get("flops", 0), "seed_from": summary(ensemble.names[0]).get("branched_from"),
-                "decentralized_flops": decentralized, "router_scoring_flops": summary("router").get("scoring_flops", 0),
+    decentralized = sum(summaries[name].get("flops", 0) for name in [*ensemble.names, "router"])
+    central = summaries["baseline"].get("flops", 0)
+    matching = {"seed_flops": summaries["seed"].get("flops", 0),
+                "seed_from": summaries[ensemble.names[0]].get("branched_from"),
+                "decentralized_flops": decentralized, "router_scoring_flops": summaries["router"].get("scoring_flops", 0),
                 "baseline_flops": central, "baseline_over_decentralized": central / decentralized if decentralized else None}
     router_params = ensemble.router.num_parameters if ensemble.router is not None else 0
     return {"matching": matching, **compute_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],

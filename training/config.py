@@ -184,6 +184,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         raise DfmError(f"{path} is corrupt ({err}); re-run `dfm prepare`") from err
 
 
+def scoring_context(config: dict, max_positions: int) -> int:
+    """The context experts are scored at (evaluation, router targets): their own, never beyond the
+    blocks they were trained on."""
+    return min(max_positions, config["expert"]["block_size"])
+
+
 def seed_phase(config: dict) -> bool:
     """Whether a seed model is trained centrally on the shared documents before the experts branch."""
     phase = config["seed_model"]["phase"]

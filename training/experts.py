@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -123,11 +122,6 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
                      config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config))
 
 
-def _summary(layout: RunLayout, name: str) -> dict | None:
-    path = layout.summary(name)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     """Compute matching: the baseline's optimizer steps so that its training FLOPs equal those of
     every expert plus the router (its training and the experts' scoring of its documents).
@@ -138,12 +132,12 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     """
     layout = RunLayout.of(run_dir)
     num_clusters = config["partition"]["num_clusters"]
-    experts = [_summary(layout, f"expert-{k}") for k in range(num_clusters)]
+    experts = [layout.read_summary(f"expert-{k}") for k in range(num_clusters)]
     missing = [f"expert-{k}" for k, summary in enumerate(experts) if summary is None]
     if missing:
         raise DfmError(f"{', '.join(missing)} not trained yet: compute matching counts what every expert spent, "
                        f"so train the baseline last")
-    router = _summary(layout, "router")
+    router = layout.read_summary("router")
     if router is None and num_clusters > 1:
         warnings.warn("the router is not trained yet: the baseline is not charged for its compute", stacklevel=2)
     flops = sum(e["flops"] for e in experts) + (router["flops"] if router else 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class RunLayout:
 
     def summary(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.summary.json"
+
+    def read_summary(self, name: str) -> dict | None:
+        """What the trainer of ``name`` summarised (steps, tokens, FLOPs, ...), or None before it finished."""
+        path = self.summary(name)
+        return json.loads(path.read_text()) if path.is_file() else None
 
     @property
     def eval(self) -> Path:

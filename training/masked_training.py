@@ -29,6 +29,12 @@ def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int) -> dataset
     return datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": masks})
 
 
+def _noisy_state(path: MaskedPath, x1: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
+    """(X_t, t) for rows ``x1`` at t ~ U[0, 1) per row, from torch's global generator; padding never masked."""
+    t = torch.rand(x1.shape[0], dtype=torch.float64).to(x1.device)
+    return torch.where(attention.bool(), path.sample(x1, t), x1), t
+
+
 def masked_loss(path: MaskedPath) -> LossFn:
     """The loss the trainer minimises for a masked expert: t ~ U[0, 1) per row, X_t from the path
     (padding never masked), and the ELBO per real token. Randomness comes from torch's global
@@ -36,9 +42,8 @@ def masked_loss(path: MaskedPath) -> LossFn:
 
     def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x1, attention = batch["input_ids"], batch["attention_mask"]
-        t = torch.rand(x1.shape[0], dtype=torch.float64)
-        xt = torch.where(attention.bool(), path.sample(x1, t.to(x1.device)), x1)
-        return masked_dfm_loss(clean_logits(model, xt, attention), x1, xt, t.to(x1.device), path, attention)
+        xt, t = _noisy_state(path, x1, attention)
+        return masked_dfm_loss(clean_logits(model, xt, attention), x1, xt, t, path, attention)
 
     return loss
 
@@ -50,8 +55,7 @@ def noisy_router_loss(path: MaskedPath) -> LossFn:
 
     def loss(router: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x1, attention = batch["input_ids"], batch["attention_mask"]
-        t = torch.rand(x1.shape[0], dtype=torch.float64)
-        xt = torch.where(attention.bool(), path.sample(x1, t.to(x1.device)), x1)
+        xt, _ = _noisy_state(path, x1, attention)
         last = attention.sum(-1) - 1
         logits = router(xt, attention)[torch.arange(x1.shape[0], device=x1.device), last]
         return torch.nn.functional.cross_entropy(logits.float(), batch["cluster"])

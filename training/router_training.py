@@ -29,7 +29,7 @@ from models.ensemble import load_tokenizer
 from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
 from models.scoring import expert_token_log_probs
-from training.config import read_run_config
+from training.config import read_run_config, scoring_context
 from training.data import load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
@@ -102,7 +102,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     scoring_flops = 0
     if options["targets"] == "bayes":
         experts = [load_expert(layout.expert(k)) for k in range(num_clusters)]
-        context = min(experts[0].config.max_position_embeddings, config["expert"]["block_size"])
+        context = scoring_context(config, experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
         targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, eos_id=tokenizer.eos_token_id,
@@ -116,10 +116,10 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
                 for name, split in splits.items()}
 
     torch.manual_seed(seed)
-    context = config["expert"]["arch"].get("max_position_embeddings", max_length)
+    expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
     router = Router(RouterConfig(vocab_size=len(tokenizer), num_experts=num_clusters,
                                  hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-                                 num_heads=options["num_heads"], max_positions=max(context, max_length)))
+                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length)))
     train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
     validation = examples["validation"]
     result = train(router, examples["train"], router_loss, train_options, save_fn=save_router,
