@@ -72,12 +72,15 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
         parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--split", default="test", help="held-out split to score (default: test)")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all)")
+                        help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all); "
+                             "masked runs: mixture top1 top2 switch oracle")
     parser.add_argument("--max-documents", type=int, help="score only the first N documents")
     parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score without missing or corrupt experts (router weights renormalised) instead of failing")
+    parser.add_argument("--elbo-samples", type=int,
+                        help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
 
@@ -221,32 +224,62 @@ def cmd_run(args: argparse.Namespace) -> None:
     _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token")
     stage("assemble", lambda: assemble(run_dir))
     from eval.plots import write_plots
-    from eval.report import ENSEMBLE_MODES, evaluate_run, markdown, write_report
+    from eval.report import markdown, write_report
+    from training.config import is_masked
     from training.layout import RunLayout
 
-    report = stage("eval", lambda: evaluate_run(run_dir, modes=args.modes or ENSEMBLE_MODES))
+    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes))
     write_report(report, RunLayout.of(run_dir).eval)
     write_plots(report, RunLayout.of(run_dir).eval)
     print(markdown(report))
+    print(f"Sample (mixture routing, 60 tokens max):\n  {_sample_text(run_dir, config['seed'], is_masked(config))}\n")
+    _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
+         + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
+    _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
+
+
+def _evaluate(run_dir: str, **options) -> dict:
+    """The evaluation report of a run on either path (``elbo_samples`` and ``stride`` apply to one path each)."""
+    from training.config import is_masked, read_run_config
+
+    samples, stride = options.pop("elbo_samples", None), options.pop("stride", None)
+    if is_masked(read_run_config(run_dir)):
+        if stride is not None:
+            raise DfmError("--stride is for autoregressive runs: a masked run scores each document in the rows it "
+                           "trained on")
+        from eval.masked_report import evaluate_masked_run
+
+        return evaluate_masked_run(run_dir, samples=samples or 8, **options)
+    if samples is not None:
+        raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
+    from eval.report import ENSEMBLE_MODES, evaluate_run
+
+    return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or ENSEMBLE_MODES})
+
+
+def _sample_text(run_dir: str, seed: int, masked: bool) -> str:
+    """60 tokens of the mixture-routed ensemble from an empty prompt (64 steps on the masked path)."""
+    if masked:
+        from models.masked_ensemble import MaskedEnsemble
+        from models.masked_generation import generate_masked_text
+
+        return generate_masked_text(MaskedEnsemble.from_run(run_dir), "", length=60, steps=64, seed=seed).texts[0]
     from models.ensemble import Ensemble
     from models.generation import generate_text
 
-    sample = generate_text(Ensemble.from_run(run_dir), "", max_new_tokens=60, routing="mixture", seed=config["seed"])
-    print(f"Sample (mixture routing, from BOS, 60 tokens max):\n  {sample.texts[0]}\n")
-    _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing topk --k 1 --show-routing")
-    _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
+    return generate_text(Ensemble.from_run(run_dir), "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
     from eval.plots import write_plots
-    from eval.report import ENSEMBLE_MODES, evaluate_run, markdown, write_report
+    from eval.report import markdown, write_report
     from training.layout import RunLayout
 
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
-    report = evaluate_run(args.run, split=args.split, modes=args.modes or ENSEMBLE_MODES,
-                          max_documents=args.max_documents, stride=args.stride, batch_size=args.batch_size,
-                          margin=args.margin, allow_missing=args.allow_missing)
+    report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
+                       stride=args.stride, batch_size=args.batch_size, margin=args.margin,
+                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples)
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)
@@ -307,30 +340,37 @@ def _routing_view(generation, tokenizer, colour: bool) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dfm.routing import parse_routing
-    from models.generation import generate_text, oracle_weigher
+    from models.manifest import Manifest
 
-    parse_routing(args.routing)  # fail on a typo before loading anything
+    if Manifest.load(args.run).path_kind == "masked":
+        return _generate_masked(args)
+    if args.steps is not None or args.show_steps:
+        raise DfmError("--steps and --show-steps are for runs on the masked path; this run is autoregressive "
+                       "(one token per step)")
+    from dfm.routing import Routing, parse_mode
+    from models.generation import generate_text
+
+    top = parse_mode(args.routing)[1]  # fail on a typo before loading anything
+    if top is not None:  # top1, top2, ...: the names dfm eval uses
+        if args.k is not None and args.k != top:
+            raise DfmError(f"--routing {args.routing} already says k = {top}: drop --k {args.k}")
+        args.routing, args.k = Routing.TOPK.value, top
     prompt = _read_prompt(args)
     model = _load_generator(args)
     weigher = None
     if args.routing == "centroid":
         from models.manifest import Manifest, resolve_inside
-        from training.centroid import CentroidWeigher
-        from training.partition import Partition
+        from models.partition import Partition
 
         manifest = Manifest.load(args.run)
         if manifest.partition is None:
             raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
-        partition = Partition.load(resolve_inside(args.run, manifest.partition))
         if args.model != "ensemble":
             raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
-        weigher = CentroidWeigher(partition, args.centroid_temperature, bos_id=model.tokenizer.eos_token_id,
-                                  clusters=model.clusters)
+        weigher = model.weigher("centroid", partition=Partition.load(resolve_inside(args.run, manifest.partition)),
+                                centroid_temperature=args.centroid_temperature)
     elif args.routing == "oracle":
-        if args.cluster is None:
-            raise DfmError("oracle routing needs the true cluster: pass --cluster K")
-        weigher = oracle_weigher([args.cluster], model.num_experts)
+        weigher = model.weigher("oracle", oracle=None if args.cluster is None else [args.cluster])
     tokenizer = model.tokenizer
     streamed: list[int] = []
     printed = ""
@@ -358,6 +398,66 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(_routing_view(generation, tokenizer, colour=sys.stdout.isatty()))
     _say(f"{len(generation.token_ids[0])} tokens; expert forward passes {generation.forward_passes}, "
          f"tokens processed {generation.tokens_processed}")
+
+
+def _generate_masked(args: argparse.Namespace) -> None:
+    """`dfm generate` on a masked run: the N-step sampler; the final text to stdout (each step's
+    state to stderr with --show-steps)."""
+    from dfm.routing import parse_mode
+    from models.masked_ensemble import MaskedEnsemble, masked_routing
+    from models.masked_generation import generate_masked_text
+
+    ignored = {"--top-p": args.top_p != 1.0, "--top-k": args.top_k != 0, "--route-on": args.route_on != "token",
+               "--show-routing": args.show_routing}
+    if any(ignored.values()):
+        raise DfmError(f"{', '.join(f for f, used in ignored.items() if used)} apply to autoregressive runs only; "
+                       f"on the masked path use --steps, --routing, --k and --temperature")
+    routing, top = parse_mode(args.routing)
+    masked_routing(routing)
+    if routing.value == "oracle" and args.cluster is None:
+        raise DfmError("oracle routing needs the true cluster: pass --cluster K")
+    k = top if top is not None else args.k
+    prompt = _read_prompt(args)
+    ensemble = MaskedEnsemble.from_run(args.run, allow_missing=args.allow_missing,
+                                       load_router=routing.value in ("mixture", "topk", "switch"))
+    if args.model != "ensemble":
+        if args.model not in ensemble.names:
+            raise DfmError(f"--model {args.model} is not an expert of {args.run}: choose ensemble or one of "
+                           f"{', '.join(ensemble.names)} (a masked baseline is scored by dfm eval)")
+        index = ensemble.names.index(args.model)
+        ensemble = MaskedEnsemble([ensemble.experts[index]], None, tokenizer=ensemble.tokenizer,
+                                  names=[args.model], path=ensemble.path)
+    steps = 64 if args.steps is None else args.steps
+
+    def show(step: int, texts: list[str]) -> None:
+        _say(f"step {step + 1}/{steps}: {texts[0]}")
+
+    generation = generate_masked_text(ensemble, prompt, length=args.max_new_tokens, steps=steps, routing=routing,
+                                      k=k, temperature=args.temperature, seed=args.seed,
+                                      clusters=None if args.cluster is None else [args.cluster],
+                                      exclude=args.exclude_expert, on_step=show if args.show_steps else None)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
+        return
+    print(generation.texts[0])
+    _say(f"{len(generation.token_ids[0])} tokens in {steps} steps ({generation.seconds:.2f}s)")
+
+
+def cmd_convergence(args: argparse.Namespace) -> dict:
+    from eval.convergence import DEFAULT_EPS, DEFAULT_STEPS, convergence_study, plot_convergence, write_study
+
+    study = convergence_study(args.steps or DEFAULT_STEPS, args.eps or DEFAULT_EPS, scheduler_name=args.scheduler)
+    write_study(study, args.out)
+    if args.plot:
+        plot_convergence(study, args.plot)
+    for mode, result in study["modes"].items():
+        exact = result["tv"]["eps"].index(0.0)
+        tv = dict(zip(result["tv"]["steps"], (row[exact] for row in result["tv"]["values"])))
+        shown = ", ".join(f"N={n}: {tv[n]:.4f}" for n in (1, 8, 64) if n in tv)
+        print(f"{mode}: TV at eps=0 {shown}; TV ~ N^-{result['rate_in_steps']:.3f}, "
+              f"excess TV ~ eps^{result['rate_in_eps']:.3f}")
+    _say(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return study
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -436,9 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="prompt text (default: read stdin if piped, else start from BOS)")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--routing", default="mixture",
-                   help="mixture | topk | switch | bayes | centroid | oracle (default: mixture)")
+                   help="mixture | topk | top1 | top2 | switch | bayes | centroid | oracle (default: mixture); "
+                        "masked runs: mixture, topk/topN, switch, oracle")
     p.add_argument("--k", type=int, help="experts kept per token for topk (default 1) and centroid")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate (default 100); on a masked run, the masked positions to fill")
+    p.add_argument("--steps", type=int, help="masked runs: Euler steps of the sampler (default 64); more steps, "
+                                             "fewer tokens revealed at once, closer to the model's distribution")
+    p.add_argument("--show-steps", action="store_true",
+                   help="masked runs: print every step's partly revealed text to stderr (masks as _)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
@@ -454,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
+                           "the source vs the number of steps N and the router's error eps", cmd_convergence)
+    p.add_argument("--out", default="convergence.json", help="write the study as JSON here (default: convergence.json)")
+    p.add_argument("--plot", help="also draw TV vs N (log-log) into this PNG")
+    p.add_argument("--steps", type=int, nargs="+", metavar="N", help="step counts N (default: every N in 1..64)")
+    p.add_argument("--eps", type=float, nargs="+", metavar="EPS",
+                   help="router errors: the exact posterior blended with uniform at eps (default 0 0.01 0.03 0.1 0.3)")
+    p.add_argument("--scheduler", default="linear", help="kappa(t) of the path: linear or cosine (default linear)")
     p = add("bench", "speed and memory of training, decoding and scoring, side by side with transformers", cmd_bench)
     p.add_argument("--quick", action="store_true", help="less work per figure: under two minutes, for a smoke test")
     p.add_argument("--out", default="bench.json", help="write every figure as JSON here (default: bench.json)")

@@ -29,6 +29,14 @@ def parse_routing(name: str | Routing) -> Routing:
         raise DfmError(f"unknown routing mode {name!r}; choose one of: {choices}") from None
 
 
+def parse_mode(name: str) -> tuple[Routing, int | None]:
+    """A mode name of `dfm eval` and `dfm generate` -> (routing, k): ``topN`` is top-k routing with
+    k = N (``top1``, ``top2``, ...); every other name is a Routing value with no k."""
+    if name.startswith("top") and name[3:].isdigit():
+        return Routing.TOPK, int(name[3:])
+    return parse_routing(name), None
+
+
 @dataclass
 class Selection:
     """The weights actually used for one token and the experts that must run."""

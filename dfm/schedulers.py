@@ -51,6 +51,6 @@ SCHEDULERS: dict[str, Scheduler] = {"linear": PolynomialScheduler(1.0), "cosine"
 
 def scheduler(name: str) -> Scheduler:
     """The scheduler called ``name`` (one of SCHEDULERS)."""
-    if name not in SCHEDULERS:
+    if not isinstance(name, str) or name not in SCHEDULERS:
         raise DfmError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     return SCHEDULERS[name]

@@ -38,11 +38,17 @@ from transformers.utils import logging as hf_logging
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
+from dfm.masked_path import MaskedPath
+from dfm.schedulers import scheduler
 from eval.perplexity import mixed_token_log_probs
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
-from models.ensemble import Ensemble, RouterWeigher, uniform_log_prior
+from models.ensemble import Ensemble, uniform_log_prior
+from models.weighers import RouterWeigher
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text
+from models.masked_ensemble import MaskedEnsemble
+from models.masked_expert import build_masked_expert, masked_expert_config
+from models.masked_generation import generate_masked_text
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from models.router import Router, RouterConfig
 from training.experts import lm_loss
@@ -387,6 +393,46 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
     return out
 
 
+# --- masked path ------------------------------------------------------------------------------
+#: Euler steps of the masked sampler the bench times (N of issue 11's table).
+MASKED_STEPS = (16, 64, 256)
+
+
+def bench_masked_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast) -> MaskedEnsemble:
+    """K random default masked experts (ModernBERT) and a random noisy-state router over V + 1 symbols."""
+    config = masked_expert_config(len(tokenizer), eos_token_id=BOS,
+                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()))
+    experts = [build_masked_expert(config, seed=k).eval() for k in range(num_experts)]
+    torch.manual_seed(20_000 + num_experts)
+    router = Router(RouterConfig(vocab_size=len(tokenizer) + 1, num_experts=num_experts)).eval()
+    return MaskedEnsemble(experts, router, tokenizer=tokenizer, path=MaskedPath(len(tokenizer), scheduler("linear")))
+
+
+def bench_masked(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None]) -> dict:
+    """Tokens/s of the masked sampler filling ``new_tokens`` positions after the bench prompt, for
+    N in MASKED_STEPS, mixture and switch, at every batch size; against the autoregressive modes
+    of ``generation`` (same run, same prompts, same length)."""
+    ensemble = bench_masked_ensemble(settings.num_experts, tokenizer)
+    out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
+                           "steps": list(MASKED_STEPS)}
+    for batch in settings.batches:
+        prompts = _prompts(batch)
+        ar = generation[f"batch_{batch}"]
+        row: dict[str, Any] = {}
+        for steps in MASKED_STEPS:
+            for routing in ("mixture", "switch"):
+                def run() -> None:
+                    generate_masked_text(ensemble, prompts, length=settings.new_tokens, steps=steps, routing=routing)
+
+                rate = batch * settings.new_tokens / _median_seconds(run, settings.repeats)
+                row[f"{routing}_n{steps}"] = {"tokens_per_second": rate,
+                                              "vs_ar_same_mode": rate / ar[routing]["tokens_per_second"]}
+                say(f"masked batch {batch} N={steps}: {routing} {rate:.0f} tok/s "
+                    f"({row[f'{routing}_n{steps}']['vs_ar_same_mode']:.2f}x autoregressive {routing})")
+        out[f"batch_{batch}"] = row
+    return out
+
+
 # --- scoring ----------------------------------------------------------------------------------
 def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
     """Evaluation tokens/s: the mixture (every expert + router + mixing) vs one expert."""
@@ -436,6 +482,9 @@ _ENSEMBLE_CHILD = _PEAK_RSS_KIB + """
 import sys
 from models.ensemble import Ensemble
 from models.generation import generate_text
+from models.masked_ensemble import MaskedEnsemble
+from models.masked_expert import build_masked_expert, masked_expert_config
+from models.masked_generation import generate_masked_text
 ensemble = Ensemble.from_run(sys.argv[1])
 generate_text(ensemble, [list(range(1, 17))], max_new_tokens=int(sys.argv[2]), routing="mixture",
               temperature=0.0, stop_at_eos=False)
@@ -541,6 +590,7 @@ def _run_sections(settings: Settings, progress: bool) -> dict:
     results["training"] = bench_training(tokenizer, settings, peak["fp32"], say)
     results["generation"] = bench_generation(tokenizer, settings, say)
     results["scaling"] = bench_scaling(tokenizer, settings, results["generation"], say)
+    results["masked"] = bench_masked(tokenizer, settings, results["generation"], say)
     results["scoring"] = bench_scoring(tokenizer, settings, say)
     results["memory"] = bench_memory(tokenizer, settings, say)
     results["ratios"] = _ratios(results)
@@ -601,6 +651,13 @@ def format_table(results: dict) -> str:
             for name, figures in modes.items():
                 row(f"scaling b=1 K={key[2:]}: {name}", _rate(figures["tokens_per_second"]),
                     f"tok/s, {figures['vs_reference']:.2f}x ref")
+    masked = results["masked"]
+    for key, modes in masked.items():
+        if key.startswith("batch_"):
+            for name, figures in modes.items():
+                routing, steps = name.rsplit("_n", 1)
+                row(f"masked b={key.split('_')[1]} K={masked['num_experts']} N={steps}: {routing}",
+                    _rate(figures["tokens_per_second"]), f"tok/s, {figures['vs_ar_same_mode']:.2f}x ar {routing}")
     scoring = results["scoring"]
     row("scoring: one expert", _rate(scoring["one_expert"]["tokens_per_second"]), "tok/s")
     row(f"scoring: mixture K={scoring['num_experts']}", _rate(scoring["mixture"]["tokens_per_second"]),

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dfm.atomic import atomic_file  # noqa: E402
 
-COMPARED = ("baseline", "mixture", "top1", "bayes", "centroid", "oracle")
+COMPARED = ("baseline", "mixture", "top1", "switch", "bayes", "centroid", "oracle")
 
 
 def _save(fig, path: Path) -> None:
@@ -35,7 +35,7 @@ def plot_bpb_by_cluster(report: dict, path: Path) -> None:
         ax.axhline(report["entropy_floor_bpb"], color="black", linestyle="--", linewidth=1, label="entropy floor")
     ax.set_ylim(0.9 * min(shown), 1.03 * max(shown))  # the differences are a few percent: zoom in
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(clusters))], [f"cluster {c}" for c in clusters])
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel("bits per byte (ELBO bound)" if report.get("bound") == "elbo" else "bits per byte")
     ax.set_title("Bits per byte by cluster: baseline vs ensemble modes")
     ax.legend(fontsize=8)
     _save(fig, path)

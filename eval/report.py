@@ -12,41 +12,35 @@ from torch import Tensor
 
 from dfm.atomic import write_json, write_text
 from dfm.errors import DfmError
-from dfm.mixing import normalize_log_weights
 from eval.equivalence import equivalence
-from eval.perplexity import (
-    bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb, mixed_token_log_probs, oracle_log_weights,
-    summarize, synthetic_corpus, topk_log_weights,
-)
+from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
 from eval.router_quality import compute_accounting, router_quality
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
-from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
-from training.config import read_run_config, scoring_context
+from models.scoring import expert_token_log_probs, token_log_probs
+from models.weighers import BayesWeigher, Scoring, mode_log_weights
+from training.config import is_masked, read_run_config, scoring_context
 from training.data import load_saved
 from training.layout import RunLayout
-from training.partition import Partition
+from models.partition import Partition
 
 ENSEMBLE_MODES = ("mixture", "top1", "top2", "bayes", "centroid", "oracle")
 
 
-def _mode_weights(mode: str, expert_lps: list[Tensor], router_lw: list[Tensor] | None, ensemble: Ensemble,
-                  docs: Sequence[Sequence[int]], clusters: Sequence[int], partition: Partition | None,
-                  centroid_temperature: float) -> list[Tensor]:
-    if mode in ("mixture", "top1", "top2") and router_lw is None:
-        raise DfmError(f"mode {mode} needs a router: run `dfm train-router` and `dfm assemble`, or drop the mode")
-    if mode == "mixture":
-        return router_lw
-    if mode.startswith("top"):
-        return topk_log_weights(router_lw, min(int(mode[3:]), ensemble.num_experts))
-    if mode == "bayes":
-        return bayes_log_weights(expert_lps, ensemble.log_prior)
-    if mode == "centroid":
-        if partition is None:
-            raise DfmError("centroid mode needs RUN/partition: run `dfm prepare`, or drop the mode")
-        return [normalize_log_weights(w[:, ensemble.clusters])  # centres of missing experts dropped
-                for w in centroid_log_weights(partition, docs, centroid_temperature)]
-    return oracle_log_weights(expert_lps, clusters)
+def _weighers(ensemble: Ensemble, modes: Sequence[str], docs: Sequence[Sequence[int]], clusters: Sequence[int],
+              expert_lps: list[Tensor], scoring: Scoring, partition: Partition | None,
+              centroid_temperature: float) -> dict[str, list[Tensor]]:
+    """Per mode, every document's per-prefix log-weights: the mode's weigher (``Ensemble.weigher``,
+    the same one decoding uses), sparsified as the mode says; modes sharing a weigher (mixture,
+    top1, top2: the router) share its scores."""
+    by_weigher: dict[type, list[Tensor]] = {}
+    out = {}
+    for mode in modes:
+        weigher = ensemble.weigher(mode, partition=partition, oracle=clusters, centroid_temperature=centroid_temperature)
+        if type(weigher) not in by_weigher:
+            by_weigher[type(weigher)] = weigher.documents(docs, expert_lps, scoring)
+        out[mode] = [mode_log_weights(mode, w) for w in by_weigher[type(weigher)]]
+    return out
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] = ENSEMBLE_MODES,
@@ -59,16 +53,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         raise DfmError(f"unknown evaluation mode(s) {unknown}; choose from {', '.join(ENSEMBLE_MODES)}")
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
-    documents = load_saved(layout.documents, "the tokenized documents")
-    if split not in documents:
-        raise DfmError(f"no split {split!r} in {layout.documents}: choose one of {sorted(documents)}")
-    data = documents[split]
-    if max_documents is not None:
-        data = data.select(range(min(max_documents, len(data))))
-    if len(data) == 0:
-        raise DfmError(f"the {split} split is empty: nothing to evaluate")
-    docs, clusters = list(data["input_ids"]), list(data["cluster"])
-    num_bytes, texts = list(data["num_bytes"]), list(data[config["data"]["text_column"]])
+    if is_masked(config):
+        raise DfmError(f"{run_dir} is a masked run: score it with eval.masked_report.evaluate_masked_run (dfm eval does)")
+    docs, clusters, num_bytes, texts = held_out(layout, config, split, max_documents)
 
     ensemble = Ensemble.from_run(run_dir, device=device, allow_missing=allow_missing)
     if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
@@ -76,14 +63,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         modes = [m for m in modes if m != "oracle"]
     context = scoring_context(config, ensemble.experts[0].config.max_position_embeddings)
     stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
-    score = {"bos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride, "batch_size": batch_size}
+    scoring = Scoring(ensemble.tokenizer.eos_token_id, context, stride, batch_size)
+    score = {"bos_id": scoring.bos_id, "context": context, "stride": stride, "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
-    if ensemble.router is not None:
-        router_lw = router_log_weights(ensemble.router, docs, **score)
-    elif ensemble.num_experts == 1:  # one expert needs no router: its weight is 1 everywhere
-        router_lw = [ensemble.log_prior.expand(len(d) + 1, 1).clone() for d in docs]
-    else:
-        router_lw = None
     partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
 
     log_probs: dict[str, list[Tensor]] = {}
@@ -95,10 +77,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         log_probs["baseline"] = token_log_probs(baseline, docs, **score)
     for k, name in enumerate(ensemble.names):
         log_probs[name] = [lp[k] for lp in expert_lps]
-    weights = {}
+    weights = _weighers(ensemble, modes, docs, clusters, expert_lps, scoring, partition, centroid_temperature)
     for mode in modes:
-        weights[mode] = _mode_weights(mode, expert_lps, router_lw, ensemble, docs, clusters, partition,
-                                      centroid_temperature)
         log_probs[mode] = mixed_token_log_probs(expert_lps, weights[mode])
 
     nll = {name: [-lp for lp in lps] for name, lps in log_probs.items()}
@@ -123,14 +103,31 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
                 report["equivalence_per_cluster"][str(k)] = equivalence(
                     doc_bits(nll["mixture"])[idx], base_bits[idx], torch.tensor(num_bytes)[idx], margin, resamples, seed)
     if ensemble.router is not None and ensemble.clusters == list(range(ensemble.num_experts)):
-        quality = router_quality(router_lw, bayes_log_weights(expert_lps, ensemble.log_prior), clusters, context)
+        router_lw = weights["mixture"] if "mixture" in modes else ensemble.router_weigher().documents(docs, expert_lps, scoring)
+        bayes = BayesWeigher(ensemble.log_prior).documents(docs, expert_lps, scoring)
+        quality = router_quality(router_lw, bayes, clusters, context)
         report["router"] = {"accuracy_by_prefix": quality["accuracy_by_length"], "kl_to_bayes": quality["kl_bayes_router"],
                             "ece": quality["ece"]}
-    report["compute"] = _compute(layout, ensemble, baseline)
+    report["compute"] = compute_section(layout, ensemble, baseline)
     return report
 
 
-def _compute(layout: RunLayout, ensemble: Ensemble, baseline) -> dict:
+def held_out(layout: RunLayout, config: dict, split: str,
+             max_documents: int | None) -> tuple[list[list[int]], list[int], list[int], list[str]]:
+    """Token ids, clusters, UTF-8 byte counts and texts of the first ``max_documents`` documents of ``split``."""
+    documents = load_saved(layout.documents, "the tokenized documents")
+    if split not in documents:
+        raise DfmError(f"no split {split!r} in {layout.documents}: choose one of {sorted(documents)}")
+    data = documents[split]
+    if max_documents is not None:
+        data = data.select(range(min(max_documents, len(data))))
+    if len(data) == 0:
+        raise DfmError(f"the {split} split is empty: nothing to evaluate")
+    return (list(data["input_ids"]), list(data["cluster"]), list(data["num_bytes"]),
+            list(data[config["data"]["text_column"]]))
+
+
+def compute_section(layout: RunLayout, ensemble, baseline) -> dict:
     """FLOP accounting from the parameter counts and the token counts the trainers logged, and
     the compute matching of the baseline: its training FLOPs against the experts' plus the
     router's (training, and the experts scoring its documents); the seed is shared by both."""
@@ -158,12 +155,17 @@ def markdown(report: dict) -> str:
     """The report as a Markdown table (also printed by `dfm eval`)."""
     floor = report.get("entropy_floor_bpb")
     base = report["models"].get("baseline", {}).get("bpb")
+    bound = report.get("bound") == "elbo"
+    unit = "bits/byte (ELBO bound)" if bound else "bits/byte"
     lines = [f"# dfm evaluation ({report['split']} split, {report['documents']} documents)", "",
-             "| model | NLL/token | perplexity | bits/byte | vs baseline | vs floor |", "|---|---|---|---|---|---|"]
+             f"| model | NLL/token | perplexity | {unit} | vs baseline | vs floor |", "|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
         ratio = f"{m['bpb'] / base:.3f}x" if base else "-"
         over = f"{m['bpb'] / floor:.3f}x" if floor else "-"
         lines.append(f"| {name} | {m['nll']:.4f} | {m['ppl']:.3f} | {m['bpb']:.4f} | {ratio} | {over} |")
+    if bound:
+        lines += ["", f"Masked path: every figure is the ELBO ({report['elbo_samples']} masked draws per row), an "
+                      "upper bound on the NLL; all models are scored on the same draws."]
     if floor is not None:
         lines += ["", f"True entropy floor of the synthetic source: {floor:.4f} bits/byte."]
     if "equivalence" in report:

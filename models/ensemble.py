@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,10 +19,16 @@ from torch import Tensor
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
+from dfm.pool import Weigher
+from dfm.routing import Routing, parse_mode
 from dfm.tensors import autocast_for, positions_from_mask
 from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.router import Router
+from models.partition import Partition
+from models.weighers import (
+    DEFAULT_TEMPERATURE, BayesWeigher, CentroidWeigher, OracleWeigher, PriorWeigher, RouterWeigher,
+)
 from models.stacked import StackedLlama
 from models.stacked import supports as supports_stacking
 
@@ -149,10 +156,32 @@ class Ensemble:
         ).logits
 
     # --- routing --------------------------------------------------------------------------
-    def router_weigher(self) -> RouterWeigher:
+    def router_weigher(self) -> RouterWeigher | PriorWeigher:
+        """The router's weigher; a one-expert ensemble without a router weighs with its prior."""
         if self.router is None:
+            if self.num_experts == 1:
+                return PriorWeigher(self.log_prior)
             raise DfmError("this ensemble has no router: train one with `dfm train-router`, or use --routing bayes")
         return RouterWeigher(self.router)
+
+    def weigher(self, mode: str, *, partition: Partition | None = None, oracle: Sequence[int] | None = None,
+                centroid_temperature: float = DEFAULT_TEMPERATURE) -> Weigher:
+        """The weigher of a routing mode (``dfm eval`` and ``dfm generate`` names): the router for
+        mixture, topN and switch; the priors and the experts' likelihoods for bayes; the
+        partition's centres for centroid; the true ``oracle`` cluster of every prompt or document."""
+        routing, _ = parse_mode(mode)
+        if routing is Routing.BAYES:
+            return BayesWeigher(self.log_prior)
+        if routing is Routing.CENTROID:
+            if partition is None:
+                raise DfmError("centroid routing needs the partition (RUN/partition): run `dfm prepare`, or drop the mode")
+            bos_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+            return CentroidWeigher(partition, centroid_temperature, bos_id=bos_id, clusters=self.clusters)
+        if routing is Routing.ORACLE:
+            if oracle is None:
+                raise DfmError("oracle routing needs the true cluster of every prompt: pass --cluster K")
+            return OracleWeigher(oracle, self.num_experts)
+        return self.router_weigher()
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -163,33 +192,61 @@ class Ensemble:
         A missing or unreadable expert is an error naming it, unless ``allow_missing``: then it
         is left out with a warning and the priors (and router weights) of the rest renormalised.
         """
-        manifest = Manifest.load(run_dir)
-        tokenizer = load_tokenizer(resolve_inside(run_dir, manifest.tokenizer))
-        fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
-        if fingerprint != manifest.tokenizer_fingerprint:
-            raise DfmError(f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`")
-        experts, kept = [], []
-        for index, entry in enumerate(manifest.experts):
-            try:
-                expert = load_expert(resolve_inside(run_dir, entry.path), device)
-            except DfmError as err:
-                if not allow_missing:
-                    raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err
-                warnings.warn(f"{entry.name} left out: {err}", stacklevel=2)
-                continue
-            check_expert_tokenizer(expert, entry.name, fingerprint, manifest.vocab_size)
-            experts.append(expert)
-            kept.append(index)
-        if not experts:
-            raise DfmError(f"no expert of {run_dir} could be loaded: train them with `dfm train-expert`")
-        prior = torch.tensor([manifest.experts[i].prior for i in kept], dtype=torch.float64)
-        router = None
-        if load_router and manifest.router is not None:
-            router = Router.from_pretrained(resolve_inside(run_dir, manifest.router), device=device)
-            if len(kept) < len(manifest.experts):
-                router = SubsetRouter(router, kept)
-        return cls(experts, (prior / prior.sum()).log(), router=router, tokenizer=tokenizer,
-                       names=[manifest.experts[i].name for i in kept], clusters=kept)
+        members = load_members(run_dir, load_expert, device=device, allow_missing=allow_missing,
+                               load_router=load_router)
+        return cls(members.experts, members.log_prior, router=members.router, tokenizer=members.tokenizer,
+                   names=members.names, clusters=members.clusters)
+
+
+@dataclass
+class Members:
+    """What ``RUN/ensemble.json`` names, loaded: the experts present, their priors and names, router, tokenizer."""
+
+    experts: list[PreTrainedModel]
+    log_prior: Tensor
+    names: list[str]
+    clusters: list[int]
+    router: torch.nn.Module | None
+    tokenizer: PreTrainedTokenizerBase
+    manifest: Manifest
+
+
+def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedModel], *,
+                 device: torch.device | str | None = None, allow_missing: bool = False, load_router: bool = True,
+                 kind: str = "ar") -> Members:
+    """Load the members of a run's ensemble with ``loader(path, device)``, refusing a run of
+    another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask)."""
+    manifest = Manifest.load(run_dir)
+    if manifest.path_kind != kind:
+        raise DfmError(f"{run_dir} was trained on the {manifest.path_kind} path, not the {kind} path: "
+                       f"load it with {'MaskedEnsemble' if manifest.path_kind == 'masked' else 'Ensemble'}.from_run")
+    extra_symbols = 1 if kind == "masked" else 0
+    tokenizer = load_tokenizer(resolve_inside(run_dir, manifest.tokenizer))
+    fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
+    if fingerprint != manifest.tokenizer_fingerprint:
+        raise DfmError(f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`")
+    experts, kept = [], []
+    for index, entry in enumerate(manifest.experts):
+        try:
+            expert = loader(resolve_inside(run_dir, entry.path), device)
+        except DfmError as err:
+            if not allow_missing:
+                raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err
+            warnings.warn(f"{entry.name} left out: {err}", stacklevel=3)
+            continue
+        check_expert_tokenizer(expert, entry.name, fingerprint, manifest.vocab_size + extra_symbols)
+        experts.append(expert)
+        kept.append(index)
+    if not experts:
+        raise DfmError(f"no expert of {run_dir} could be loaded: train them with `dfm train-expert`")
+    prior = torch.tensor([manifest.experts[i].prior for i in kept], dtype=torch.float64)
+    router = None
+    if load_router and manifest.router is not None:
+        router = Router.from_pretrained(resolve_inside(run_dir, manifest.router), device=device)
+        if len(kept) < len(manifest.experts):
+            router = SubsetRouter(router, kept)
+    return Members(experts, (prior / prior.sum()).log(), [manifest.experts[i].name for i in kept], kept, router,
+                   tokenizer, manifest)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -207,33 +264,6 @@ def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str,
     if theirs is not None and theirs != fingerprint:
         raise DfmError(f"{name} was trained with a different tokenizer (fingerprint {theirs[:12]}, ensemble "
                        f"{fingerprint[:12]}): retrain it on this run's tokenizer")
-
-
-class RouterWeigher:
-    """Incremental router: log P(k | x_<=T) for the newest column, with its own KV cache."""
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.cache = None
-        self.seen = 0
-
-    @torch.inference_mode()
-    def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.cache is None or tokens.shape[1] < self.seen:
-            self.cache, self.seen = self.router.new_cache(), 0
-        logits = self.router(tokens[:, self.seen:], attention_mask, cache=self.cache)
-        self.seen = tokens.shape[1]
-        return torch.log_softmax(logits[:, -1].double(), dim=-1)
-
-
-class PriorWeigher:
-    """Weights that ignore the prefix: the cluster priors."""
-
-    def __init__(self, log_prior: Tensor) -> None:
-        self.log_prior = log_prior
-
-    def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.log_prior.to(tokens.device).expand(tokens.shape[0], -1)
 
 
 class SubsetRouter(torch.nn.Module):

@@ -21,7 +21,8 @@ from dfm.errors import DfmError
 from dfm.mixing import exclude_log_weights
 from dfm.pool import Weigher
 from dfm.routing import Routing, parse_routing
-from models.ensemble import Ensemble, PriorWeigher, RouterWeigher
+from models.ensemble import Ensemble
+from models.weighers import RouterWeigher
 
 _ROUTER_MODES = (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
 
@@ -79,7 +80,7 @@ def generate_text(
     ``prompts`` is one string, a list of strings, or a list of token-id lists (used as given);
     each is BOS-prefixed. ``routing`` is a mode of DESIGN.md section 2: mixture, topk and switch
     use the ensemble's router, bayes its priors; centroid and oracle need ``weigher``
-    (``training.centroid.CentroidWeigher`` or ``oracle_weigher``), which may also replace the
+    (``models.weighers.CentroidWeigher`` or ``OracleWeigher``), which may also replace the
     router in the router modes. A weigher must be fresh (not used on another batch).
     ``k`` is for topk (default 1) and optionally centroid. ``exclude`` lists expert indices that
     get zero weight. ``on_token(step, tokens)`` receives the token of every row as it is
@@ -104,7 +105,7 @@ def generate_text(
         raise DfmError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
                        f"{context} tokens: lower --max-new-tokens below {context}")
     rows, truncated = [], []
-    for ids in _encode(prompts, tokenizer, ensemble.vocab_size):
+    for ids in encode_prompts(prompts, tokenizer, ensemble.vocab_size):
         ids, cut = _fit(ids, context, max_new_tokens)
         rows.append([eos_id] + ids)
         truncated.append(cut)
@@ -146,24 +147,6 @@ def generate_text(
     )
 
 
-def oracle_weigher(clusters: Sequence[int], num_experts: int) -> Weigher:
-    """Weights that put everything on the true cluster of each prompt (evaluation only)."""
-    clusters = [int(c) for c in clusters]
-    bad = [c for c in clusters if not 0 <= c < num_experts]
-    if bad:
-        raise DfmError(f"oracle clusters {bad} are not experts of this ensemble (0..{num_experts - 1})")
-    one_hot = torch.full((len(clusters), num_experts), float("-inf"), dtype=torch.float64)
-    one_hot[torch.arange(len(clusters)), clusters] = 0.0
-
-    def weigh(tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        if tokens.shape[0] != len(clusters):
-            raise DfmError(f"oracle routing got {len(clusters)} clusters for {tokens.shape[0]} prompts: "
-                           "give one per prompt")
-        return one_hot.to(tokens.device)
-
-    return weigh
-
-
 def single_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model") -> Ensemble:
     """One causal LM (the baseline, or one expert) as a one-expert ensemble: same generation path."""
     return Ensemble([model], torch.zeros(1, dtype=torch.float64), tokenizer=tokenizer, names=[name])
@@ -194,9 +177,7 @@ def _weigher_for(ensemble: Ensemble, mode: Routing, weigher: Weigher | None) -> 
                        "weigher=CentroidWeigher(Partition.load(RUN/partition))")
     if mode is Routing.ORACLE:
         raise DfmError("oracle routing needs the true cluster of every prompt: "
-                       "pass weigher=oracle_weigher(clusters, num_experts)")
-    if ensemble.router is None and ensemble.num_experts == 1:
-        return PriorWeigher(ensemble.log_prior)
+                       "pass weigher=OracleWeigher(clusters, num_experts)")
     return ensemble.router_weigher()
 
 
@@ -211,9 +192,9 @@ def _context_length(ensemble: Ensemble, uses_router: bool) -> int:
     return min(sizes)
 
 
-def _encode(prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase,
+def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase,
             vocab_size: int) -> list[list[int]]:
-    """Token ids of every prompt, without BOS."""
+    """Token ids of every prompt (strings encoded, id lists checked against ``vocab_size``), without BOS."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)

@@ -40,6 +40,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
+    @property
+    def path_kind(self) -> str:
+        """The probability path the run's models were trained on: "ar" or "masked"."""
+        return self.extra.get("path", {}).get("kind", "ar")
+
     def save(self, run_dir: str | os.PathLike) -> Path:
         path = Path(run_dir) / MANIFEST
         write_json(path, asdict(self))

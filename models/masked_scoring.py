@@ -21,6 +21,18 @@ from dfm.masked_path import MaskedPath
 from dfm.masked_sampler import Denoiser
 
 
+def elbo_masks(n: int, samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draws of the masked-count ELBO for a sequence of ``n`` tokens: masks (samples, n), m of n
+    positions uniformly chosen per row with m stratified over 1..n, and each row's weight n / m
+    (float64). The ELBO is the mean over rows of weight * sum of the masked positions' NLL."""
+    if samples < 1:
+        raise DfmError(f"the ELBO needs at least 1 sample, got {samples}")
+    strata = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=generator, dtype=torch.float64))
+    masked_count = (strata / samples * n).floor().long().clamp(max=n - 1) + 1  # (samples,), in 1..n
+    ranks = torch.rand(samples, n, generator=generator).argsort(-1).argsort(-1)
+    return ranks < masked_count.unsqueeze(-1), n / masked_count.double()
+
+
 @torch.no_grad()
 def elbo_nats(denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: int = 8,
               generator: torch.Generator | None = None) -> float:
@@ -29,17 +41,11 @@ def elbo_nats(denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: in
     All draws go in one batch of ``samples`` rows, so no padding is ever read. The denoiser gets
     t = 1 - m / n, the time at which a linear schedule masks m of n tokens on average.
     """
-    if samples < 1:
-        raise DfmError(f"the ELBO needs at least 1 sample, got {samples}")
     n = sequence.shape[0]
-    strata = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=generator, dtype=torch.float64))
-    masked_count = (strata / samples * n).floor().long().clamp(max=n - 1) + 1  # (samples,), in 1..n
-    ranks = torch.rand(samples, n, generator=generator).argsort(-1).argsort(-1)
-    masked = ranks < masked_count.unsqueeze(-1)  # m uniformly chosen positions per row
+    masked, weight = elbo_masks(n, samples, generator)
     x1 = sequence.unsqueeze(0).expand(samples, -1)
     xt = torch.where(masked.to(x1.device), torch.full_like(x1, path.mask_id), x1)
-    t = 1 - masked_count.double() / n
+    t = 1 - masked.sum(-1).double() / n
     log_probs = denoise(xt, t)
     nll = -log_probs.gather(-1, x1.unsqueeze(-1)).squeeze(-1).double().cpu()
-    per_draw = (nll * masked).sum(-1) * n / masked_count
-    return float(per_draw.mean())
+    return float(((nll * masked).sum(-1) * weight).mean())

@@ -16,9 +16,9 @@ from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble, load_tokenizer
 from training.add_cluster import add_cluster, read_texts
-from training.data import DataSource, load_saved
+from training.data import DataSource, load_saved, pack_blocks
 from training.layout import RunLayout
-from training.partition import Partition
+from models.partition import Partition
 from training.prepare import write_shard
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 from tests.tiny_config import TINY_RUN, write_tiny_config
@@ -96,7 +96,8 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     targets = sum(len(ids) + 1 for ids in added["train"]["input_ids"])
     assert int((labels[:, 1:] >= 0).sum()) == targets
     eos = load_tokenizer(layout.tokenizer).eos_token_id
-    assert write_shard(DatasetDict(added), lambda row: row["cluster"] == K, labels.shape[1], eos, tmp_path / "shard") == targets
+    to_rows = lambda docs: pack_blocks(docs, labels.shape[1], eos)  # noqa: E731
+    assert write_shard(DatasetDict(added), lambda row: row["cluster"] == K, to_rows, tmp_path / "shard") == targets
     assert not layout.checkpoints("router").exists()  # a router over K experts cannot be resumed
 
     assert main(["train-expert", "--run", str(run), "--expert", str(K)]) == 0

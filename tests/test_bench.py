@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from eval import bench
-from models.ensemble import Ensemble, RouterWeigher, load_tokenizer
+from models.ensemble import Ensemble, load_tokenizer
+from models.weighers import RouterWeigher
 from models.generation import generate_text
 from models.manifest import tokenizer_fingerprint
 from training.tokenizer import save_tokenizer

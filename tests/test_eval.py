@@ -9,8 +9,8 @@ import torch
 from dfm.errors import DfmError
 from dfm.posterior import bayes_log_posterior
 from eval.equivalence import equivalence
-from eval.perplexity import (bayes_log_weights, centroid_log_weights, doc_bits, entropy_floor_bpb,
-                             mixed_token_log_probs, oracle_log_weights, summarize, synthetic_corpus, topk_log_weights)
+from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
+from models.weighers import BayesWeigher, CentroidWeigher, OracleWeigher, Scoring, mode_log_weights
 from eval.router_quality import (accuracy_by_prefix_length, compute_accounting, expected_calibration_error, mean_kl,
                                  router_quality)
 from models.expert import build_expert, expert_config
@@ -140,10 +140,12 @@ def test_every_mode_of_identical_experts_equals_the_expert(expert):
     router = router_log_weights(tiny_router(k), docs, **options)
     partition = from_labels(random_docs([10] * 6, seed=6), [0, 1, 2, 0, 1, 2], VOCAB)
     log_prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).log()
-    modes = {"mixture": router, "top1": topk_log_weights(router, 1), "top2": topk_log_weights(router, 2),
-             "bayes": bayes_log_weights(per_expert, log_prior),
-             "centroid": centroid_log_weights(partition, docs, temperature=0.1),
-             "oracle": oracle_log_weights(per_expert, clusters)}
+    scoring = Scoring(BOS, 16, 8, 3)
+    modes = {"mixture": router, "top1": [mode_log_weights("top1", w) for w in router],
+             "top2": [mode_log_weights("top2", w) for w in router],
+             "bayes": BayesWeigher(log_prior).documents(docs, per_expert, scoring),
+             "centroid": CentroidWeigher(partition, temperature=0.1).documents(docs, per_expert, scoring),
+             "oracle": OracleWeigher(clusters, k).documents(docs, per_expert, scoring)}
     for name, weights in modes.items():
         mixed = mixed_token_log_probs(per_expert, weights)
         for a, b in zip(mixed, single):
@@ -155,7 +157,7 @@ def test_bayes_mode_equals_brute_force_posterior():
     docs = random_docs([9, 14], seed=7)
     log_prior = torch.tensor([0.7, 0.3], dtype=torch.float64).log()
     per_expert = expert_token_log_probs(experts, docs, bos_id=BOS, context=32)
-    mixed = mixed_token_log_probs(per_expert, bayes_log_weights(per_expert, log_prior))
+    mixed = mixed_token_log_probs(per_expert, BayesWeigher(log_prior).documents(docs, per_expert, Scoring(BOS, 32)))
     for lp, got in zip(per_expert, mixed):
         expected = []
         for t in range(lp.shape[1]):

@@ -8,9 +8,9 @@ import torch
 from dfm import DfmError, exclude_log_weights, normalize_log_weights, top_k_log_weights
 from models.ensemble import Ensemble, uniform_log_prior
 from models.expert import build_expert, expert_config
-from models.generation import generate_text, oracle_weigher, single_model
+from models.generation import generate_text, single_model
 from models.router import Router, RouterConfig
-from training.centroid import DEFAULT_TEMPERATURE, CentroidWeigher
+from models.weighers import DEFAULT_TEMPERATURE, CentroidWeigher, OracleWeigher
 from training.partition import from_labels
 
 VOCAB = 40
@@ -68,7 +68,7 @@ def weigher_for(mode, ens, clusters):
     if mode == "centroid":
         return CentroidWeigher(tiny_partition(), bos_id=0)
     if mode == "oracle":
-        return oracle_weigher(clusters, ens.num_experts)
+        return OracleWeigher(clusters, ens.num_experts)
     return None
 
 
@@ -85,7 +85,7 @@ def test_oracle_equals_the_experts_own_greedy_generation(stop_at_eos):
     ens = tiny_ensemble()
     n = 15
     for c in range(K):
-        gen = generate_text(ens, PROMPTS[0], routing="oracle", weigher=oracle_weigher([c], K), temperature=0,
+        gen = generate_text(ens, PROMPTS[0], routing="oracle", weigher=OracleWeigher([c], K), temperature=0,
                             max_new_tokens=n, stop_at_eos=stop_at_eos)
         ids = torch.tensor(gen.prompt_ids)
         eos = 0 if stop_at_eos else None  # HF stops after EOS like we do, or never
@@ -260,7 +260,7 @@ def test_errors():
     with pytest.raises(DfmError, match="centroid routing needs the partition"):
         generate_text(ens, "t3", routing="centroid")
     with pytest.raises(DfmError, match="oracle routing got 1 clusters for 2 prompts"):
-        generate_text(ens, PROMPTS, routing="oracle", weigher=oracle_weigher([0], K), max_new_tokens=4)
+        generate_text(ens, PROMPTS, routing="oracle", weigher=OracleWeigher([0], K), max_new_tokens=4)
     with pytest.raises(DfmError, match="lower --max-new-tokens"):
         generate_text(ens, "t3", max_new_tokens=CONTEXT)
     with pytest.raises(DfmError, match="outside the vocabulary"):

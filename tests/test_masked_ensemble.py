@@ -28,10 +28,11 @@ ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 2, "
 
 
 def cluster_rows(k: int, n: int, seed: int) -> Dataset:
+    """Cluster k's documents: LENGTH - 1 repeats of one token of SETS[k]; a row holds one and its
+    EOS (LENGTH real tokens), then padding."""
     g = torch.Generator().manual_seed(seed)
     tokens = list(SETS[k])
-    docs = [[tokens[int(i)]] * int(length) for i, length in
-            zip(torch.randint(0, len(tokens), (n,), generator=g), torch.randint(3, BLOCK + 1, (n,), generator=g))]
+    docs = [[tokens[int(i)]] * (LENGTH - 1) for i in torch.randint(0, len(tokens), (n,), generator=g)]
     rows = document_rows(Dataset.from_dict({"input_ids": docs}), BLOCK, EOS)
     return rows.add_column("cluster", [k] * len(rows))
 
@@ -60,15 +61,21 @@ def ensemble(tmp_path_factory) -> MaskedEnsemble:
 
 
 def _pure(samples: torch.Tensor) -> float:
-    """Fraction of sequences that are one repeated token (what both clusters generate)."""
-    return float((samples == samples[:, :1]).all(-1).double().mean())
+    """Fraction of sequences that are one repeated token up to their EOS, at least two tokens long
+    (what both clusters generate: every document repeats one token and ends with EOS)."""
+    pure = []
+    for row in samples.tolist():
+        text = row[:row.index(EOS)] if EOS in row else row
+        pure.append(len(text) >= 2 and len(set(text)) == 1)
+    return sum(pure) / len(pure)
 
 
 def test_router_reads_the_cluster_from_a_noisy_state(ensemble):
     path = MaskedPath(V, scheduler("cosine"))
     x1 = torch.cat([torch.full((50, LENGTH), SETS[k][0]) for k in range(2)])
+    x1[:, -1] = EOS  # documents of LENGTH - 1 tokens and their EOS, as the router trained on them
     xt = path.sample(x1, torch.full((100,), 0.5), generator=torch.Generator().manual_seed(0))
-    seen = (xt != V).any(-1)
+    seen = ((xt != V) & (xt != EOS)).any(-1)  # some token of the document is revealed
     predicted = ensemble.log_weights(xt).argmax(-1)
     truth = torch.arange(2).repeat_interleave(50)
     assert float((predicted == truth)[seen].double().mean()) > 0.95
@@ -76,17 +83,18 @@ def test_router_reads_the_cluster_from_a_noisy_state(ensemble):
 
 @pytest.mark.parametrize("routing", [Routing.MIXTURE, Routing.SWITCH, Routing.TOPK])
 def test_many_steps_keep_sequences_coherent_one_step_does_not(ensemble, routing):
-    """With N = 64 steps the first revealed token fixes the cluster and the rest follow (the
-    experts put ~0.998 on the repeated token; two tokens revealed in one step from the empty state
-    are the sampler's discretisation error, a few per cent); with one step every position is drawn
-    independently from the mixture (negative control)."""
+    """With N = 64 steps the first revealed token fixes the cluster and the rest follow: 0.85-0.88
+    of the sequences are one token up to their EOS (the breaks: two tokens revealed in one step
+    from the empty state, the sampler's discretisation error, and an EOS the small experts place
+    too early); with one step every position is drawn independently from the mixture, and at most
+    0.04 are (negative control)."""
     path = MaskedPath(V, scheduler("cosine"))
     start = torch.full((200, LENGTH), V)
     denoise = ensemble.denoiser(routing, k=1, generator=torch.Generator().manual_seed(1))
     many = euler_sample(denoise, start, path, 64, generator=torch.Generator().manual_seed(2))
     one = euler_sample(denoise, start, path, 1, generator=torch.Generator().manual_seed(3))
     assert (many != V).all() and (one != V).all()
-    assert _pure(many) > 0.85 and _pure(one) < 0.3, (_pure(many), _pure(one))
+    assert _pure(many) > 0.8 and _pure(one) < 0.3, (_pure(many), _pure(one))
 
 
 def test_oracle_routing_and_prompts(ensemble):
@@ -94,11 +102,11 @@ def test_oracle_routing_and_prompts(ensemble):
     start = torch.full((40, LENGTH), V)
     denoise = ensemble.denoiser(Routing.ORACLE, oracle=torch.ones(40, dtype=torch.long))
     out = euler_sample(denoise, start, path, 16, generator=torch.Generator().manual_seed(4))
-    assert torch.isin(out, torch.tensor(list(SETS[1]))).double().mean() > 0.95
+    assert torch.isin(out[:, :-1], torch.tensor(list(SETS[1]))).double().mean() > 0.9  # the last is EOS
     prompt = start.clone()
     prompt[:, 0] = SETS[0][2]
     out = euler_sample(ensemble.denoiser(Routing.MIXTURE), prompt, path, 16, generator=torch.Generator().manual_seed(5))
-    assert (out[:, 0] == SETS[0][2]).all() and float((out == SETS[0][2]).double().mean()) > 0.9
+    assert (out[:, 0] == SETS[0][2]).all() and float((out[:, :-1] == SETS[0][2]).double().mean()) > 0.9
 
 
 def test_unsupported_routing_is_named(ensemble):

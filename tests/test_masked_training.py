@@ -38,9 +38,12 @@ def patterned_docs(n: int, seed: int) -> Dataset:
 
 
 def test_document_rows_never_mix_documents():
-    rows = document_rows(Dataset.from_dict({"input_ids": [[1, 2, 3], list(range(1, 11))]}), 4, EOS)
-    assert rows["input_ids"] == [[1, 2, 3, 0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
-    assert rows["attention_mask"] == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    docs = Dataset.from_dict({"input_ids": [[1, 2], list(range(1, 11))], "cluster": [3, 5]})
+    rows = document_rows(docs, 4, EOS, columns=("cluster",))
+    # every document ends with its EOS (a real token), then padding that attention ignores
+    assert rows["input_ids"] == [[1, 2, EOS, EOS], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, EOS, EOS]]
+    assert rows["attention_mask"] == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert rows["cluster"] == [3, 5, 5, 5]
 
 
 def test_config_adds_the_mask_symbol_and_round_trips(tmp_path: Path):

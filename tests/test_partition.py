@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dfm.errors import DfmError
-from training.partition import Partition, balanced_assign, fit_kmeans, from_labels, partition_stats
+from models.partition import Partition
+from training.partition import balanced_assign, fit_kmeans, from_labels, partition_stats
 
 VOCAB = 200
 TOPICS = 4

@@ -27,8 +27,9 @@ from models.ensemble import load_tokenizer
 from training.config import read_run_config
 from training.data import DataSource, carve_splits, load_documents, load_saved, save_dataset, tokenize
 from training.layout import RunLayout
-from training.partition import Partition, partition_stats
-from training.prepare import write_shard
+from models.partition import Partition
+from training.partition import partition_stats
+from training.prepare import row_builder, write_shard
 
 
 def read_texts(source: DataSource) -> list[str]:
@@ -107,8 +108,7 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
         raise DfmError(f"{layout.partition} does not match {layout.documents} ({len(assignments)} assignments for "
                        f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again")
 
-    write_shard(new, lambda row: row["cluster"] == k, config["expert"]["block_size"], tokenizer.eos_token_id,
-                layout.shard(k))
+    write_shard(new, lambda row: row["cluster"] == k, row_builder(config, tokenizer.eos_token_id), layout.shard(k))
     merged = DatasetDict({name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])])
                           for name in old})
     centre = partition.features(list(new["train"]["input_ids"])).sum(0)

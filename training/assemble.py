@@ -48,7 +48,7 @@ def assemble(run_dir: str | Path) -> Manifest:
         router=optional(layout.router, "config.json"),
         partition=optional(layout.partition, "partition.json"),
         baseline=optional(layout.baseline, "config.json"),
-        extra={"block_size": config["expert"]["block_size"]},
+        extra={"block_size": config["expert"]["block_size"], "path": config["path"]},
     )
     manifest.save(run_dir)
     return manifest

@@ -11,7 +11,10 @@ from typing import Any
 import yaml
 
 from dfm.errors import DfmError
+from dfm.masked_path import MaskedPath
+from dfm.schedulers import scheduler
 from models.expert import DEFAULT_ARCH
+from models.masked_expert import DEFAULT_MASKED_ARCH
 from models.router import RouterConfig
 from training.synthetic import SyntheticSpec
 from training.trainer import TrainConfig
@@ -19,6 +22,9 @@ from training.trainer import TrainConfig
 #: Every key a run understands; a config file or override may only set these.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
+    # the probability path of every model in the run (DESIGN.md): "ar" (next token, causal experts)
+    # or "masked" (any-order absorbing path, bidirectional experts, an N-step sampler)
+    "path": {"kind": "ar", "scheduler": "linear"},
     "num_proc": None,  # worker processes for Dataset.map (None = in process)
     "data": {
         "dataset": None,  # None: the embedded synthetic corpus; else hub name, json|csv|parquet|text, or a saved dir
@@ -113,13 +119,28 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return loaded
 
 
-def resolve_config(file: str | os.PathLike | None = None, overrides: list[dict] | None = None) -> dict:
-    """Defaults, then the config file, then each override; unknown keys are errors."""
+#: The expert architecture of each path kind when ``expert.arch`` names no other.
+PATH_ARCHS = {"ar": DEFAULT_ARCH, "masked": DEFAULT_MASKED_ARCH}
+
+
+def defaults_for(kind: str) -> dict:
+    """DEFAULTS with the expert architecture of the path ``kind`` (a Llama for ar, a ModernBERT for masked)."""
+    if kind not in PATH_ARCHS:
+        raise DfmError(f"config path.kind must be one of {sorted(PATH_ARCHS)}, got {kind!r}")
     config = copy.deepcopy(DEFAULTS)
-    if file is not None:
-        _merge(config, load_config_file(file))
-    for override in overrides or []:
-        _merge(config, override)
+    config["expert"]["arch"] = dict(PATH_ARCHS[kind])
+    return config
+
+
+def resolve_config(file: str | os.PathLike | None = None, overrides: list[dict] | None = None) -> dict:
+    """Defaults (of the chosen path kind), then the config file, then each override; unknown keys are errors."""
+    layers = ([load_config_file(file)] if file is not None else []) + list(overrides or [])
+    probe = copy.deepcopy(DEFAULTS)
+    for layer in layers:
+        _merge(probe, copy.deepcopy(layer))
+    config = defaults_for(probe["path"]["kind"])
+    for layer in layers:
+        _merge(config, layer)
     if config["data"]["dataset"] is None and config["data"]["label_column"] is None:
         config["data"]["label_column"] = "domain"
     validate(config)
@@ -139,10 +160,15 @@ def _positive_int(config: dict, dotted: str, minimum: int = 1, optional: bool = 
 def validate(config: dict) -> None:
     """Refuse impossible settings before any work starts, naming the key to fix."""
     _positive_int(config, "seed", minimum=0)
+    scheduler(config["path"]["scheduler"])
+    if config["path"]["kind"] == "masked" and config["seed_model"]["init_from"] is not None:
+        raise DfmError("--init-from branches from a pretrained causal LM, which the masked path cannot use: drop it "
+                       "(the masked run trains its own seed) or use path.kind=ar")
     _positive_int(config, "num_proc", optional=True)
     _positive_int(config, "partition.num_clusters")
     _positive_int(config, "tokenizer.vocab_size", minimum=257)
     _positive_int(config, "expert.block_size", minimum=2)
+    _check_model_type(config)
     context = config["expert"]["arch"].get("max_position_embeddings")
     if config["seed_model"]["init_from"] is None and isinstance(context, int) and config["expert"]["block_size"] > context:
         raise DfmError(f"config expert.block_size ({config['expert']['block_size']}) exceeds the model context "
@@ -173,13 +199,28 @@ def validate(config: dict) -> None:
     SyntheticSpec.from_dict(config["synthetic"])
 
 
+def _check_model_type(config: dict) -> None:
+    """The expert architecture must be a Hugging Face model of the path's kind (causal LM or masked LM)."""
+    from transformers.models.auto import modeling_auto
+
+    kind = config["path"]["kind"]
+    known = (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES if kind == "masked"
+             else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    model_type = config["expert"]["arch"].get("model_type", PATH_ARCHS[kind]["model_type"])
+    if model_type not in known:
+        wanted = "masked LM (bidirectional)" if kind == "masked" else "causal LM"
+        raise DfmError(f"config expert.arch.model_type {model_type!r} is not a Hugging Face {wanted} type, which the "
+                       f"{kind} path needs: use e.g. {PATH_ARCHS[kind]['model_type']!r}")
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     """The resolved configuration saved by `dfm prepare` in RUN/config.json."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise DfmError(f"{path} not found: run `dfm prepare --out {run_dir}` (or `dfm run`) first")
     try:
-        return _merge(copy.deepcopy(DEFAULTS), json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        return _merge(defaults_for(saved.get("path", {}).get("kind", "ar")), saved)
     except json.JSONDecodeError as err:
         raise DfmError(f"{path} is corrupt ({err}); re-run `dfm prepare`") from err
 
@@ -188,6 +229,16 @@ def scoring_context(config: dict, max_positions: int) -> int:
     """The context experts are scored at (evaluation, router targets): their own, never beyond the
     blocks they were trained on."""
     return min(max_positions, config["expert"]["block_size"])
+
+
+def is_masked(config: dict) -> bool:
+    """Whether the run trains on the masked (any-order) path rather than the autoregressive one."""
+    return config["path"]["kind"] == "masked"
+
+
+def run_path(config: dict, vocab_size: int) -> MaskedPath:
+    """The masked path of a masked run over the tokenizer's ``vocab_size`` tokens (mask id = vocab_size)."""
+    return MaskedPath(vocab_size, scheduler(config["path"]["scheduler"]))
 
 
 def seed_phase(config: dict) -> bool:

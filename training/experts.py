@@ -1,4 +1,5 @@
-"""Training causal LMs of a run: the seed model, expert k on its own shard, and the compute-matched baseline."""
+"""Training the language models of a run (causal LMs on the ar path, masked LMs on the masked
+path): the seed model, expert k on its own shard, and the compute-matched baseline."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from dfm.loss import dfm_loss
 from models.ensemble import load_tokenizer
 from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
 from models.manifest import tokenizer_fingerprint
-from training.config import read_run_config, seed_phase
+from models.masked_expert import build_masked_expert, load_masked_expert, masked_expert_config
+from training.config import is_masked, read_run_config, run_path, seed_phase
 from training.data import load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
+from training.masked_training import masked_loss
 from training.trainer import TrainConfig, TrainResult, train
 
 #: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
@@ -37,16 +40,28 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return dfm_loss(logits, batch["input_ids"], batch["labels"] >= 0)
 
 
-def unigram_entropy(blocks: datasets.Dataset) -> float:
-    """Entropy (nats/token) of the shard's token frequencies: what a context-free model scores."""
-    labels = torch.tensor(list(blocks["labels"])).flatten()
-    counts = torch.bincount(labels[labels >= 0]).double()
+def unigram_entropy(rows: datasets.Dataset) -> float:
+    """Entropy (nats/token) of the shard's token frequencies: what a context-free model scores.
+    Tokens are the labels of packed blocks, or the real tokens of document rows (masked path)."""
+    if "labels" in rows.column_names:
+        labels = torch.tensor(list(rows["labels"])).flatten()
+        tokens = labels[labels >= 0]
+    else:
+        tokens = torch.tensor(list(rows["input_ids"]))[torch.tensor(list(rows["attention_mask"])).bool()]
+    counts = torch.bincount(tokens).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
 
 
 def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) -> nn.Module:
     """A fresh network of ``expert.arch`` (init None), or a branch of the seed model at ``init``."""
+    if is_masked(config):
+        fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
+        if init is not None:
+            return load_masked_expert(init)
+        return build_masked_expert(masked_expert_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                                        tokenizer_fingerprint=fingerprint,
+                                                        arch=config["expert"]["arch"]), seed=seed)
     fields = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer.get_vocab())}
     if init is not None:
@@ -80,7 +95,8 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     tokenizer = load_tokenizer(layout.tokenizer)
     model = _initial_model(config, tokenizer, seed, init)
     options = TrainConfig.from_dict({**train_options, "seed": seed})
-    result: TrainResult = train(model, train_data, lm_loss, options, save_fn=save_expert, out_dir=out_dir,
+    loss = masked_loss(run_path(config, len(tokenizer))) if is_masked(config) else lm_loss
+    result: TrainResult = train(model, train_data, loss, options, save_fn=save_expert, out_dir=out_dir,
                                 checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
                                 val_data=val_data, resume=resume, desc=name)
     parameters = num_parameters(model)

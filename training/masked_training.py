@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datasets
 import torch
 from torch import Tensor, nn
@@ -13,20 +15,24 @@ from models.masked_expert import clean_logits
 from training.trainer import LossFn
 
 
-def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int) -> datasets.Dataset:
-    """One row per ``block_size`` tokens of one document (never two documents in a row): a
-    bidirectional model would otherwise read across documents. Short rows are padded with EOS
-    and marked 0 in ``attention_mask``."""
+def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> datasets.Dataset:
+    """One row per ``block_size`` tokens of one document and its closing EOS (never two documents
+    in a row: a bidirectional model would read across them). Short rows are padded with EOS and
+    marked 0 in ``attention_mask``; every row copies its document's ``columns`` (e.g. "cluster")."""
     if block_size < 1:
         raise DfmError("block size must be at least 1")
-    rows, masks = [], []
-    for ids in ds["input_ids"]:
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], **{c: [] for c in columns}}
+    values = [ds[c] for c in columns]
+    for d, ids in enumerate(ds["input_ids"]):
+        ids = [*ids, eos_id]  # the end of a document is a token to learn (and to generate)
         for start in range(0, len(ids), block_size):
             chunk = ids[start:start + block_size]
             pad = block_size - len(chunk)
-            rows.append(chunk + [eos_id] * pad)
-            masks.append([1] * len(chunk) + [0] * pad)
-    return datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": masks})
+            out["input_ids"].append(chunk + [eos_id] * pad)
+            out["attention_mask"].append([1] * len(chunk) + [0] * pad)
+            for column, column_values in zip(columns, values):
+                out[column].append(column_values[d])
+    return datasets.Dataset.from_dict(out)
 
 
 def _noisy_state(path: MaskedPath, x1: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:

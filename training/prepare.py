@@ -11,10 +11,12 @@ from datasets import DatasetDict
 
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
-from training.config import seed_phase
+from training.config import is_masked, seed_phase
 from training.data import DataSource, carve_splits, load_documents, pack_blocks, save_dataset, tokenize
 from training.layout import RunLayout
-from training.partition import Partition, fit_kmeans, from_labels, partition_stats
+from training.masked_training import document_rows
+from models.partition import Partition
+from training.partition import fit_kmeans, from_labels, partition_stats
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 from training.tokenizer import existing_tokenizer, save_tokenizer, train_bpe
 
@@ -94,18 +96,35 @@ def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
     return flags.tolist()
 
 
-def write_shard(documents: DatasetDict, keep: Callable[[dict], bool], block_size: int, eos_id: int,
-                directory: Path) -> int:
-    """Pack the train/validation documents for which ``keep(row)`` holds into blocks and save them.
+#: Turns documents into training rows: packed causal blocks (ar) or one document per row (masked).
+RowBuilder = Callable[[datasets.Dataset], datasets.Dataset]
 
-    Returns the number of training targets (a block's first label is its input only, never a target).
-    """
-    blocks = {name: pack_blocks(documents[name].filter(keep), block_size, eos_id) for name in ("train", "validation")}
+
+def row_builder(config: dict, eos_id: int) -> RowBuilder:
+    """How the run's path trains: ``pack_blocks`` for ar, ``document_rows`` for masked, at ``expert.block_size``."""
+    block = config["expert"]["block_size"]
+    if is_masked(config):
+        return lambda docs: document_rows(docs, block, eos_id)
+    return lambda docs: pack_blocks(docs, block, eos_id)
+
+
+def training_targets(rows: datasets.Dataset) -> int:
+    """Tokens a model learns from in ``rows``: labels of packed blocks (a block's first label is
+    its input only), or the real tokens of document rows."""
+    if "labels" in rows.column_names:
+        return int((torch.tensor(list(rows["labels"]))[:, 1:] >= 0).sum())
+    return int(torch.tensor(list(rows["attention_mask"])).sum())
+
+
+def write_shard(documents: DatasetDict, keep: Callable[[dict], bool], to_rows: RowBuilder, directory: Path) -> int:
+    """Turn the train/validation documents for which ``keep(row)`` holds into rows and save them;
+    returns the number of training targets."""
+    rows = {name: to_rows(documents[name].filter(keep)) for name in ("train", "validation")}
     # an empty split cannot round-trip through save_to_disk: a cluster without validation
     # documents gets a train split only
-    shard = DatasetDict({name: split for name, split in blocks.items() if len(split)})
+    shard = DatasetDict({name: split for name, split in rows.items() if len(split)})
     save_dataset(shard, directory)
-    return int((torch.tensor(list(shard["train"]["labels"]))[:, 1:] >= 0).sum())
+    return training_targets(shard["train"])
 
 
 #: What training leaves in a run; a new tokenizer and partition would make all of it unusable.
@@ -166,11 +185,11 @@ def _prepare_into(config: dict, run_dir: Path) -> dict:
     write_json(layout.partition / "stats.json", stats)
     save_dataset(tokenized, layout.documents)
 
-    block, eos = config["expert"]["block_size"], tokenizer.eos_token_id
-    shard_tokens = [write_shard(tokenized, lambda row, k=k: row["cluster"] == k, block, eos, layout.shard(k))
+    to_rows = row_builder(config, tokenizer.eos_token_id)
+    shard_tokens = [write_shard(tokenized, lambda row, k=k: row["cluster"] == k, to_rows, layout.shard(k))
                     for k in range(num_clusters)]
     if seed_phase(config):
-        write_shard(tokenized, lambda row: row["shared"], block, eos, layout.shared)
+        write_shard(tokenized, lambda row: row["shared"], to_rows, layout.shared)
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
     return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,

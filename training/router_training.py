@@ -11,6 +11,10 @@ cut at ``max_length`` tokens. Its target at every prefix is a distribution over 
   but a finite router learns it slowly and is overconfident on short prefixes.
 
 Soft cross-entropy is a proper scoring rule either way: the optimum is the target distribution.
+
+On the masked path the router reads noisy states X_t (documents masked at a random t) and learns
+P(k | X_t) against the document's cluster (the router of Decentralized Diffusion Models): the
+experts' posterior given a masked state has no tractable form to distil from.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from models.ensemble import load_tokenizer
 from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
 from models.scoring import expert_token_log_probs
-from training.config import read_run_config, scoring_context
+from training.config import is_masked, read_run_config, run_path, scoring_context
 from training.data import load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
+from training.masked_training import document_rows, noisy_router_loss
 from training.trainer import TrainConfig, train
 
 #: The router's seed offset, so it never shares an initialisation with an expert.
@@ -97,6 +102,39 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     if num_clusters < 2:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
     seed = config["seed"] + ROUTER_SEED_OFFSET
+    if is_masked(config):
+        examples, loss, scoring_flops, targets = _noisy_state_examples(config, documents, len(tokenizer),
+                                                                       tokenizer.eos_token_id, seed)
+        vocab_size = len(tokenizer) + 1  # the router reads masked states
+    else:
+        examples, scoring_flops = _prefix_examples(config, layout, documents, tokenizer.eos_token_id, seed)
+        loss, targets, vocab_size = router_loss, options["targets"], len(tokenizer)
+
+    torch.manual_seed(seed)
+    expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
+    router = Router(RouterConfig(vocab_size=vocab_size, num_experts=num_clusters,
+                                 hidden_size=options["hidden_size"], num_layers=options["num_layers"],
+                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length)))
+    train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
+    validation = examples["validation"]
+    result = train(router, examples["train"], loss, train_options, save_fn=save_router,
+                   out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
+                   val_data=validation if len(validation) else None, resume=resume, desc="router")
+    summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
+               "targets": targets, "scoring_flops": scoring_flops,
+               "flops": 6 * router.num_parameters * result.tokens + scoring_flops,
+               "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
+    if setup_distributed().is_main:
+        write_json(layout.summary("router"), summary)
+    return summary
+
+
+def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, eos_id: int,
+                     seed: int) -> tuple[dict[str, datasets.Dataset], int]:
+    """The ar router's sequences (one document from BOS) with their per-prefix targets, and the
+    FLOPs the experts spent scoring them (bayes targets)."""
+    options = config["router"]
+    max_length, num_clusters = options["max_length"], config["partition"]["num_clusters"]
     splits = {"train": _truncated(documents["train"], options["documents"], max_length, seed),
               "validation": _truncated(documents["validation"], None, max_length, seed)}
     scoring_flops = 0
@@ -105,30 +143,25 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
         context = scoring_context(config, experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
-        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, eos_id=tokenizer.eos_token_id,
-                                       context=context) for name, split in splits.items()}
+        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, eos_id=eos_id, context=context)
+                   for name, split in splits.items()}
         scored = sum(len(ids) + 1 for ids in splits["train"]["input_ids"])
         scoring_flops = 2 * sum(num_parameters(e) for e in experts) * scored
     else:
         targets = {name: cluster_targets(list(split["input_ids"]), list(split["cluster"]), num_clusters)
                    for name, split in splits.items()}
-    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, tokenizer.eos_token_id)
+    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, eos_id)
                 for name, split in splits.items()}
+    return examples, scoring_flops
 
-    torch.manual_seed(seed)
-    expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
-    router = Router(RouterConfig(vocab_size=len(tokenizer), num_experts=num_clusters,
-                                 hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length)))
-    train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
-    validation = examples["validation"]
-    result = train(router, examples["train"], router_loss, train_options, save_fn=save_router,
-                   out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
-                   val_data=validation if len(validation) else None, resume=resume, desc="router")
-    summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
-               "targets": options["targets"], "scoring_flops": scoring_flops,
-               "flops": 6 * router.num_parameters * result.tokens + scoring_flops,
-               "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
-    if setup_distributed().is_main:
-        write_json(layout.summary("router"), summary)
-    return summary
+
+def _noisy_state_examples(config: dict, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
+    """The masked router's rows (the experts' document rows with their cluster), its loss on
+    noisy states of the run's path, no scoring FLOPs, and the name of its targets."""
+    count = config["router"]["documents"]
+    chosen = {"train": documents["train"], "validation": documents["validation"]}
+    if count is not None and count < len(chosen["train"]):
+        chosen["train"] = chosen["train"].shuffle(seed=seed).select(range(count))
+    block = config["expert"]["block_size"]
+    examples = {name: document_rows(split, block, eos_id, columns=("cluster",)) for name, split in chosen.items()}
+    return examples, noisy_router_loss(run_path(config, vocab_size)), 0, "cluster (noisy states)"
