@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset (needs --max-documents)")
     p.add_argument("--max-documents", type=int, help="read at most this many documents")
-    p = add("train-router", "train the router on prefixes of every cluster", cmd_train_router)
+    p = add("train-router", "train the router on prefixes of every cluster (masked runs: on noisy states)",
+            cmd_train_router)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p = add("train-baseline", "train the compute-matched central baseline on the union of all shards", cmd_train_baseline)

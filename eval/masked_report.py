@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dfm.errors import DfmError
 from dfm.mixing import mix_log_probs
@@ -59,7 +60,8 @@ def masked_nats(ensemble: MaskedEnsemble, baseline, docs: Sequence[Sequence[int]
     totals = {name: torch.zeros(len(docs), dtype=torch.float64) for name in names}
     device = next(ensemble.experts[0].parameters()).device
     doc_clusters = torch.tensor(list(clusters))
-    for first in range(0, len(order), batch_size):
+    for first in tqdm(range(0, len(order), batch_size), desc="masked eval (batches of rows)", disable=None,
+                      dynamic_ncols=True):
         batch = order[first:first + batch_size]
         width = int(attention[batch].sum(-1).max())
         x1 = ids[batch, :width].repeat_interleave(samples, 0)

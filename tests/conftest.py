@@ -1,5 +1,7 @@
 """Shared test setup."""
 
+import io
+
 import pytest
 import torch
 
@@ -13,3 +15,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def piped_stdin(monkeypatch):
+    """The CLI reads a piped prompt from stdin; give every test an empty pipe."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))

@@ -3,7 +3,6 @@ are trained, the other experts' files stay byte for byte (and mtime for mtime) a
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -26,11 +25,6 @@ from tests.tiny_config import TINY_RUN, write_tiny_config
 K = TINY_RUN["partition"]["num_clusters"]
 #: A fourth source: another seed draws other words, so its documents form a topic of their own.
 NEW_SOURCE = SyntheticSpec(num_domains=1, num_documents=40, seed=11, mean_length=20)
-
-
-@pytest.fixture(autouse=True)
-def piped_stdin(monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from models.generation import generate_text
 from models.manifest import tokenizer_fingerprint
 from training.tokenizer import save_tokenizer
 
-SECTIONS = {"machine", "peak", "training", "generation", "scaling", "scoring", "memory", "ratios"}
+SECTIONS = {"machine", "peak", "training", "generation", "scaling", "masked", "scoring", "memory", "ratios"}
 RATIOS = {"trainer_vs_hf_trainer", "trainer_vs_plain_loop", "top1_vs_generate", "switch_vs_generate",
           "mixture_vs_generate", "router_share"}
 
@@ -112,11 +112,13 @@ def test_quick_bench_writes_every_section_and_ratio(tmp_path):
     for mode in bench.MODES:
         assert written["generation"]["batch_1"][mode]["tokens_per_second"] > 0
     assert {f"k_{k}" for k in bench.QUICK.scaling} <= set(written["scaling"])
+    assert set(written["masked"]["batch_1"]) == {f"{mode}_n{n}" for mode in ("mixture", "switch")
+                                                 for n in bench.MASKED_STEPS}
     numbers = {path: value for path, value in _numbers(written) if not path.startswith(".machine.load_average")}
     bad = {path: value for path, value in numbers.items() if not (math.isfinite(value) and value > 0)}
     assert not bad
     assert written["peak"]["bf16_flops"] is None or written["peak"]["bf16_flops"] > 0
     table = bench.format_table(results)
     for label in ("peak matmul fp32", "dfm trainer", "transformers.Trainer", "top1", "mixture", "scoring",
-                  "memory", "ratio router_share"):
+                  "memory", "ratio router_share", "masked b=1 K=4 N=256: switch"):
         assert label in table

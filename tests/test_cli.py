@@ -14,12 +14,6 @@ from dfm.cli import main
 from tests.tiny_config import write_tiny_config
 
 
-@pytest.fixture(autouse=True)
-def piped_stdin(monkeypatch):
-    """The CLI reads a piped prompt from stdin; give every test an empty pipe."""
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -144,3 +144,17 @@ def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
 def test_bad_arguments_say_what_to_pass(call, message):
     with pytest.raises(DfmError, match=re.escape(message)):
         call()
+
+
+def test_cli_writes_the_study_and_the_plot(tmp_path, capsys):
+    from dfm.cli import main
+
+    out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
+    assert main(["convergence", "--out", str(out), "--plot", str(plot), "--steps", "1", "2", "8",
+                 "--eps", "0", "0.1", "0.3"]) == 0
+    study = json.loads(out.read_text())
+    assert study["tv"]["steps"] == [1, 2, 8] and study["tv"]["eps"] == [0.0, 0.1, 0.3]
+    assert study["rate_in_steps"] > 0 and set(study["modes"]) == {"mixture", "switch"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mixture: TV at eps=0 N=1:" in capsys.readouterr().out
+    assert main(["convergence", "--out", str(out), "--eps", "0.1", "0.3"]) == 2  # no exact router in the grid

@@ -4,7 +4,6 @@ router and baseline through the shared trainer; the ELBO report; the N-step samp
 from __future__ import annotations
 
 import copy
-import io
 import json
 import shutil
 from pathlib import Path
@@ -25,11 +24,6 @@ from tests.tiny_config import TINY_RUN
 
 TINY_MASKED_ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                     "intermediate_size": 64, "max_position_embeddings": 64}
-
-
-@pytest.fixture(autouse=True)
-def piped_stdin(monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +128,10 @@ def test_path_config_is_checked(override, expected):
 def test_masked_defaults_use_a_bidirectional_expert():
     config = resolve_config(overrides=[{"path": {"kind": "masked"}}, {"expert": {"arch": {"hidden_size": 64}}}])
     assert config["expert"]["arch"]["model_type"] == "modernbert" and config["expert"]["arch"]["hidden_size"] == 64
-    assert resolve_config()["expert"]["arch"]["model_type"] == "llama"
+    assert config["expert"]["arch"]["local_attention"] == 8  # the neighbour prior (models.masked_expert)
+    assert config["seed_model"]["train"]["lr"] == config["expert"]["train"]["lr"] == 1e-3
+    ar = resolve_config()
+    assert ar["expert"]["arch"]["model_type"] == "llama" and ar["expert"]["train"]["lr"] == 3e-3
 
 
 def test_masked_expert_resumes_bit_identically(masked_run, tmp_path):
