@@ -19,15 +19,14 @@ from torch import Tensor
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
-from dfm.pool import Weigher
 from dfm.routing import Routing, parse_mode
 from dfm.tensors import autocast_for, positions_from_mask
 from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
-from models.router import Router
 from models.partition import Partition
+from models.router import Router
 from models.weighers import (
-    DEFAULT_TEMPERATURE, BayesWeigher, CentroidWeigher, OracleWeigher, PriorWeigher, RouterWeigher,
+    DEFAULT_TEMPERATURE, AnyWeigher, BayesWeigher, CentroidWeigher, OracleWeigher, PriorWeigher, RouterWeigher,
 )
 from models.stacked import StackedLlama
 from models.stacked import supports as supports_stacking
@@ -165,7 +164,7 @@ class Ensemble:
         return RouterWeigher(self.router)
 
     def weigher(self, mode: str, *, partition: Partition | None = None, oracle: Sequence[int] | None = None,
-                centroid_temperature: float = DEFAULT_TEMPERATURE) -> Weigher:
+                centroid_temperature: float = DEFAULT_TEMPERATURE) -> AnyWeigher:
         """The weigher of a routing mode (``dfm eval`` and ``dfm generate`` names): the router for
         mixture, topN and switch; the priors and the experts' likelihoods for bayes; the
         partition's centres for centroid; the true ``oracle`` cluster of every prompt or document."""

@@ -157,6 +157,10 @@ class CentroidWeigher:
         return [self._weigh([ids[:t] for t in range(len(ids) + 1)]) for ids in docs]
 
 
+#: Any weigher of this module (BayesWeigher scores documents only: decoding's posterior is the core's).
+AnyWeigher = RouterWeigher | PriorWeigher | BayesWeigher | OracleWeigher | CentroidWeigher
+
+
 def mode_log_weights(mode: str, log_weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """The weights ``mode`` mixes with, from its weigher's ``log_weights`` (..., K): top-N keeps
     the N largest, switch one drawn expert, every other mode renormalises (``select_experts``)."""

@@ -87,6 +87,10 @@ BAD_INPUTS = [
     ("unknown eval mode", ["eval", "--run", "{run}", "--modes", "magic"], "unknown evaluation mode"),
     ("unknown eval split", ["eval", "--run", "{run}", "--split", "dev"], "no split"),
     ("zero threads", ["--threads", "0", "eval", "--run", "{run}"], "--threads must be a positive"),
+    ("sampler steps on an autoregressive run", ["generate", "--run", "{run}", "--steps", "8"], "masked path"),
+    ("ELBO draws on an autoregressive run", ["eval", "--run", "{run}", "--elbo-samples", "2"], "masked runs"),
+    ("top1 with another k", ["generate", "--run", "{run}", "--routing", "top1", "--k", "2"], "already says k = 1"),
+    ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
 ]
 
 
@@ -261,6 +265,15 @@ def test_generate_modes_exclusion_and_baseline(run, capsys):
         out = json.loads(capsys.readouterr().out)
         if "--exclude-expert" in extra:
             assert all(1 not in step for step in out["experts_ran"])
+
+
+def test_eval_mode_names_work_in_generate(run, capsys):
+    """`--routing top2` (a `dfm eval` mode name) is top-k routing with k = 2: the same tokens."""
+    outputs = []
+    for extra in (["--routing", "top2"], ["--routing", "topk", "--k", "2"]):
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "6", "--json", "--seed", "3", *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert outputs[0] == outputs[1]
 
 
 def test_long_prompt_is_truncated_with_a_warning(run, capsys):
