@@ -179,7 +179,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from training.assemble import assemble
-    from training.config import read_run_config, seed_phase
+    from training.config import is_masked, read_run_config, seed_phase
     from training.experts import train_baseline, train_expert, train_seed
     from training.prepare import prepare
 
@@ -208,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     else:
         stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir, args.overwrite))}"))
     config = read_run_config(run_dir)
+    _check_modes(args.modes, is_masked(config))  # before minutes of training, not after
     if seed_phase(config):
         summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume))
         _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
@@ -225,7 +226,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     stage("assemble", lambda: assemble(run_dir))
     from eval.plots import write_plots
     from eval.report import markdown, write_report
-    from training.config import is_masked
     from training.layout import RunLayout
 
     report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes))
@@ -236,6 +236,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
          + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
     _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
+
+
+def _check_modes(modes: list[str] | None, masked: bool) -> None:
+    """Refuse evaluation modes the run's path does not have (None: the path's defaults)."""
+    from eval.masked_report import MASKED_MODES
+    from eval.report import ENSEMBLE_MODES
+
+    known = MASKED_MODES if masked else ENSEMBLE_MODES
+    unknown = [m for m in modes or () if m not in known]
+    if unknown:
+        raise DfmError(f"unknown evaluation mode(s) {unknown} for a {'masked' if masked else 'autoregressive'} run; "
+                       f"choose from {', '.join(known)}")
 
 
 def _evaluate(run_dir: str, **options) -> dict:
@@ -249,7 +261,7 @@ def _evaluate(run_dir: str, **options) -> dict:
                            "trained on")
         from eval.masked_report import evaluate_masked_run
 
-        return evaluate_masked_run(run_dir, samples=samples or 8, **options)
+        return evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options)
     if samples is not None:
         raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
     from eval.report import ENSEMBLE_MODES, evaluate_run
@@ -414,6 +426,8 @@ def _generate_masked(args: argparse.Namespace) -> None:
                        f"on the masked path use --steps, --routing, --k and --temperature")
     routing, top = parse_mode(args.routing)
     masked_routing(routing)
+    if top is not None and args.k is not None and args.k != top:
+        raise DfmError(f"--routing {args.routing} already says k = {top}: drop --k {args.k}")
     if routing.value == "oracle" and args.cluster is None:
         raise DfmError("oracle routing needs the true cluster: pass --cluster K")
     k = top if top is not None else args.k
@@ -495,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run: keep its prepared data, resume training stages from checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds trained models")
     p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: all)")
+                   help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
+                        "all); masked runs: mixture top1 top2 switch oracle")
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")

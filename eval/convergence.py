@@ -297,6 +297,9 @@ def _mode_results(toy: MaskedToy, routing: str, steps: list[int], eps: list[floa
         "kl": {"steps": steps, "eps": eps, "values": kl},
         "rate_in_steps": -_slope(fit_steps, [tv[steps.index(n)][zero] for n in fit_steps]),
         "rate_in_eps": _slope(fit_eps, excess) if min(excess) > 0 else float("nan"),
+        # the schedule revealing one position per step: exact at eps = 0 (the decomposition theorem)
+        "one_position_per_step_tv": {"eps": eps, "values": [total_variation(target, one_per_step_distribution(toy, e, routing))
+                                                            for e in eps]},
     }
 
 

@@ -25,6 +25,7 @@ from dfm.routing import Routing, select_experts
 from dfm.schedulers import scheduler
 from models.ensemble import load_members
 from models.masked_expert import clean_logits, load_masked_expert
+from models.weighers import OracleWeigher
 
 #: the routing modes the masked sampler supports
 MASKED_ROUTINGS = (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH, Routing.ORACLE)
@@ -103,8 +104,7 @@ class MaskedEnsemble:
         @torch.no_grad()
         def denoise(xt: Tensor, t: Tensor) -> Tensor:
             if routing is Routing.ORACLE:
-                weights = torch.full((xt.shape[0], self.num_experts), float("-inf"), dtype=torch.float64)
-                weights[torch.arange(xt.shape[0]), oracle] = 0.0
+                weights = OracleWeigher(oracle.tolist(), self.num_experts)(xt, None)
             else:
                 weights = self.log_weights(xt)
             weights = exclude_log_weights(weights, exclude) if exclude else weights

@@ -6,6 +6,7 @@ one in training), else after ``length`` tokens.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
     if tokenizer is None or tokenizer.eos_token_id is None:
         raise DfmError("the masked ensemble needs the run's tokenizer with an EOS token: load it with "
                        "MaskedEnsemble.from_run")
+    if not 0 <= temperature < math.inf:
+        raise DfmError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if length < 1:
         raise DfmError(f"--max-new-tokens must be at least 1, got {length}")
     context = ensemble.context

@@ -33,6 +33,12 @@ def elbo_masks(n: int, samples: int, generator: torch.Generator | None = None) -
     return ranks < masked_count.unsqueeze(-1), n / masked_count.double()
 
 
+def draw_nats(token_log_probs: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
+    """Per draw (row), the ELBO estimate in nats: weight * minus the log-probabilities of the
+    true tokens at the masked positions (draws from ``elbo_masks``)."""
+    return -(token_log_probs.double() * masked).sum(-1) * weight
+
+
 @torch.no_grad()
 def elbo_nats(denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: int = 8,
               generator: torch.Generator | None = None) -> float:
@@ -46,6 +52,5 @@ def elbo_nats(denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: in
     x1 = sequence.unsqueeze(0).expand(samples, -1)
     xt = torch.where(masked.to(x1.device), torch.full_like(x1, path.mask_id), x1)
     t = 1 - masked.sum(-1).double() / n
-    log_probs = denoise(xt, t)
-    nll = -log_probs.gather(-1, x1.unsqueeze(-1)).squeeze(-1).double().cpu()
-    return float(((nll * masked).sum(-1) * weight).mean())
+    log_probs = denoise(xt, t).gather(-1, x1.unsqueeze(-1)).squeeze(-1).cpu()
+    return float(draw_nats(log_probs, masked, weight).mean())

@@ -91,6 +91,8 @@ BAD_INPUTS = [
     ("ELBO draws on an autoregressive run", ["eval", "--run", "{run}", "--elbo-samples", "2"], "masked runs"),
     ("top1 with another k", ["generate", "--run", "{run}", "--routing", "top1", "--k", "2"], "already says k = 1"),
     ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
+    ("a masked mode for an autoregressive run", ["run", "--out", "{tmp}/r1", "--set", "synthetic.num_documents=100",
+                                                 "--vocab-size", "300", "--modes", "switch"], "unknown evaluation mode"),
 ]
 
 

@@ -115,7 +115,7 @@ def test_monte_carlo_switch_agrees_with_the_exact_distribution():
 
 def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
     study = convergence_study([1, 2, 4], [0.0, 0.1, 0.3])
-    assert set(study) == {"tv", "kl", "rate_in_steps", "rate_in_eps", "modes", "toy"}
+    assert set(study) == {"tv", "kl", "rate_in_steps", "rate_in_eps", "one_position_per_step_tv", "modes", "toy"}
     assert set(study["modes"]) == {"mixture", "switch"}
     assert study["toy"] == {"vocab_size": 3, "length": 5, "num_sources": 3, "priors": TOY.priors.tolist(),
                             "seed": 0, "scheduler": "linear"}
@@ -124,7 +124,10 @@ def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
             assert result[key]["steps"] == [1, 2, 4] and result[key]["eps"] == [0.0, 0.1, 0.3]
             assert len(result[key]["values"]) == 3 and all(len(row) == 3 for row in result[key]["values"])
         assert 0 < result["rate_in_steps"] < math.inf and 0 < result["rate_in_eps"] < math.inf
-    assert {k: study[k] for k in ("tv", "kl", "rate_in_steps", "rate_in_eps")} == study["modes"]["mixture"]
+        exact, *noisy = result["one_position_per_step_tv"]["values"]
+        assert exact < 1e-12 and min(noisy) > 1e-3
+    assert {k: study[k] for k in ("tv", "kl", "rate_in_steps", "rate_in_eps", "one_position_per_step_tv")} \
+        == study["modes"]["mixture"]
     two_steps = total_variation(P, sampler_distribution(TOY, 2, 0.0, "mixture"))
     assert study["tv"]["values"][1][0] == pytest.approx(two_steps, rel=1e-12)
 

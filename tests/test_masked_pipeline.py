@@ -51,7 +51,7 @@ def test_masked_run_writes_an_elbo_report_for_every_mode(masked_run, capsys):
     expert = AutoModelForMaskedLM.from_pretrained(masked_run / "experts" / "expert-0")
     tokens = len(json.loads((masked_run / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
     assert expert.config.model_type == "modernbert" and expert.config.vocab_size == expert.config.mask_token_id + 1
-    assert expert.config.mask_token_id >= tokens - 1
+    assert expert.config.mask_token_id == tokens
     summaries = {name: RunLayout.of(masked_run).read_summary(name) for name in ("expert-0", "router", "baseline")}
     assert summaries["expert-0"]["branched_from"] == "seed"
     assert summaries["router"]["targets"] == "cluster (noisy states)" and summaries["router"]["scoring_flops"] == 0
@@ -77,6 +77,24 @@ def test_eval_scores_all_models_on_the_same_draws(masked_run):
     assert torch.equal(again["oracle"], other["oracle"])  # seeded: the same report twice
 
 
+def test_every_mode_is_scored_on_the_same_draws_whatever_the_others(masked_run):
+    """Documents over several rows and batches: mixture's ELBO is the same whether switch (which
+    draws experts) is scored beside it or not; an oracle-only score needs no router."""
+    ensemble = MaskedEnsemble.from_run(masked_run)
+    eos = ensemble.tokenizer.eos_token_id
+    docs, clusters = [list(range(5, 19)), [10, 11, 12], list(range(20, 31))], [0, 1, 2]
+    options = dict(eos_id=eos, block_size=4, samples=3, batch_size=1, seed=1)
+    alone = masked_nats(ensemble, None, docs, clusters, modes=["mixture"], **options)
+    together = masked_nats(ensemble, None, docs, clusters, modes=["switch", "mixture", "top1", "oracle"], **options)
+    assert torch.equal(alone["mixture"], together["mixture"])
+    assert not torch.equal(together["mixture"], together["top1"])  # K = 3 experts really mix
+    no_router = MaskedEnsemble.from_run(masked_run, load_router=False)
+    oracle = masked_nats(no_router, None, docs, clusters, modes=["oracle"], **options)
+    assert torch.equal(oracle["oracle"], together["oracle"])
+    for k in range(3):  # the oracle of a document is its cluster's expert
+        assert oracle["oracle"][k] == oracle[f"expert-{k}"][k]
+
+
 def test_generate_runs_the_n_step_sampler(masked_run, capsys):
     argv = ["generate", "--run", str(masked_run), "--prompt", "the", "--max-new-tokens", "12", "--json"]
     outputs = []
@@ -88,7 +106,9 @@ def test_generate_runs_the_n_step_sampler(masked_run, capsys):
     assert outputs[0]["token_ids"] != outputs[2]["token_ids"]
     assert outputs[3]["steps"] == 4 and outputs[0]["steps"] == 64
     for out in outputs:
-        assert 1 <= len(out["token_ids"][0]) <= 12
+        assert 1 <= len(out["token_ids"][0]) <= 12 and out["prompt_ids"] == outputs[0]["prompt_ids"]
+    assert main(argv + ["--routing", "oracle", "--cluster", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] != outputs[5]["token_ids"]  # another expert
     assert main(["generate", "--run", str(masked_run), "--max-new-tokens", "8", "--steps", "3", "--show-steps"]) == 0
     err = capsys.readouterr().err
     assert "step 1/3:" in err and "step 3/3:" in err and "_" in err.split("step 1/3:")[1].splitlines()[0]
@@ -103,6 +123,10 @@ MASKED_BAD_INPUTS = [
     (["generate", "--model", "baseline"], "--model baseline"),
     (["eval", "--modes", "bayes"], "not available on the masked path"),
     (["eval", "--stride", "4"], "--stride is for autoregressive runs"),
+    (["eval", "--elbo-samples", "0"], "at least 1 sample"),
+    (["generate", "--temperature", "-1"], "--temperature"),
+    (["generate", "--temperature", "inf"], "--temperature"),
+    (["generate", "--routing", "top1", "--k", "2"], "already says k = 1"),
 ]
 
 

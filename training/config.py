@@ -229,7 +229,10 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         raise DfmError(f"{path} not found: run `dfm prepare --out {run_dir}` (or `dfm run`) first")
     try:
         saved = json.loads(path.read_text())
-        return _merge(defaults_for(saved.get("path", {}).get("kind", "ar")), saved)
+        config = _merge(defaults_for(saved.get("path", {}).get("kind", "ar")), saved)
+        if "arch" in saved.get("expert", {}):  # as prepared: a default added later must not change its models
+            config["expert"]["arch"] = saved["expert"]["arch"]
+        return config
     except json.JSONDecodeError as err:
         raise DfmError(f"{path} is corrupt ({err}); re-run `dfm prepare`") from err
 
