@@ -79,6 +79,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score without missing or corrupt experts (router weights renormalised) instead of failing")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--elbo-samples", type=int,
                         help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise")
     parser.add_argument("--margin", type=float, default=0.02,
@@ -289,9 +290,12 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from training.layout import RunLayout
 
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
+    from dfm.tensors import resolve_device
+
     report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
                        stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples)
+                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples,
+                       device=resolve_device(args.device))
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)
@@ -322,17 +326,20 @@ def _load_generator(args: argparse.Namespace):
     from models.generation import single_model
     from models.manifest import Manifest, resolve_inside
 
+    from dfm.tensors import resolve_device
+
+    device = resolve_device(args.device)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
         needs_router = args.routing not in ("bayes", "centroid")
-        return Ensemble.from_run(args.run, allow_missing=args.allow_missing, load_router=needs_router)
+        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing, load_router=needs_router)
     manifest = Manifest.load(args.run)
     tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
     paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}
     if paths.get(args.model) is None:
         raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
                        f"{', '.join(name for name, p in paths.items() if p)}")
-    return single_model(load_expert(resolve_inside(args.run, paths[args.model])), tokenizer, name=args.model)
+    return single_model(load_expert(resolve_inside(args.run, paths[args.model]), device), tokenizer, name=args.model)
 
 
 def _routing_view(generation, tokenizer, colour: bool) -> str:
@@ -432,7 +439,9 @@ def _generate_masked(args: argparse.Namespace) -> None:
         raise DfmError("oracle routing needs the true cluster: pass --cluster K")
     k = top if top is not None else args.k
     prompt = _read_prompt(args)
-    ensemble = MaskedEnsemble.from_run(args.run, allow_missing=args.allow_missing,
+    from dfm.tensors import resolve_device
+
+    ensemble = MaskedEnsemble.from_run(args.run, device=resolve_device(args.device), allow_missing=args.allow_missing,
                                        load_router=routing.value in ("mixture", "topk", "switch"))
     if args.model != "ensemble":
         if args.model not in ensemble.names:
@@ -576,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
                            "the source vs the number of steps N and the router's error eps", cmd_convergence)
     p.add_argument("--out", default="convergence.json", help="write the study as JSON here (default: convergence.json)")

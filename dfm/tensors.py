@@ -7,10 +7,33 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor
 
+from dfm.errors import DfmError
+
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that ignore left padding: the i-th real token of a row gets position i."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when this machine has it, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    a CUDA device the machine lacks is refused with what to pass instead."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise DfmError(f"--device {name!r} is not a device: pass auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise DfmError(f"--device {name!r}: dfm runs on auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DfmError(f"--device {name}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                           f"pass --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise DfmError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return device
 
 
 def autocast_for(device: torch.device) -> AbstractContextManager:

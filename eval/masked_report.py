@@ -96,7 +96,8 @@ def masked_nats(ensemble: MaskedEnsemble, baseline, docs: Sequence[Sequence[int]
 
 def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] | None = None,
                         max_documents: int | None = None, batch_size: int = 8, margin: float = 0.02,
-                        samples: int = 8, resamples: int = 2000, seed: int = 0, device: str | None = None,
+                        samples: int = 8, resamples: int = 2000, seed: int = 0,
+                        device: torch.device | str | None = None,
                         allow_missing: bool = False) -> dict:
     """The masked counterpart of ``eval.report.evaluate_run``: the same report keys, bits per byte from the ELBO."""
     modes = list(MASKED_MODES if modes is None else modes)

@@ -46,7 +46,7 @@ def _weighers(ensemble: Ensemble, modes: Sequence[str], docs: Sequence[Sequence[
 def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] = ENSEMBLE_MODES,
                  max_documents: int | None = None, stride: int | None = None, batch_size: int = 8,
                  margin: float = 0.02, centroid_temperature: float = 0.1, resamples: int = 2000,
-                 seed: int = 0, device: str | None = None, allow_missing: bool = False) -> dict:
+                 seed: int = 0, device: torch.device | str | None = None, allow_missing: bool = False) -> dict:
     """Everything `report.json` holds; see README for the keys."""
     unknown = [m for m in modes if m not in ENSEMBLE_MODES]
     if unknown:

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from dfm.cli import main
 from tests.tiny_config import write_tiny_config
@@ -276,6 +277,25 @@ def test_eval_mode_names_work_in_generate(run, capsys):
         assert main(["generate", "--run", str(run), "--max-new-tokens", "6", "--json", "--seed", "3", *extra]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("name,expected", [("banana", "not a device"), ("mps", "dfm runs on"),
+                                           ("cuda:99", "CUDA")])
+def test_device_option_is_checked(run, name, expected, capsys):
+    for argv in (["eval", "--run", str(run)], ["generate", "--run", str(run), "--max-new-tokens", "3"]):
+        assert main([*argv, "--device", name]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+
+
+def test_cpu_and_auto_devices_give_the_same_text_on_this_machine(run, capsys):
+    outputs = []
+    for device in ("cpu", "auto"):
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "5", "--json", "--device", device]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    if not torch.cuda.is_available():
+        assert outputs[0] == outputs[1]
+    assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--device", "cpu"]) == 0
 
 
 def test_long_prompt_is_truncated_with_a_warning(run, capsys):

@@ -99,7 +99,7 @@ def test_generate_runs_the_n_step_sampler(masked_run, capsys):
     argv = ["generate", "--run", str(masked_run), "--prompt", "the", "--max-new-tokens", "12", "--json"]
     outputs = []
     for extra in ([], [], ["--seed", "5"], ["--routing", "switch", "--steps", "4"], ["--routing", "top1"],
-                  ["--routing", "oracle", "--cluster", "2"], ["--model", "expert-1"]):
+                  ["--routing", "oracle", "--cluster", "2"], ["--model", "expert-1", "--device", "cpu"]):
         assert main(argv + extra) == 0
         outputs.append(json.loads(capsys.readouterr().out))
     assert outputs[0] == {**outputs[1], "seconds": outputs[0]["seconds"]}  # same seed, same text
