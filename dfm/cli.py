@@ -79,11 +79,22 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score without missing or corrupt experts (router weights renormalised) instead of failing")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    _add_device_flag(parser)
     parser.add_argument("--elbo-samples", type=int,
                         help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
+def _device(args: argparse.Namespace):
+    """The torch device --device names (checked: a CUDA device this machine lacks is refused)."""
+    from dfm.tensors import resolve_device
+
+    return resolve_device(args.device)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -120,7 +131,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 def cmd_train_seed(args: argparse.Namespace) -> dict:
     from training.experts import train_seed
 
-    summary = train_seed(args.run, resume=args.resume)
+    summary = train_seed(args.run, resume=args.resume, device=_device(args))
     _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
@@ -128,7 +139,7 @@ def cmd_train_seed(args: argparse.Namespace) -> dict:
 def cmd_train_expert(args: argparse.Namespace) -> dict:
     from training.experts import train_expert
 
-    summary = train_expert(args.run, args.expert, resume=args.resume)
+    summary = train_expert(args.run, args.expert, resume=args.resume, device=_device(args))
     from training.distributed import setup_distributed
 
     if not setup_distributed().is_main:
@@ -157,7 +168,7 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
 def cmd_train_router(args: argparse.Namespace) -> dict:
     from training.router_training import train_router
 
-    summary = train_router(args.run, resume=args.resume)
+    summary = train_router(args.run, resume=args.resume, device=_device(args))
     _say(f"router: val loss {_loss(summary['val_loss'])} in {summary['seconds']:.1f}s")
     return summary
 
@@ -165,7 +176,7 @@ def cmd_train_router(args: argparse.Namespace) -> dict:
 def cmd_train_baseline(args: argparse.Namespace) -> dict:
     from training.experts import train_baseline
 
-    summary = train_baseline(args.run, resume=args.resume)
+    summary = train_baseline(args.run, resume=args.resume, device=_device(args))
     _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
@@ -187,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from dfm.atomic import write_json
 
     run_dir = args.out
+    device = _device(args)  # checked before any work
     timings_path = Path(run_dir) / "logs" / "timings.json"
     # seconds per stage, written after every stage; a resumed run adds to what the interrupted ones spent
     timings: dict[str, float] = {}
@@ -211,29 +223,29 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = read_run_config(run_dir)
     _check_modes(args.modes, is_masked(config))  # before minutes of training, not after
     if seed_phase(config):
-        summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume))
+        summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume, device=device))
         _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
     for k in range(config["partition"]["num_clusters"]):
-        summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume))
+        summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume, device=device))
         _say(f"expert-{k}: val loss {_loss(summary['val_loss'])} nats/token, unigram entropy "
              f"{summary['unigram_entropy']:.4f}")
     if config["partition"]["num_clusters"] > 1:
         from training.router_training import train_router
 
-        summary = stage("router", lambda: train_router(run_dir, resume=args.resume))
+        summary = stage("router", lambda: train_router(run_dir, resume=args.resume, device=device))
         _say(f"router: val loss {_loss(summary['val_loss'])}")
-    summary = stage("baseline", lambda: train_baseline(run_dir, resume=args.resume))
+    summary = stage("baseline", lambda: train_baseline(run_dir, resume=args.resume, device=device))
     _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token")
     stage("assemble", lambda: assemble(run_dir))
     from eval.plots import write_plots
     from eval.report import markdown, write_report
     from training.layout import RunLayout
 
-    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes))
+    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes, device=device))
     write_report(report, RunLayout.of(run_dir).eval)
     write_plots(report, RunLayout.of(run_dir).eval)
     print(markdown(report))
-    print(f"Sample (mixture routing, 60 tokens max):\n  {_sample_text(run_dir, config['seed'], is_masked(config))}\n")
+    print(f"Sample (mixture routing, 60 tokens max):\n  {_sample_text(run_dir, config['seed'], is_masked(config), device)}\n")
     _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
          + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
     _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
@@ -270,17 +282,17 @@ def _evaluate(run_dir: str, **options) -> dict:
     return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or ENSEMBLE_MODES})
 
 
-def _sample_text(run_dir: str, seed: int, masked: bool) -> str:
+def _sample_text(run_dir: str, seed: int, masked: bool, device) -> str:
     """60 tokens of the mixture-routed ensemble from an empty prompt (64 steps on the masked path)."""
     if masked:
         from models.masked_ensemble import MaskedEnsemble
         from models.masked_generation import generate_masked_text
 
-        return generate_masked_text(MaskedEnsemble.from_run(run_dir), "", length=60, steps=64, seed=seed).texts[0]
+        return generate_masked_text(MaskedEnsemble.from_run(run_dir, device), "", length=60, steps=64, seed=seed).texts[0]
     from models.ensemble import Ensemble
     from models.generation import generate_text
 
-    return generate_text(Ensemble.from_run(run_dir), "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
+    return generate_text(Ensemble.from_run(run_dir, device), "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -290,12 +302,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from training.layout import RunLayout
 
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
-    from dfm.tensors import resolve_device
-
     report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
                        stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples,
-                       device=resolve_device(args.device))
+                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=_device(args))
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)
@@ -326,9 +335,7 @@ def _load_generator(args: argparse.Namespace):
     from models.generation import single_model
     from models.manifest import Manifest, resolve_inside
 
-    from dfm.tensors import resolve_device
-
-    device = resolve_device(args.device)
+    device = _device(args)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
         needs_router = args.routing not in ("bayes", "centroid")
@@ -439,9 +446,7 @@ def _generate_masked(args: argparse.Namespace) -> None:
         raise DfmError("oracle routing needs the true cluster: pass --cluster K")
     k = top if top is not None else args.k
     prompt = _read_prompt(args)
-    from dfm.tensors import resolve_device
-
-    ensemble = MaskedEnsemble.from_run(args.run, device=resolve_device(args.device), allow_missing=args.allow_missing,
+    ensemble = MaskedEnsemble.from_run(args.run, device=_device(args), allow_missing=args.allow_missing,
                                        load_router=routing.value in ("mixture", "topk", "switch"))
     if args.model != "ensemble":
         if args.model not in ensemble.names:
@@ -520,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
                         "all); masked runs: mixture top1 top2 switch oracle")
+    _add_device_flag(p)
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
@@ -529,10 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_train_seed)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    _add_device_flag(p)
     p = add("train-expert", "train expert K on its own shard only (runs under torchrun too)", cmd_train_expert)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--expert", type=int, required=True, help="cluster / expert index K")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    _add_device_flag(p)
     p = add("add-expert", "add a new cluster of documents to a prepared run as expert K (others untouched)",
             cmd_add_expert)
     p.add_argument("--run", required=True, help="run directory")
@@ -548,9 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_train_router)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    _add_device_flag(p)
     p = add("train-baseline", "train the compute-matched central baseline on the union of all shards", cmd_train_baseline)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    _add_device_flag(p)
     p = add("assemble", "write ensemble.json (experts, priors, router, tokenizer fingerprint)", cmd_assemble)
     p.add_argument("--run", required=True, help="run directory")
     p = add("eval", "perplexity-equivalence report: baseline vs experts vs every routing mode", cmd_eval)
@@ -585,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    _add_device_flag(p)
     p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
                            "the source vs the number of steps N and the router's error eps", cmd_convergence)
     p.add_argument("--out", default="convergence.json", help="write the study as JSON here (default: convergence.json)")

@@ -89,7 +89,8 @@ def _where(init: str | Path | None, run_dir: Path) -> str | None:
 
 
 def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: datasets.Dataset | None,
-              train_options: dict, seed: int, out_dir: Path, resume: bool, init: str | Path | None) -> dict:
+              train_options: dict, seed: int, out_dir: Path, resume: bool, init: str | Path | None,
+              device: torch.device | None) -> dict:
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
@@ -98,7 +99,7 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     loss = masked_loss(run_path(config, len(tokenizer))) if is_masked(config) else lm_loss
     result: TrainResult = train(model, train_data, loss, options, save_fn=save_expert, out_dir=out_dir,
                                 checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
-                                val_data=val_data, resume=resume, desc=name)
+                                val_data=val_data, resume=resume, desc=name, device=device)
     parameters = num_parameters(model)
     summary = {"name": name, "parameters": parameters, "steps": result.steps, "tokens": result.tokens,
                "flops": 6 * parameters * result.tokens, "branched_from": _where(init, run_dir),
@@ -109,7 +110,7 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     return summary
 
 
-def train_seed(run_dir: str | Path, resume: bool = False) -> dict:
+def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
     """The seed phase: one model trained centrally on the shared documents of every cluster
     (from ``seed_model.init_from`` when given), saved to RUN/seed for experts and baseline."""
     run_dir = Path(run_dir)
@@ -120,10 +121,10 @@ def train_seed(run_dir: str | Path, resume: bool = False) -> dict:
     layout = RunLayout.of(run_dir)
     shard = load_saved(layout.shared, "the shared documents of the seed phase")
     return _train_lm(run_dir, "seed", shard["train"], shard.get("validation"), config["seed_model"]["train"],
-                     config["seed"] + SEED_OFFSET, layout.seed, resume, config["seed_model"]["init_from"])
+                     config["seed"] + SEED_OFFSET, layout.seed, resume, config["seed_model"]["init_from"], device)
 
 
-def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
+def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torch.device | None = None) -> dict:
     """Train expert k from its own shard, the tokenizer, config.json and the seed alone (a compute island)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -135,7 +136,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False) -> dict:
                        f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
                        f"and data/expert-{k}/ of the run here (README, Compute islands)")
     return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
-                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config))
+                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config), device)
 
 
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
@@ -162,7 +163,7 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     return max(1, math.ceil(flops / (6 * experts[0]["parameters"] * tokens_per_step)))
 
 
-def train_baseline(run_dir: str | Path, resume: bool = False) -> dict:
+def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
     """The centrally trained model: one expert's architecture, start and settings, on the union of
     shards, for as much compute as the decentralized side spent (``matched_steps``)."""
     run_dir = Path(run_dir)
@@ -175,4 +176,4 @@ def train_baseline(run_dir: str | Path, resume: bool = False) -> dict:
     val_data = datasets.concatenate_datasets(validation) if validation else None
     options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
     return _train_lm(run_dir, "baseline", train_data, val_data, options,
-                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config))
+                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config), device)

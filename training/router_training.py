@@ -90,7 +90,7 @@ def _truncated(documents: datasets.Dataset, count: int | None, max_length: int, 
     return documents.map(lambda ids: {"input_ids": ids[:max_length - 1]}, input_columns="input_ids")
 
 
-def train_router(run_dir: str | Path, resume: bool = False) -> dict:
+def train_router(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     layout = RunLayout.of(run_dir)
@@ -107,7 +107,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
                                                                        tokenizer.eos_token_id, seed)
         vocab_size = len(tokenizer) + 1  # the router reads masked states
     else:
-        examples, scoring_flops = _prefix_examples(config, layout, documents, tokenizer.eos_token_id, seed)
+        examples, scoring_flops = _prefix_examples(config, layout, documents, tokenizer.eos_token_id, seed, device)
         loss, targets, vocab_size = router_loss, options["targets"], len(tokenizer)
 
     torch.manual_seed(seed)
@@ -119,7 +119,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
     validation = examples["validation"]
     result = train(router, examples["train"], loss, train_options, save_fn=save_router,
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
-                   val_data=validation if len(validation) else None, resume=resume, desc="router")
+                   val_data=validation if len(validation) else None, resume=resume, desc="router", device=device)
     summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
                "targets": targets, "scoring_flops": scoring_flops,
                "flops": 6 * router.num_parameters * result.tokens + scoring_flops,
@@ -130,7 +130,7 @@ def train_router(run_dir: str | Path, resume: bool = False) -> dict:
 
 
 def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, eos_id: int,
-                     seed: int) -> tuple[dict[str, datasets.Dataset], int]:
+                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], int]:
     """The ar router's sequences (one document from BOS) with their per-prefix targets, and the
     FLOPs the experts spent scoring them (bayes targets)."""
     options = config["router"]
@@ -139,7 +139,7 @@ def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.Datase
               "validation": _truncated(documents["validation"], None, max_length, seed)}
     scoring_flops = 0
     if options["targets"] == "bayes":
-        experts = [load_expert(layout.expert(k)) for k in range(num_clusters)]
+        experts = [load_expert(layout.expert(k), device) for k in range(num_clusters)]
         context = scoring_context(config, experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()

@@ -252,6 +252,7 @@ def train(
     resume: bool = False,
     desc: str = "train",
     tokens_per_sample: int | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data`` and save it with ``save_fn(model, out_dir)``.
 
@@ -259,7 +260,8 @@ def train(
     under DDP it receives the wrapped model. With ``resume=True`` training continues from the
     newest intact checkpoint, and a run that already finished (final checkpoint and ``out_dir``
     present) returns at once. A non-finite loss or gradient raises DfmError before any state
-    derived from it is written.
+    derived from it is written. ``device``: where a single process trains (default: CUDA if
+    available, else CPU; under torchrun every rank's own device).
     """
     config.validate()
     out_dir, checkpoint_dir, log_path = Path(out_dir), Path(checkpoint_dir), Path(log_path)
@@ -269,7 +271,7 @@ def train(
         raise DfmError("the validation set is empty; pass none or a non-empty one")
     if tokens_per_sample is None and "input_ids" not in train_data.column_names:
         raise DfmError("training data has no input_ids column; pass tokens_per_sample")
-    info = setup_distributed()
+    info = setup_distributed(device)
     torch.manual_seed(config.seed + info.rank)
     model.to(info.device)
     model.train()
