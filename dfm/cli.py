@@ -221,7 +221,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     else:
         stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir, args.overwrite))}"))
     config = read_run_config(run_dir)
-    _check_modes(args.modes, is_masked(config))  # before minutes of training, not after
+    from eval.report import check_modes
+
+    check_modes(args.modes or (), is_masked(config))  # before minutes of training, not after
     if seed_phase(config):
         summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume, device=device))
         _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
@@ -249,18 +251,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
          + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
     _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
-
-
-def _check_modes(modes: list[str] | None, masked: bool) -> None:
-    """Refuse evaluation modes the run's path does not have (None: the path's defaults)."""
-    from eval.masked_report import MASKED_MODES
-    from eval.report import ENSEMBLE_MODES
-
-    known = MASKED_MODES if masked else ENSEMBLE_MODES
-    unknown = [m for m in modes or () if m not in known]
-    if unknown:
-        raise DfmError(f"unknown evaluation mode(s) {unknown} for a {'masked' if masked else 'autoregressive'} run; "
-                       f"choose from {', '.join(known)}")
 
 
 def _evaluate(run_dir: str, **options) -> dict:
@@ -373,14 +363,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.steps is not None or args.show_steps:
         raise DfmError("--steps and --show-steps are for runs on the masked path; this run is autoregressive "
                        "(one token per step)")
-    from dfm.routing import Routing, parse_mode
     from models.generation import generate_text
 
-    top = parse_mode(args.routing)[1]  # fail on a typo before loading anything
-    if top is not None:  # top1, top2, ...: the names dfm eval uses
-        if args.k is not None and args.k != top:
-            raise DfmError(f"--routing {args.routing} already says k = {top}: drop --k {args.k}")
-        args.routing, args.k = Routing.TOPK.value, top
+    routing, args.k = _routing_and_k(args)  # fail on a typo before loading anything
+    args.routing = routing.value
     prompt = _read_prompt(args)
     model = _load_generator(args)
     weigher = None
@@ -396,7 +382,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         weigher = model.weigher("centroid", partition=Partition.load(resolve_inside(args.run, manifest.partition)),
                                 centroid_temperature=args.centroid_temperature)
     elif args.routing == "oracle":
-        weigher = model.weigher("oracle", oracle=None if args.cluster is None else [args.cluster])
+        weigher = model.weigher("oracle", oracle=[args.cluster])
     tokenizer = model.tokenizer
     streamed: list[int] = []
     printed = ""
@@ -426,10 +412,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
          f"tokens processed {generation.tokens_processed}")
 
 
+def _routing_and_k(args: argparse.Namespace):
+    """--routing and --k as (Routing, k): topN (the names dfm eval uses) is topk with k = N; an
+    oracle without --cluster is refused before anything loads."""
+    from dfm.routing import parse_mode
+
+    routing, top = parse_mode(args.routing)
+    if top is not None and args.k is not None and args.k != top:
+        raise DfmError(f"--routing {args.routing} already says k = {top}: drop --k {args.k}")
+    if routing.value == "oracle" and args.cluster is None:
+        raise DfmError("oracle routing needs the true cluster: pass --cluster K")
+    return routing, top if top is not None else args.k
+
+
 def _generate_masked(args: argparse.Namespace) -> None:
     """`dfm generate` on a masked run: the N-step sampler; the final text to stdout (each step's
     state to stderr with --show-steps)."""
-    from dfm.routing import parse_mode
     from models.masked_ensemble import MaskedEnsemble, masked_routing
     from models.masked_generation import generate_masked_text
 
@@ -438,13 +436,8 @@ def _generate_masked(args: argparse.Namespace) -> None:
     if any(ignored.values()):
         raise DfmError(f"{', '.join(f for f, used in ignored.items() if used)} apply to autoregressive runs only; "
                        f"on the masked path use --steps, --routing, --k and --temperature")
-    routing, top = parse_mode(args.routing)
+    routing, k = _routing_and_k(args)
     masked_routing(routing)
-    if top is not None and args.k is not None and args.k != top:
-        raise DfmError(f"--routing {args.routing} already says k = {top}: drop --k {args.k}")
-    if routing.value == "oracle" and args.cluster is None:
-        raise DfmError("oracle routing needs the true cluster: pass --cluster K")
-    k = top if top is not None else args.k
     prompt = _read_prompt(args)
     ensemble = MaskedEnsemble.from_run(args.run, device=_device(args), allow_missing=args.allow_missing,
                                        load_router=routing.value in ("mixture", "topk", "switch"))

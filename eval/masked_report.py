@@ -22,12 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dfm.errors import DfmError
 from dfm.mixing import mix_log_probs
 from dfm.routing import Routing, parse_mode
 from eval.equivalence import equivalence
 from eval.perplexity import summarize_totals
-from eval.report import compute_section, held_out
+from eval.report import MASKED_MODES, check_modes, compute_section, held_out
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import clean_logits, load_masked_expert
 from models.masked_scoring import draw_nats, elbo_masks
@@ -35,9 +34,6 @@ from models.weighers import OracleWeigher, mode_log_weights
 from training.config import read_run_config
 from training.layout import RunLayout
 from training.masked_training import document_rows
-
-MASKED_MODES = ("mixture", "top1", "top2", "switch", "oracle")
-
 
 def _true_token_log_probs(model, xt: Tensor, attention: Tensor, x1: Tensor) -> Tensor:
     log_probs = clean_logits(model, xt, attention).double().log_softmax(-1)
@@ -101,10 +97,7 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
                         allow_missing: bool = False) -> dict:
     """The masked counterpart of ``eval.report.evaluate_run``: the same report keys, bits per byte from the ELBO."""
     modes = list(MASKED_MODES if modes is None else modes)
-    unknown = [m for m in modes if m not in MASKED_MODES]
-    if unknown:
-        raise DfmError(f"mode(s) {unknown} are not available on the masked path (bayes and centroid need a prefix "
-                       f"likelihood); choose from {', '.join(MASKED_MODES)}")
+    check_modes(modes, masked=True)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     docs, clusters, num_bytes, _ = held_out(layout, config, split, max_documents)

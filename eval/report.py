@@ -25,6 +25,19 @@ from training.layout import RunLayout
 from models.partition import Partition
 
 ENSEMBLE_MODES = ("mixture", "top1", "top2", "bayes", "centroid", "oracle")
+#: The modes of a masked run: bayes and centroid need a prefix likelihood, switch a sampled expert.
+MASKED_MODES = ("mixture", "top1", "top2", "switch", "oracle")
+
+
+def check_modes(modes: Sequence[str], masked: bool) -> None:
+    """Refuse evaluation modes the run's path does not have, naming the ones it has."""
+    known = MASKED_MODES if masked else ENSEMBLE_MODES
+    unknown = [m for m in modes if m not in known]
+    if unknown and masked:
+        raise DfmError(f"mode(s) {unknown} are not available on the masked path (bayes and centroid need a prefix "
+                       f"likelihood); choose from {', '.join(known)}")
+    if unknown:
+        raise DfmError(f"unknown evaluation mode(s) {unknown} for an autoregressive run; choose from {', '.join(known)}")
 
 
 def _weighers(ensemble: Ensemble, modes: Sequence[str], docs: Sequence[Sequence[int]], clusters: Sequence[int],
@@ -48,9 +61,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
                  margin: float = 0.02, centroid_temperature: float = 0.1, resamples: int = 2000,
                  seed: int = 0, device: torch.device | str | None = None, allow_missing: bool = False) -> dict:
     """Everything `report.json` holds; see README for the keys."""
-    unknown = [m for m in modes if m not in ENSEMBLE_MODES]
-    if unknown:
-        raise DfmError(f"unknown evaluation mode(s) {unknown}; choose from {', '.join(ENSEMBLE_MODES)}")
+    check_modes(modes, masked=False)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     if is_masked(config):

@@ -25,6 +25,7 @@ from dfm.routing import Routing, select_experts
 from dfm.schedulers import scheduler
 from models.ensemble import load_members
 from models.masked_expert import clean_logits, load_masked_expert
+from models.router import state_logits
 from models.weighers import OracleWeigher
 
 #: the routing modes the masked sampler supports
@@ -88,10 +89,7 @@ class MaskedEnsemble:
             if self.num_experts == 1:
                 return torch.zeros(xt.shape[0], 1, dtype=torch.float64, device=xt.device)
             raise DfmError("this routing needs the noisy-state router: run `dfm train-router` and `dfm assemble`")
-        last = (attention_mask.sum(-1) - 1 if attention_mask is not None
-                else torch.full((xt.shape[0],), xt.shape[1] - 1, device=xt.device))
-        logits = self.router(xt, attention_mask)[torch.arange(xt.shape[0], device=xt.device), last]
-        return torch.log_softmax(logits.double(), dim=-1)
+        return torch.log_softmax(state_logits(self.router, xt, attention_mask).double(), dim=-1)
 
     def denoiser(self, routing: Routing, *, k: int | None = None, oracle: Tensor | None = None,
                  exclude: Sequence[int] = (), generator: torch.Generator | None = None) -> Denoiser:

@@ -243,3 +243,12 @@ class Router(nn.Module):
             ) from err
         router.eval()
         return router if device is None else router.to(device)
+
+
+def state_logits(router: nn.Module, states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """(B, K) logits of a router read causally over whole states (the masked path's X_t): its output
+    at each row's last real position (right padding marked 0 in ``attention_mask``), which has seen
+    the whole state."""
+    last = (attention_mask.sum(-1) - 1 if attention_mask is not None
+            else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device))
+    return router(states, attention_mask)[torch.arange(states.shape[0], device=states.device), last]

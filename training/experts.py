@@ -55,15 +55,15 @@ def unigram_entropy(rows: datasets.Dataset) -> float:
 
 def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) -> nn.Module:
     """A fresh network of ``expert.arch`` (init None), or a branch of the seed model at ``init``."""
+    fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
     if is_masked(config):
-        fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
         if init is not None:
             return load_masked_expert(init)
         return build_masked_expert(masked_expert_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                                                         tokenizer_fingerprint=fingerprint,
                                                         arch=config["expert"]["arch"]), seed=seed)
     fields = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer.get_vocab())}
+              "eos_token_id": tokenizer.eos_token_id, "tokenizer_fingerprint": fingerprint}
     if init is not None:
         return branch_from(init, vocab_size=len(tokenizer), **fields)
     return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)

@@ -12,6 +12,7 @@ from dfm.errors import DfmError
 from dfm.loss import masked_dfm_loss
 from dfm.masked_path import MaskedPath
 from models.masked_expert import clean_logits
+from models.router import state_logits
 from training.trainer import LossFn
 
 
@@ -62,8 +63,6 @@ def noisy_router_loss(path: MaskedPath) -> LossFn:
     def loss(router: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x1, attention = batch["input_ids"], batch["attention_mask"]
         xt, _ = _noisy_state(path, x1, attention)
-        last = attention.sum(-1) - 1
-        logits = router(xt, attention)[torch.arange(x1.shape[0], device=x1.device), last]
-        return torch.nn.functional.cross_entropy(logits.float(), batch["cluster"])
+        return torch.nn.functional.cross_entropy(state_logits(router, xt, attention).float(), batch["cluster"])
 
     return loss
