@@ -25,7 +25,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--text-column": ("data.text_column", {"help": "column holding the text (default: text)"}),
     "--cluster-column": ("data.cluster_column", {"help": "use this label column as the partition instead of k-means"}),
     "--label-column": ("data.label_column", {"help": "reference label for purity/NMI of the partition"}),
-    "--streaming": ("data.streaming", {"action": "store_const", "const": True, "help": "stream the dataset (needs --max-documents)"}),
+    "--streaming": ("data.streaming", {"action": "store_const", "const": True, "help": "stream the dataset from the hub or files, writing it to disk as it is read (no --max-documents needed)"}),
     "--max-documents": ("data.max_documents", {"type": int, "help": "read at most this many documents"}),
     "--tokenizer": ("tokenizer.path", {"help": "use this saved tokenizer instead of training a BPE one"}),
     "--vocab-size": ("tokenizer.vocab_size", {"type": int, "help": "BPE vocabulary size (default 2048)"}),
@@ -484,6 +484,13 @@ def cmd_convergence(args: argparse.Namespace) -> dict:
 def cmd_bench(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
+    if args.prepare:
+        from eval.prepare_bench import bench_prepare, format_prepare_table
+
+        results = bench_prepare(args.prepare, Path(args.out), say=_say)
+        print(format_prepare_table(results))
+        _say(f"wrote {args.out} in {results['seconds']:.0f}s")
+        return results
     from eval.bench import format_table, run_bench
 
     results = run_bench(quick=args.quick, out=Path(args.out))
@@ -543,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to read (default: every split)")
     p.add_argument("--data-files", nargs="+", help="local files for --dataset json|csv|parquet|text")
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    p.add_argument("--streaming", action="store_true", help="stream the dataset (needs --max-documents)")
+    p.add_argument("--streaming", action="store_true", help="stream the dataset from the hub or files, writing it to disk as it is read (no --max-documents needed)")
     p.add_argument("--max-documents", type=int, help="read at most this many documents")
     p = add("train-router", "train the router on prefixes of every cluster (masked runs: on noisy states)",
             cmd_train_router)
@@ -600,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", "speed and memory of training, decoding and scoring, side by side with transformers", cmd_bench)
     p.add_argument("--quick", action="store_true", help="less work per figure: under two minutes, for a smoke test")
     p.add_argument("--out", default="bench.json", help="write every figure as JSON here (default: bench.json)")
+    p.add_argument("--prepare", type=int, nargs="+", metavar="N",
+                   help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
+                        "each (e.g. 10000 100000 1000000), every run in a fresh process")
     return parser
 
 

@@ -463,7 +463,7 @@ def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None]) -> 
 # Peak RSS as the child sees it. On Linux ru_maxrss is useless here: exec keeps the high-water mark
 # of the (vfork-shared) parent's memory, so every child would report at least the bench's own RSS.
 # /proc/self/status VmHWM belongs to the child's fresh address space.
-_PEAK_RSS_KIB = """
+PEAK_RSS_KIB = """
 def peak_rss_kib():
     try:
         with open("/proc/self/status") as status:
@@ -474,12 +474,12 @@ def peak_rss_kib():
         return rss // 1024 if sys.platform == "darwin" else rss
 """
 
-_BASELINE_CHILD = _PEAK_RSS_KIB + """
+_BASELINE_CHILD = PEAK_RSS_KIB + """
 import torch, transformers
 print(peak_rss_kib())
 """
 
-_ENSEMBLE_CHILD = _PEAK_RSS_KIB + """
+_ENSEMBLE_CHILD = PEAK_RSS_KIB + """
 import sys
 from models.ensemble import Ensemble
 from models.generation import generate_text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
+from models.adapters import base_directory, is_adapter, is_adapter_model, load_merged
 
 #: The default expert: ~1.4M parameters with a 2048-token vocabulary.
 DEFAULT_ARCH: dict[str, Any] = {
@@ -56,15 +58,31 @@ def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
 def load_expert(path: str | os.PathLike, device: torch.device | str | None = None,
                 auto_class: type = AutoModelForCausalLM) -> PreTrainedModel:
     """Load a saved model (a causal LM unless ``auto_class`` says otherwise) from a local
-    directory, safetensors only and no remote code, in eval mode."""
+    directory, safetensors only and no remote code, in eval mode. A LoRA adapter (peft) is loaded
+    merged into its base model (``models.adapters``)."""
     path = Path(path)
+    if is_adapter(path) and auto_class is AutoModelForCausalLM:
+        return load_merged(path, device)
     if not (path / "config.json").is_file():
-        raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained")
+        raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained "
+                       f"(or a LoRA adapter's adapter_config.json)")
     try:
         model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
         raise DfmError(f"cannot load the model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
     return model.to(device or "cpu").eval()
+
+
+def saved_config(path: str | os.PathLike) -> dict | None:
+    """config.json of the model saved at ``path`` (of its base model for a LoRA adapter), or None."""
+    path = Path(path)
+    if is_adapter(path):
+        base = base_directory(path)
+        path = base if base is not None else path
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_id: int, eos_token_id: int,
@@ -93,10 +111,15 @@ def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_i
     return model
 
 
-def save_expert(model: PreTrainedModel, path: str | os.PathLike) -> None:
-    """save_pretrained (safetensors) into ``path`` atomically."""
+def save_expert(model: PreTrainedModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) into ``path`` atomically, of ``state_dict`` when given (the
+    gathered weights of a sharded model); a LoRA adapter saves the adapter alone (its base's
+    embeddings are never adapted, so none are copied)."""
+    options = {"save_embedding_layers": False} if is_adapter_model(model) else {}
+    if state_dict is not None:
+        options["state_dict"] = state_dict
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **options)
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -15,7 +15,7 @@ from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble, load_tokenizer
 from training.add_cluster import add_cluster, read_texts
-from training.data import DataSource, load_saved, pack_blocks
+from training.data import DataSource, load_saved, packed_rows
 from training.layout import RunLayout
 from models.partition import Partition
 from training.prepare import write_shard
@@ -90,8 +90,8 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     targets = sum(len(ids) + 1 for ids in added["train"]["input_ids"])
     assert int((labels[:, 1:] >= 0).sum()) == targets
     eos = load_tokenizer(layout.tokenizer).eos_token_id
-    to_rows = lambda docs: pack_blocks(docs, labels.shape[1], eos)  # noqa: E731
-    assert write_shard(DatasetDict(added), lambda row: row["cluster"] == K, to_rows, tmp_path / "shard") == targets
+    to_rows = lambda docs: packed_rows(docs, labels.shape[1], eos)  # noqa: E731
+    assert write_shard(DatasetDict(added), "cluster", K, to_rows, tmp_path / "shard") == targets
     assert not layout.checkpoints("router").exists()  # a router over K experts cannot be resumed
 
     assert main(["train-expert", "--run", str(run), "--expert", str(K)]) == 0

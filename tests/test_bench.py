@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dfm.errors import DfmError
 from eval import bench
 from models.ensemble import Ensemble, load_tokenizer
 from models.weighers import RouterWeigher
@@ -122,3 +123,18 @@ def test_quick_bench_writes_every_section_and_ratio(tmp_path):
     for label in ("peak matmul fp32", "dfm trainer", "transformers.Trainer", "top1", "mixture", "scoring",
                   "memory", "ratio router_share", "masked b=1 K=4 N=256: switch"):
         assert label in table
+
+
+def test_prepare_bench_measures_fresh_processes(tmp_path):
+    from eval.prepare_bench import bench_prepare, format_prepare_table
+
+    results = bench_prepare([300, 200], tmp_path / "prepare.json")
+    first, second = results["prepare"]
+    assert (first["documents"], second["documents"]) == (200, 300)  # smallest first
+    assert sum(second["cluster_sizes"]) == 300 - 2 * round(300 * 0.05)  # the child really prepared them
+    assert 0 < first["peak_anonymous_mb"] <= first["peak_rss_mb"]
+    assert second["rss_growth_vs_previous"] == second["peak_rss_mb"] / first["peak_rss_mb"]
+    assert json.loads((tmp_path / "prepare.json").read_text()) == results
+    assert len(format_prepare_table(results).splitlines()) == 4
+    with pytest.raises(DfmError, match="at least 100"):
+        bench_prepare([50])

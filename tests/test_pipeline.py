@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dfm.cli import main
 from dfm.errors import DfmError
 from training.config import parse_override, resolve_config
+from training import data
 from training.data import DataSource, load_documents, pack_blocks, tokenize
 from training.tokenizer import train_bpe
 from tests.tiny_config import write_tiny_config
@@ -56,15 +57,22 @@ def test_bad_data_sources_give_actionable_errors(tmp_path):
     path.write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))
     with pytest.raises(DfmError, match="--text-column"):
         load_documents(DataSource(dataset="json", data_files=[str(path)]))
-    with pytest.raises(DfmError, match="--max-documents"):
-        load_documents(DataSource(dataset="json", data_files=[str(path)], text_column="body", streaming=True))
+    with pytest.raises(DfmError, match="--text-column"):
+        load_documents(DataSource(dataset="json", data_files=[str(path)], text_column="nope", streaming=True),
+                       tmp_path / "scratch")
 
 
-def test_streaming_reads_up_to_the_cap(tmp_path):
+def test_streaming_reads_up_to_the_cap_or_everything(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
-    splits = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True, max_documents=20))
+    splits = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True, max_documents=20),
+                            tmp_path / "a")
     assert sum(len(s) for s in splits.values()) == 20
+    # without a cap the whole stream is written to disk, split exactly as the file read in memory is
+    streamed = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True), tmp_path / "b")
+    loaded = load_documents(DataSource(dataset="json", data_files=[str(path)]))
+    assert {n: s["text"][:] for n, s in streamed.items()} == {n: s["text"][:] for n, s in loaded.items()}
+    assert all(f["filename"].startswith(str(tmp_path / "b")) for f in streamed["train"].cache_files)
 
 
 def test_tokenizer_round_trip_and_determinism(tmp_path):
@@ -162,3 +170,47 @@ def test_a_single_cluster_runs_end_to_end(tmp_path, capsys):
     report = json.loads((run / "eval/report.json").read_text())
     torch.testing.assert_close(report["models"]["mixture"]["nll"], report["models"]["expert-0"]["nll"])
     assert "router" not in report
+
+
+def test_packing_streams_across_read_batches(monkeypatch):
+    docs = datasets.Dataset.from_dict({"input_ids": [[i] * (i % 7) for i in range(1, 60)]})
+    whole = pack_blocks(docs, block_size=5, eos_id=0).to_dict()
+    monkeypatch.setattr(data, "READ_BATCH", 3)  # blocks that span batches carry over exactly
+    assert pack_blocks(docs, block_size=5, eos_id=0).to_dict() == whole
+
+
+def _prepared(tmp_path, name: str, **sections) -> tuple:
+    from training.prepare import prepare
+
+    config = resolve_config(write_tiny_config(tmp_path), [parse_override(f"{k}={json.dumps(v)}")
+                                                         for k, v in sections.items()])
+    run = tmp_path / name
+    prepare(config, run)
+    documents = datasets.load_from_disk(str(run / "data" / "documents"))
+    return run, documents, json.loads((run / "partition" / "partition.json").read_text())
+
+
+def test_tokenizer_and_partition_fit_on_samples_then_assign_every_document(tmp_path):
+    from models.partition import Partition
+
+    run, documents, meta = _prepared(tmp_path, "sampled", **{"partition.sample_documents": 40,
+                                                            "tokenizer.sample_documents": 30})
+    train = documents["train"]
+    partition = Partition.load(run / "partition")
+    assert meta["num_documents"] == len(train) > 40
+    for split in documents.values():  # every document, sampled or not, sits at its nearest centre
+        assert list(split["cluster"]) == partition.assign(list(split["input_ids"])).tolist()
+    assert partition.assignments.tolist() == list(train["cluster"])
+    assert sum(json.loads((run / "partition" / "stats.json").read_text())["sizes"]) == len(train)
+    full_vocab = AutoTokenizer.from_pretrained(str(_prepared(tmp_path, "full")[0] / "tokenizer")).get_vocab()
+    assert AutoTokenizer.from_pretrained(str(run / "tokenizer")).get_vocab() != full_vocab  # fitted on 30 texts
+    assert not list(run.glob("**/.scratch")) and not list(run.glob("**/.rows-*"))  # scratch files removed
+
+
+def test_label_partition_fit_on_a_sample_keeps_every_label(tmp_path):
+    run, documents, meta = _prepared(tmp_path, "labels", **{"partition.sample_documents": 5,
+                                                           "data.cluster_column": "domain"})
+    values = meta["label_values"]
+    assert values == [0, 1, 2]
+    for split in documents.values():
+        assert list(split["cluster"]) == [values.index(d) for d in split["domain"]]

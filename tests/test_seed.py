@@ -89,7 +89,7 @@ def test_compute_matching_counts_experts_router_and_world_size(tmp_path):
     logs.mkdir()
     config = {"partition": {"num_clusters": 2}, "expert": {"block_size": 8, "train": {"batch_size": 4}}}
     for k in range(2):
-        (logs / f"expert-{k}.summary.json").write_text(json.dumps({"flops": 6 * 100 * 320, "parameters": 100}))
+        (logs / f"expert-{k}.summary.json").write_text(json.dumps({"flops": 6 * 100 * 320, "tokens": 320, "parameters": 100}))
     with pytest.warns(UserWarning, match="router is not trained"):
         assert matched_steps(tmp_path, config, world_size=1) == 20  # 640 tokens / 32 per step
     (logs / "router.summary.json").write_text(json.dumps({"flops": 6 * 100 * 32 * 3}))

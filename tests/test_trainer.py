@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -44,9 +45,9 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
 
-def save_pretrained(model: nn.Module, path: Path) -> None:
+def save_pretrained(model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
 
 
 def run(root: Path, model: nn.Module, data: Dataset, config: TrainConfig, loss_fn=lm_loss, **kwargs) -> TrainResult:
@@ -235,23 +236,29 @@ from training.trainer import TrainConfig
 
 root = Path(sys.argv[1])
 config = TrainConfig(**json.loads(sys.argv[2]))
-result = run(root, tiny_llama(), random_blocks(20), config, val_data=random_blocks(5, seed=1))
+result = run(root, tiny_llama(), random_blocks(20), config, val_data=random_blocks(5, seed=1),
+             resume=len(sys.argv) > 3)
 if dist.get_rank() == 0:
     (root / "result.json").write_text(json.dumps({"val_loss": result.val_loss, "tokens": result.tokens}))
 dist.destroy_process_group()
 """
 
 
-def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
-    common = {"steps": 6, "warmup_steps": 2, "checkpoint_every": 3}
-    # 2 ranks x 2 micro-batches x 2 rows = the same global batch of 8 rows as one process x 8 rows
+def _torchrun(tmp_path: Path, root: Path, options: dict, *extra: str) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "ddp"), json.dumps({**common, "batch_size": 2, "grad_accum": 2})]
+           str(root), json.dumps(options), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_torchrun_matches_single_process(tmp_path: Path, sharding: str) -> None:
+    common = {"steps": 6, "warmup_steps": 2, "checkpoint_every": 3}
+    # 2 ranks x 2 micro-batches x 2 rows = the same global batch of 8 rows as one process x 8 rows
+    _torchrun(tmp_path, tmp_path / "ddp", {**common, "batch_size": 2, "grad_accum": 2, "fsdp": sharding == "fsdp"})
     ddp_model = LlamaForCausalLM.from_pretrained(tmp_path / "ddp" / "out")
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
 
@@ -266,6 +273,20 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=5e-5), name
     assert ddp["val_loss"] == pytest.approx(single.val_loss, abs=5e-5)
+
+
+def test_fsdp_resumes_from_a_gathered_checkpoint_bit_identically(tmp_path: Path) -> None:
+    """Sharded training writes full (gathered) checkpoints; resumed from step 3 under FSDP it ends
+    on the weights of the unbroken run, bit for bit."""
+    options = {"steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "batch_size": 2, "fsdp": True}
+    _torchrun(tmp_path, tmp_path / "whole", options)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "out")
+    shutil.rmtree(tmp_path / "cut" / "ckpt" / "step-0000006")
+    _torchrun(tmp_path, tmp_path / "cut", options, "--resume")
+    whole = LlamaForCausalLM.from_pretrained(tmp_path / "whole" / "out").state_dict()
+    cut = LlamaForCausalLM.from_pretrained(tmp_path / "cut" / "out").state_dict()
+    assert all(torch.equal(whole[name], cut[name]) for name in whole)
 
 
 def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
         raise DfmError(f"{layout.partition} does not match {layout.documents} ({len(assignments)} assignments for "
                        f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again")
 
-    write_shard(new, lambda row: row["cluster"] == k, row_builder(config, tokenizer.eos_token_id), layout.shard(k))
+    write_shard(new, "cluster", k, row_builder(config, tokenizer.eos_token_id), layout.shard(k))
     merged = DatasetDict({name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])])
                           for name in old})
     centre = partition.features(list(new["train"]["input_ids"])).sum(0)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
+from models.expert import saved_config
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from training.config import read_run_config
 from training.layout import RunLayout
@@ -24,14 +25,14 @@ def assemble(run_dir: str | Path) -> Manifest:
     if not stats_path.is_file():
         raise DfmError(f"{stats_path} is missing: run `dfm prepare --out {run_dir}` first")
     priors = json.loads(stats_path.read_text())["priors"]
-    missing = [k for k in range(len(priors)) if not (layout.expert(k) / "config.json").is_file()]
+    configs = [saved_config(layout.expert(k)) for k in range(len(priors))]
+    missing = [k for k, found in enumerate(configs) if found is None]
     if missing:
         names = ", ".join(f"expert-{k}" for k in missing)
         raise DfmError(f"{names} not trained yet: run `dfm train-expert --run {run_dir} --expert K` for each")
     tokenizer = load_tokenizer(layout.tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
-    foreign = [f"expert-{k}" for k in range(len(priors))
-               if json.loads((layout.expert(k) / "config.json").read_text()).get("dfm_tokenizer_fingerprint") != fingerprint]
+    foreign = [f"expert-{k}" for k, found in enumerate(configs) if found.get("dfm_tokenizer_fingerprint") != fingerprint]
     if foreign:
         raise DfmError(f"{', '.join(foreign)} of {run_dir} were trained with another tokenizer (was the run prepared "
                        f"again?): retrain them with `dfm train-expert --run {run_dir} --expert K`")
@@ -40,6 +41,9 @@ def assemble(run_dir: str | Path) -> Manifest:
     def optional(path: Path, marker: str) -> str | None:
         return str(path.relative_to(run_dir)) if (path / marker).is_file() else None
 
+    def trained(path: Path) -> str | None:
+        return str(path.relative_to(run_dir)) if saved_config(path) is not None else None
+
     manifest = Manifest(
         experts=experts,
         tokenizer=str(layout.tokenizer.relative_to(run_dir)),
@@ -47,7 +51,7 @@ def assemble(run_dir: str | Path) -> Manifest:
         vocab_size=len(tokenizer),
         router=optional(layout.router, "config.json"),
         partition=optional(layout.partition, "partition.json"),
-        baseline=optional(layout.baseline, "config.json"),
+        baseline=trained(layout.baseline),
         extra={"block_size": config["expert"]["block_size"], "path": config["path"]},
     )
     manifest.save(run_dir)

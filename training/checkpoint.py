@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
+from training.sharding import is_sharded, load_full_states
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
@@ -74,21 +75,26 @@ def save_checkpoint(
     *,
     keep: int = 2,
     rng_states: list[dict[str, Any]] | None = None,
+    states: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``directory/step-NNNNNNN`` atomically and delete all but the newest ``keep`` checkpoints.
 
     ``extra`` must be JSON-serialisable. ``rng_states`` holds one entry per rank (default: this
     process's state only); ``load_latest_checkpoint(..., rank=r)`` restores entry ``r``.
+    ``states``: the gathered (model, optimizer) state dicts of a sharded model (FSDP).
     """
     directory = Path(directory)
     for stale in directory.glob(".step-*"):  # temp dirs left behind by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     path = directory / f"step-{step:07d}"
     with atomic_dir(path) as tmp:
-        save_model(_unwrap(model), str(tmp / MODEL_FILE))
+        if states is None:
+            save_model(_unwrap(model), str(tmp / MODEL_FILE))
+        else:
+            save_file({name: value.contiguous() for name, value in states[0].items()}, str(tmp / MODEL_FILE))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if states is None else states[1],
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_states if rng_states is not None else [rng_state()],
             },
@@ -139,8 +145,11 @@ def load_latest_checkpoint(
                 "resume with the same number of processes"
             )
         try:
-            load_model(_unwrap(model), str(path / MODEL_FILE), strict=True)
-            optimizer.load_state_dict(payload["optimizer"])
+            if is_sharded(model):
+                load_full_states(model, optimizer, load_file(str(path / MODEL_FILE)), payload["optimizer"])
+            else:
+                load_model(_unwrap(model), str(path / MODEL_FILE), strict=True)
+                optimizer.load_state_dict(payload["optimizer"])
             scheduler.load_state_dict(payload["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DfmError(

@@ -13,6 +13,7 @@ import yaml
 from dfm.errors import DfmError
 from dfm.masked_path import MaskedPath
 from dfm.schedulers import scheduler
+from models.adapters import DEFAULT_LORA, check_lora
 from models.expert import DEFAULT_ARCH
 from models.masked_expert import DEFAULT_MASKED_ARCH
 from models.router import RouterConfig
@@ -42,8 +43,10 @@ DEFAULTS: dict[str, Any] = {
     # longer documents and more of them than SyntheticSpec's defaults: the start of a document is
     # ambiguous between clusters, and top-1 routing pays for it once per document (see README)
     "synthetic": {"num_domains": 4, "num_documents": 6000, "seed": 0, "mean_length": 100},
-    "tokenizer": {"path": None, "vocab_size": 2048},
-    "partition": {"num_clusters": 4, "balance": 1.2, "svd_dim": None, "iterations": 30},
+    # the BPE tokenizer and the partition are fitted on seeded samples of the training documents
+    # (null: all of them); every document is then tokenized and assigned in one streaming pass
+    "tokenizer": {"path": None, "vocab_size": 2048, "sample_documents": 100_000},
+    "partition": {"num_clusters": 4, "balance": 1.2, "svd_dim": None, "iterations": 30, "sample_documents": 50_000},
     # every expert and the baseline branch from one seed model (DESIGN.md, "Seeds"): a public
     # pretrained causal LM (init_from), and/or one trained centrally on the shareable documents
     "seed_model": {
@@ -57,6 +60,10 @@ DEFAULTS: dict[str, Any] = {
         "arch": dict(DEFAULT_ARCH),
         # training blocks as long as the context that evaluation and generation use
         "block_size": 256,
+        # null: every expert (and the baseline) fine-tunes all of the seed's weights; "lora": each
+        # trains a low-rank adapter on the frozen seed (peft), saved as megabytes, for big seeds
+        "adapter": None,
+        "lora": dict(DEFAULT_LORA),
         "train": {"steps": 150, "batch_size": 8, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50},
     },
     "router": {
@@ -69,6 +76,20 @@ DEFAULTS: dict[str, Any] = {
         "train": {"steps": 100, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "checkpoint_every": 50},
     },
 }
+
+
+def _check_adapter(config: dict) -> None:
+    adapter = config["expert"]["adapter"]
+    if adapter is None:
+        return
+    if adapter != "lora":
+        raise DfmError(f"config expert.adapter must be null (full fine-tuning) or \"lora\", got {adapter!r}")
+    if is_masked(config):
+        raise DfmError("expert.adapter=lora is for causal experts: drop it or use path.kind=ar")
+    if not seed_phase(config):
+        raise DfmError("expert.adapter=lora adapts the run's seed model RUN/seed: keep the seed phase on "
+                       "(with --init-from: --set seed_model.phase=true)")
+    check_lora(config["expert"]["lora"])
 
 
 def _merge(base: dict, update: dict, where: str = "") -> dict:
@@ -176,8 +197,11 @@ def validate(config: dict) -> None:
     _positive_int(config, "num_proc", optional=True)
     _positive_int(config, "partition.num_clusters")
     _positive_int(config, "tokenizer.vocab_size", minimum=257)
+    _positive_int(config, "tokenizer.sample_documents", optional=True)
+    _positive_int(config, "partition.sample_documents", optional=True)
     _positive_int(config, "expert.block_size", minimum=2)
     _check_model_type(config)
+    _check_adapter(config)
     context = config["expert"]["arch"].get("max_position_embeddings")
     if config["seed_model"]["init_from"] is None and isinstance(context, int) and config["expert"]["block_size"] > context:
         raise DfmError(f"config expert.block_size ({config['expert']['block_size']}) exceeds the model context "
@@ -202,6 +226,9 @@ def validate(config: dict) -> None:
         raise DfmError(f"config partition.balance must be >= 1, got {config['partition']['balance']!r}")
     TrainConfig.from_dict(config["expert"]["train"])
     TrainConfig.from_dict(config["router"]["train"])
+    if config["router"]["train"].get("fsdp"):
+        raise DfmError("config router.train.fsdp: the router is small and trains replicated; drop fsdp "
+                       "(expert.train.fsdp and seed_model.train.fsdp shard the big models)")
     router = config["router"]
     RouterConfig(vocab_size=1, num_experts=1, hidden_size=router["hidden_size"], num_layers=router["num_layers"],
                  num_heads=router["num_heads"])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
@@ -15,6 +18,8 @@ from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text")
+#: Documents read at a time by the streaming passes of ``dfm prepare``.
+READ_BATCH = 1000
 SPLITS = ("train", "validation", "test")
 
 
@@ -35,12 +40,15 @@ class DataSource:
     seed: int = 0
 
 
-def load_documents(source: DataSource) -> DatasetDict:
-    """Load the corpus as train/validation/test splits with ``source.text_column`` present."""
+def load_documents(source: DataSource, scratch: str | os.PathLike | None = None) -> DatasetDict:
+    """Load the corpus as train/validation/test splits with ``source.text_column`` present. A
+    streamed dataset is written to disk under ``scratch`` (default: a new temporary directory) as it
+    is read, so a corpus larger than memory never becomes a Python list."""
     raw = _load_raw(source)
     if not isinstance(raw, dict):
         raw = {"train": raw}
-    splits = {name: _materialize(ds, source.max_documents) for name, ds in raw.items()}
+    scratch = tempfile.mkdtemp(prefix="dfm-stream-") if scratch is None else scratch
+    splits = {name: _materialize(ds, source.max_documents, scratch) for name, ds in raw.items()}
     if "train" not in splits:
         raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --split")
     for name, ds in splits.items():
@@ -102,12 +110,11 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _materialize(ds, max_documents: int | None) -> Dataset:
-    """A streamed split is read up to ``max_documents`` into memory; a regular one is capped."""
+def _materialize(ds, max_documents: int | None, scratch: str | os.PathLike) -> Dataset:
+    """A streamed split is written to disk (up to ``max_documents``); a regular one is capped."""
     if isinstance(ds, datasets.IterableDataset):
-        if max_documents is None:
-            raise DfmError("--streaming needs --max-documents N (how many documents to read)")
-        return Dataset.from_list(list(ds.take(max_documents)))
+        stream = ds if max_documents is None else ds.take(max_documents)
+        return rows_on_disk(lambda: iter(stream), scratch)
     if max_documents is not None and len(ds) > max_documents:
         return ds.select(range(max_documents))
     return ds
@@ -143,12 +150,13 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, 
     return ds.map(encode, batched=True, num_proc=num_proc, desc="tokenize")
 
 
-def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
-    """Pack documents into blocks for causal-LM training, keeping every token exactly once.
+def packed_rows(ds: Dataset, block_size: int, eos_id: int) -> Iterator[dict]:
+    """Blocks for causal-LM training, packing the documents of ``ds`` and keeping every token exactly once.
 
     The stream is EOS doc_1 EOS doc_2 EOS ...: each document follows an EOS, its BOS. Blocks
     overlap by one token so every token after the first EOS is a prediction target exactly
-    once; ``labels`` is -100 on the padding of the last block.
+    once; ``labels`` is -100 on the padding of the last block. Documents are read in batches and
+    blocks yielded as they fill, so memory holds one batch of the stream, never the corpus.
 
     ``position_ids`` restart at 0 at every EOS (a document's BOS) and at every block start. Given
     to a Hugging Face model without an attention mask or cache, positions that restart make its
@@ -157,19 +165,55 @@ def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
     """
     if block_size < 2:
         raise DfmError("block size must be at least 2")
-    stream = [eos_id]
-    for ids in ds["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos_id)
     step = block_size - 1
-    blocks, labels, positions = [], [], []
-    for start in range(0, len(stream) - 1, step):
-        chunk = stream[start:start + block_size]
+
+    def block(chunk: list[int]) -> dict:
         pad = block_size - len(chunk)
-        blocks.append(chunk + [eos_id] * pad)
-        labels.append(chunk + [-100] * pad)
-        positions.append(document_positions(blocks[-1], eos_id))
-    return Dataset.from_dict({"input_ids": blocks, "labels": labels, "position_ids": positions})
+        ids = chunk + [eos_id] * pad
+        return {"input_ids": ids, "labels": chunk + [-100] * pad, "position_ids": document_positions(ids, eos_id)}
+
+    stream, start = [eos_id], 0
+    for batch in ds.select_columns(["input_ids"]).iter(batch_size=READ_BATCH):
+        for ids in batch["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos_id)
+        while len(stream) - start >= block_size:
+            yield block(stream[start:start + block_size])
+            start += step
+        del stream[:start]
+        start = 0
+    while len(stream) - start > 1:
+        yield block(stream[start:start + block_size])
+        start += step
+
+
+def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
+    """``packed_rows`` collected into an in-memory dataset (for small inputs; ``rows_on_disk`` streams)."""
+    return Dataset.from_list(list(packed_rows(ds, block_size, eos_id)))
+
+
+def rows_on_disk(rows: Callable[[], Iterator[dict]], scratch: str | os.PathLike) -> Dataset:
+    """A memory-mapped dataset of the rows ``rows()`` yields, written to a new directory under
+    ``scratch`` as they come (datasets' generator builder), so no list of all rows is ever held."""
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    # a fresh cache directory per call: the builder reuses any earlier output of the same fingerprint
+    return Dataset.from_generator(rows, cache_dir=tempfile.mkdtemp(dir=scratch), fingerprint="rows")
+
+
+def sample_documents(ds: Dataset, count: int | None, seed: int) -> Dataset:
+    """At most ``count`` documents of ``ds`` in their order, chosen by a seeded draw (all of them when
+    ``ds`` has no more than ``count``): what the tokenizer and the partition are fitted on."""
+    if count is None or len(ds) <= count:
+        return ds
+    chosen = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:count]
+    return ds.select(chosen.sort().values.tolist())
+
+
+def column_tensor(ds: Dataset, column: str) -> torch.Tensor:
+    """One numeric column of ``ds`` as a tensor, read batch by batch (no Python list of it)."""
+    parts = [torch.as_tensor(batch[column]) for batch in
+             ds.select_columns([column]).with_format("numpy").iter(batch_size=1 << 16)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def document_positions(ids: list[int], eos_id: int) -> list[int]:

@@ -4,6 +4,7 @@ path): the seed model, expert k on its own shard, and the compute-matched baseli
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -14,12 +15,13 @@ from torch import Tensor, nn
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.loss import dfm_loss
+from models.adapters import adapter_parameters, add_lora
 from models.ensemble import load_tokenizer
 from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
 from models.manifest import tokenizer_fingerprint
 from models.masked_expert import build_masked_expert, load_masked_expert, masked_expert_config
 from training.config import is_masked, read_run_config, run_path, seed_phase
-from training.data import load_saved
+from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.masked_training import masked_loss
@@ -42,13 +44,16 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def unigram_entropy(rows: datasets.Dataset) -> float:
     """Entropy (nats/token) of the shard's token frequencies: what a context-free model scores.
-    Tokens are the labels of packed blocks, or the real tokens of document rows (masked path)."""
-    if "labels" in rows.column_names:
-        labels = torch.tensor(list(rows["labels"])).flatten()
-        tokens = labels[labels >= 0]
-    else:
-        tokens = torch.tensor(list(rows["input_ids"]))[torch.tensor(list(rows["attention_mask"])).bool()]
-    counts = torch.bincount(tokens).double()
+    Tokens are the labels of packed blocks, or the real tokens of document rows (masked path);
+    counted batch by batch."""
+    packed = "labels" in rows.column_names
+    counts = torch.zeros(0, dtype=torch.float64)
+    columns = ["labels"] if packed else ["input_ids", "attention_mask"]
+    for batch in rows.select_columns(columns).with_format("torch").iter(batch_size=READ_BATCH):
+        tokens = batch["labels"][batch["labels"] >= 0] if packed else batch["input_ids"][batch["attention_mask"].bool()]
+        batch_counts = torch.bincount(tokens, minlength=len(counts)).double()
+        batch_counts[:len(counts)] += counts
+        counts = batch_counts
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
 
@@ -90,19 +95,28 @@ def _where(init: str | Path | None, run_dir: Path) -> str | None:
 
 def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: datasets.Dataset | None,
               train_options: dict, seed: int, out_dir: Path, resume: bool, init: str | Path | None,
-              device: torch.device | None) -> dict:
+              device: torch.device | None, adapted: bool = False) -> dict:
+    """Train one model of the run (the seed, an expert, the baseline); ``adapted``: as a LoRA adapter
+    on ``init`` when the run's ``expert.adapter`` says so."""
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     model = _initial_model(config, tokenizer, seed, init)
+    if adapted and config["expert"]["adapter"] == "lora":
+        torch.manual_seed(seed)  # the adapter's initialisation
+        model = add_lora(model, config["expert"]["lora"], os.path.relpath(init, out_dir))
     options = TrainConfig.from_dict({**train_options, "seed": seed})
     loss = masked_loss(run_path(config, len(tokenizer))) if is_masked(config) else lm_loss
     result: TrainResult = train(model, train_data, loss, options, save_fn=save_expert, out_dir=out_dir,
                                 checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
                                 val_data=val_data, resume=resume, desc=name, device=device)
-    parameters = num_parameters(model)
-    summary = {"name": name, "parameters": parameters, "steps": result.steps, "tokens": result.tokens,
-               "flops": 6 * parameters * result.tokens, "branched_from": _where(init, run_dir),
+    adapter = adapter_parameters(model)
+    parameters = num_parameters(model) - adapter
+    # forward 2N, backward 2N for activations plus 2N for the gradients of trained weights: a frozen
+    # base under an adapter costs 4 per parameter and token, the adapter 6 (full fine-tuning: 6N)
+    per_token = 6 * parameters if adapter == 0 else 4 * parameters + 6 * adapter
+    summary = {"name": name, "parameters": parameters, "adapter_parameters": adapter, "steps": result.steps,
+               "tokens": result.tokens, "flops": per_token * result.tokens, "branched_from": _where(init, run_dir),
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
                "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
     if setup_distributed().is_main:
@@ -136,7 +150,8 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
                        f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
                        f"and data/expert-{k}/ of the run here (README, Compute islands)")
     return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
-                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config), device)
+                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config), device,
+                     adapted=True)
 
 
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
@@ -144,8 +159,8 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     every expert plus the router (its training and the experts' scoring of its documents).
 
     FLOPs come from the logged token counts, so world size and gradient accumulation are counted
-    on both sides; the seed phase is shared by both and counted on neither. The baseline has an
-    expert's architecture, hence its parameter count.
+    on both sides; the seed phase is shared by both and counted on neither. The baseline trains as
+    an expert does (architecture, start, adapter), hence an expert's FLOPs per token.
     """
     layout = RunLayout.of(run_dir)
     num_clusters = config["partition"]["num_clusters"]
@@ -160,7 +175,8 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     flops = sum(e["flops"] for e in experts) + (router["flops"] if router else 0.0)
     options = config["expert"]["train"]
     tokens_per_step = options["batch_size"] * options.get("grad_accum", 1) * config["expert"]["block_size"] * world_size
-    return max(1, math.ceil(flops / (6 * experts[0]["parameters"] * tokens_per_step)))
+    per_token = experts[0]["flops"] / max(experts[0]["tokens"], 1)
+    return max(1, math.ceil(flops / (per_token * tokens_per_step)))
 
 
 def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
@@ -176,4 +192,5 @@ def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.devi
     val_data = datasets.concatenate_datasets(validation) if validation else None
     options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
     return _train_lm(run_dir, "baseline", train_data, val_data, options,
-                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config), device)
+                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config), device,
+                     adapted=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
 import torch
@@ -13,27 +13,30 @@ from dfm.loss import masked_dfm_loss
 from dfm.masked_path import MaskedPath
 from models.masked_expert import clean_logits
 from models.router import state_logits
+from training.data import READ_BATCH
 from training.trainer import LossFn
 
 
-def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> datasets.Dataset:
+def document_row_iter(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> Iterator[dict]:
     """One row per ``block_size`` tokens of one document and its closing EOS (never two documents
     in a row: a bidirectional model would read across them). Short rows are padded with EOS and
-    marked 0 in ``attention_mask``; every row copies its document's ``columns`` (e.g. "cluster")."""
+    marked 0 in ``attention_mask``; every row copies its document's ``columns`` (e.g. "cluster").
+    Documents are read in batches, so memory holds one batch, never the corpus."""
     if block_size < 1:
         raise DfmError("block size must be at least 1")
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], **{c: [] for c in columns}}
-    values = [ds[c] for c in columns]
-    for d, ids in enumerate(ds["input_ids"]):
-        ids = [*ids, eos_id]  # the end of a document is a token to learn (and to generate)
-        for start in range(0, len(ids), block_size):
-            chunk = ids[start:start + block_size]
-            pad = block_size - len(chunk)
-            out["input_ids"].append(chunk + [eos_id] * pad)
-            out["attention_mask"].append([1] * len(chunk) + [0] * pad)
-            for column, column_values in zip(columns, values):
-                out[column].append(column_values[d])
-    return datasets.Dataset.from_dict(out)
+    for batch in ds.select_columns(["input_ids", *columns]).iter(batch_size=READ_BATCH):
+        for d, ids in enumerate(batch["input_ids"]):
+            ids = [*ids, eos_id]  # the end of a document is a token to learn (and to generate)
+            for start in range(0, len(ids), block_size):
+                chunk = ids[start:start + block_size]
+                pad = block_size - len(chunk)
+                yield {"input_ids": chunk + [eos_id] * pad, "attention_mask": [1] * len(chunk) + [0] * pad,
+                       **{column: batch[column][d] for column in columns}}
+
+
+def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> datasets.Dataset:
+    """``document_row_iter`` collected into an in-memory dataset (for small inputs)."""
+    return datasets.Dataset.from_list(list(document_row_iter(ds, block_size, eos_id, columns)))
 
 
 def _noisy_state(path: MaskedPath, x1: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:

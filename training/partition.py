@@ -175,8 +175,10 @@ def fit_kmeans(
     return Partition(centres=best[2], idf=idf, projection=projection, assignments=best[1])
 
 
-def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int) -> Partition:
-    """Partition by an existing label column: cluster ids are the sorted distinct labels.
+def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int,
+                values: Sequence[Hashable] | None = None) -> Partition:
+    """Partition by an existing label column: cluster ids are the sorted distinct labels (of
+    ``values`` when given: every label of a corpus whose sample ``docs`` and ``labels`` are).
 
     ``label_values[k]`` is the original label of cluster k; centre k is the normalised mean tf-idf
     vector of its documents, so centroid routing works for label partitions too.
@@ -187,8 +189,11 @@ def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int) -> Part
         raise DfmError(f"{len(docs)} documents but {len(labels)} labels: give one label per document")
     if not len(docs):
         raise DfmError("no documents to partition")
-    values = _label_values(labels)
+    values = _label_values(labels if values is None else values)
     index = {value: i for i, value in enumerate(values)}
+    missing = {_plain(label) for label in labels} - set(values)
+    if missing:
+        raise DfmError(f"labels {sorted(map(str, missing))[:5]} are not among the label values {values[:10]}")
     assignments = torch.tensor([index[_plain(label)] for label in labels], dtype=torch.long)
     counts = term_counts(docs, vocab_size)
     idf = smooth_idf(counts)

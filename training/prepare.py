@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -12,13 +15,14 @@ from datasets import DatasetDict
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
 from training.config import is_masked, seed_phase
-from training.data import DataSource, carve_splits, load_documents, pack_blocks, save_dataset, tokenize
+from training.data import (READ_BATCH, DataSource, carve_splits, column_tensor, load_documents, packed_rows, rows_on_disk,
+                           sample_documents, save_dataset, tokenize)
 from training.layout import RunLayout
-from training.masked_training import document_rows
+from training.masked_training import document_row_iter
 from models.partition import Partition
 from training.partition import fit_kmeans, from_labels, partition_stats
 from training.synthetic import SyntheticCorpus, SyntheticSpec
-from training.tokenizer import existing_tokenizer, save_tokenizer, train_bpe
+from training.tokenizer import existing_tokenizer, save_tokenizer, text_batches, train_bpe
 
 
 def data_source(config: dict) -> DataSource:
@@ -45,36 +49,47 @@ def split_data_files(files: list[str] | None) -> list[str] | dict[str, list[str]
     return out
 
 
-def load_corpus(config: dict) -> DatasetDict:
-    """The configured dataset, or the embedded synthetic corpus when none is named."""
+def load_corpus(config: dict, scratch: str | Path | None = None) -> DatasetDict:
+    """The configured dataset, or the embedded synthetic corpus when none is named (a streamed
+    dataset is written under ``scratch``)."""
     source = data_source(config)
     if source.dataset is not None:
-        return load_documents(source)
+        return load_documents(source, scratch)
     corpus = SyntheticCorpus(SyntheticSpec.from_dict(config["synthetic"]))
     return DatasetDict(carve_splits({"train": corpus.to_dataset()}, source))
 
 
 def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partition:
-    docs = list(train["input_ids"])
-    column = config["data"]["cluster_column"]
+    """The partition fitted on a seeded sample of at most ``partition.sample_documents`` training
+    documents (all of them in a small corpus): k-means, or the centres of the ``cluster_column`` labels."""
     part = config["partition"]
+    sample = sample_documents(train, part["sample_documents"], config["seed"])
+    docs = list(sample["input_ids"])
+    column = config["data"]["cluster_column"]
     if column is not None:
         if column not in train.column_names:
             raise DfmError(f"--cluster-column {column!r} is not a column of the dataset (columns: {train.column_names})")
-        return from_labels(docs, list(train[column]), vocab_size)
+        return from_labels(docs, list(sample[column]), vocab_size, values=train.unique(column))
     return fit_kmeans(docs, part["num_clusters"], vocab_size, balance=part["balance"], svd_dim=part["svd_dim"],
                       iterations=part["iterations"], seed=config["seed"])
 
 
-def _clusters_of(split: datasets.Dataset, partition: Partition, column: str | None) -> list[int]:
-    """Cluster of every document of a held-out split: its label, or the nearest centre."""
+def with_clusters(split: datasets.Dataset, partition: Partition, column: str | None) -> datasets.Dataset:
+    """``split`` with a "cluster" column, computed batch by batch: each document's label in
+    ``column``, or else its nearest centre."""
     if column is None:
-        return partition.assign(list(split["input_ids"])).tolist() if len(split) else []
-    index = {value: k for k, value in enumerate(partition.label_values)}
-    unknown = sorted({str(v) for v in split[column] if v not in index})
-    if unknown:
-        raise DfmError(f"held-out documents carry labels never seen in training: {unknown[:5]}; fix --cluster-column")
-    return [index[v] for v in split[column]]
+        def assign(batch: dict) -> dict:
+            return {"cluster": partition.assign(batch["input_ids"]).tolist()}
+    else:
+        index = {value: k for k, value in enumerate(partition.label_values)}
+
+        def assign(batch: dict) -> dict:
+            unknown = sorted({str(v) for v in batch[column] if v not in index})
+            if unknown:
+                raise DfmError(f"held-out documents carry labels never seen in training: {unknown[:5]}; "
+                               f"fix --cluster-column")
+            return {"cluster": [index[v] for v in batch[column]]}
+    return split.map(assign, batched=True, batch_size=READ_BATCH, desc="assign clusters")
 
 
 def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
@@ -86,7 +101,7 @@ def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
         if column not in split.column_names:
             raise DfmError(f"--shared-column {column!r} is not a column of the dataset (columns: {split.column_names})")
         return [bool(v) for v in split[column]]
-    clusters = torch.tensor(list(split["cluster"]), dtype=torch.long)
+    clusters = column_tensor(split, "cluster")
     flags = torch.zeros(len(clusters), dtype=torch.bool)
     generator = torch.Generator().manual_seed(config["seed"])
     for k in clusters.unique().tolist():
@@ -97,34 +112,44 @@ def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
 
 
 #: Turns documents into training rows: packed causal blocks (ar) or one document per row (masked).
-RowBuilder = Callable[[datasets.Dataset], datasets.Dataset]
+RowBuilder = Callable[[datasets.Dataset], Iterator[dict]]
 
 
 def row_builder(config: dict, eos_id: int) -> RowBuilder:
-    """How the run's path trains: ``pack_blocks`` for ar, ``document_rows`` for masked, at ``expert.block_size``."""
+    """How the run's path trains: ``packed_rows`` for ar, ``document_row_iter`` for masked, at ``expert.block_size``."""
     block = config["expert"]["block_size"]
     if is_masked(config):
-        return lambda docs: document_rows(docs, block, eos_id)
-    return lambda docs: pack_blocks(docs, block, eos_id)
+        return lambda docs: document_row_iter(docs, block, eos_id)
+    return lambda docs: packed_rows(docs, block, eos_id)
 
 
 def training_targets(rows: datasets.Dataset) -> int:
     """Tokens a model learns from in ``rows``: labels of packed blocks (a block's first label is
-    its input only), or the real tokens of document rows."""
-    if "labels" in rows.column_names:
-        return int((torch.tensor(list(rows["labels"]))[:, 1:] >= 0).sum())
-    return int(torch.tensor(list(rows["attention_mask"])).sum())
+    its input only), or the real tokens of document rows; counted batch by batch."""
+    packed = "labels" in rows.column_names
+    column = "labels" if packed else "attention_mask"
+    total = 0
+    for batch in rows.select_columns([column]).with_format("torch").iter(batch_size=READ_BATCH):
+        values = batch[column]
+        total += int((values[:, 1:] >= 0).sum()) if packed else int(values.sum())
+    return total
 
 
-def write_shard(documents: DatasetDict, keep: Callable[[dict], bool], to_rows: RowBuilder, directory: Path) -> int:
-    """Turn the train/validation documents for which ``keep(row)`` holds into rows and save them;
-    returns the number of training targets."""
-    rows = {name: to_rows(documents[name].filter(keep)) for name in ("train", "validation")}
-    # an empty split cannot round-trip through save_to_disk: a cluster without validation
-    # documents gets a train split only
-    shard = DatasetDict({name: split for name, split in rows.items() if len(split)})
-    save_dataset(shard, directory)
-    return training_targets(shard["train"])
+def write_shard(documents: DatasetDict, column: str, value: object, to_rows: RowBuilder, directory: Path) -> int:
+    """Turn the train/validation documents whose ``column`` equals ``value`` into rows, streamed to
+    disk, and save them in ``directory``; returns the number of training targets."""
+    with tempfile.TemporaryDirectory(dir=Path(directory).parent, prefix=".rows-") as scratch:
+        rows = {}
+        for name in ("train", "validation"):
+            chosen = documents[name].filter(lambda values: [v == value for v in values], input_columns=column,
+                                            batched=True, batch_size=READ_BATCH)
+            # an empty split cannot round-trip through save_to_disk: a cluster without validation
+            # documents gets a train split only
+            if len(chosen):
+                rows[name] = rows_on_disk(lambda chosen=chosen: to_rows(chosen), scratch)
+        shard = DatasetDict(rows)
+        save_dataset(shard, directory)
+        return training_targets(shard["train"])
 
 
 #: What training leaves in a run; a new tokenizer and partition would make all of it unusable.
@@ -153,26 +178,39 @@ def prepare(config: dict, run_dir: str | Path, overwrite: bool = False) -> dict:
 
 def _prepare_into(config: dict, run_dir: Path) -> dict:
     layout = RunLayout.of(run_dir)
-    corpus = load_corpus(config)
+    scratch = run_dir / ".scratch"  # streamed datasets and rows; removed before the run is renamed into place
+    try:
+        return _prepare_steps(config, layout, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
+    corpus = load_corpus(config, scratch)
     text_column = config["data"]["text_column"]
     pretrained = config["tokenizer"]["path"] or config["seed_model"]["init_from"]
     if pretrained:
         tokenizer = existing_tokenizer(pretrained)
     else:
-        tokenizer = train_bpe(list(corpus["train"][text_column]), config["tokenizer"]["vocab_size"])
+        sample = sample_documents(corpus["train"], config["tokenizer"]["sample_documents"], config["seed"])
+        tokenizer = train_bpe(text_batches(sample, text_column), config["tokenizer"]["vocab_size"])
     save_tokenizer(tokenizer, layout.tokenizer)
     tokenized = DatasetDict({name: tokenize(split, tokenizer, text_column, config["num_proc"])
                              for name, split in corpus.items()})
 
     vocab_size = len(tokenizer)
     partition = _partition(config, tokenized["train"], vocab_size)
+    column = config["data"]["cluster_column"]
+    if len(partition.assignments) == len(tokenized["train"]):  # fitted on every training document: balanced
+        train = tokenized["train"].add_column("cluster", partition.assignments.tolist())
+    else:
+        train = with_clusters(tokenized["train"], partition, column)
+        partition = dataclasses.replace(partition, assignments=column_tensor(train, "cluster"))
     num_clusters = partition.num_clusters
     if num_clusters < 1 or min(partition.sizes) == 0:
         raise DfmError(f"partition has empty clusters (sizes {partition.sizes}): use fewer clusters or more data")
-    column = config["data"]["cluster_column"]
-    clusters = {"train": partition.assignments.tolist()}
-    clusters.update({name: _clusters_of(tokenized[name], partition, column) for name in ("validation", "test")})
-    tokenized = DatasetDict({name: split.add_column("cluster", clusters[name]) for name, split in tokenized.items()})
+    tokenized = DatasetDict({"train": train, **{name: with_clusters(tokenized[name], partition, column)
+                                                for name in ("validation", "test")}})
     tokenized = DatasetDict({name: split.add_column("shared", shared_flags(split, config)) if name != "test" else split
                              for name, split in tokenized.items()})
 
@@ -186,13 +224,11 @@ def _prepare_into(config: dict, run_dir: Path) -> dict:
     save_dataset(tokenized, layout.documents)
 
     to_rows = row_builder(config, tokenizer.eos_token_id)
-    shard_tokens = [write_shard(tokenized, lambda row, k=k: row["cluster"] == k, to_rows, layout.shard(k))
-                    for k in range(num_clusters)]
+    shard_tokens = [write_shard(tokenized, "cluster", k, to_rows, layout.shard(k)) for k in range(num_clusters)]
     if seed_phase(config):
-        write_shard(tokenized, lambda row: row["shared"], to_rows, layout.shared)
+        write_shard(tokenized, "shared", True, to_rows, layout.shared)
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
     return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,
             "clusters": num_clusters, "sizes": stats["sizes"], "purity": stats["purity"], "nmi": stats["nmi"],
             "train_tokens": shard_tokens}
-

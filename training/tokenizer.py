@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -17,8 +18,8 @@ from models.ensemble import load_tokenizer
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``texts``; every byte stays encodable."""
+def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` (strings, or batches of them); every byte stays encodable."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
         raise DfmError(f"vocab size {vocab_size} is too small for byte-level BPE: use at least {len(alphabet) + 1}")
@@ -30,6 +31,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int =
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
                                    pad_token=END_OF_TEXT, unk_token=None, model_max_length=1 << 30)
+
+
+def text_batches(ds: Dataset, text_column: str, batch_size: int = 1000) -> Iterator[list[str]]:
+    """The texts of ``ds`` in batches, for ``train_bpe`` (a missing or non-string text reads as "")."""
+    for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
+        yield [text if isinstance(text, str) else "" for text in batch[text_column]]
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:

@@ -36,11 +36,13 @@ from dfm.errors import DfmError, reject_unknown_keys
 from dfm.tensors import autocast_for
 from training.checkpoint import checkpoint_dirs, load_latest_checkpoint, rng_state, save_checkpoint
 from training.distributed import DistInfo, setup_distributed
+from training.sharding import full_model_state, full_states, grad_sync, is_sharded, shard_model
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 # Options that shape the optimisation trajectory: a resumed run must keep them.
-_TRAJECTORY = ("seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+_TRAJECTORY = ("seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
+               "fsdp")
 
 
 @dataclass
@@ -61,6 +63,9 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 10
     keep_checkpoints: int = 2
+    # under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2) for a
+    # model that does not fit one device; false: replicate it (DDP), the faster choice for small ones
+    fsdp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +81,10 @@ class TrainConfig:
         """Raise DfmError naming the first invalid option."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise DfmError(f"training option {f.name} must be true or false, got {value!r}")
+                continue
             expected = int if f.type in ("int", int) else (int, float)
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise DfmError(f"training option {f.name} must be a number of type {f.type}, got {value!r}")
@@ -156,7 +165,8 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             (decay if param.ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel (CPU and CUDA) replaces a per-parameter Python loop: ~2 ms a step here
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    fused = not is_sharded(model) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                          for g in groups for p in g["params"])
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.95), fused=fused)
 
 
@@ -212,12 +222,13 @@ def _evaluate(model: nn.Module, data: datasets.Dataset, loss_fn: LossFn, batch_s
     model.eval()
     shard = list(range(info.rank, len(data), info.world_size))
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    for start in range(0, len(shard), batch_size):
+    for start in range(0, math.ceil(len(data) / info.world_size), batch_size):  # as many batches on every rank
         rows = shard[start : start + batch_size]
+        weight = len(rows)  # a rank out of rows still joins the forward (FSDP gathers in it), at weight 0
         with autocast_for(info.device):
-            loss = loss_fn(model, _fetch(data, rows, info.device))
-        total[0] += loss.double() * len(rows)
-        total[1] += len(rows)
+            loss = loss_fn(model, _fetch(data, rows or [0], info.device))
+        total[0] += loss.double() * weight
+        total[1] += weight
     if info.world_size > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -254,7 +265,8 @@ def train(
     tokens_per_sample: int | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``train_data`` and save it with ``save_fn(model, out_dir)``.
+    """Train ``model`` in place on ``train_data`` and save it with ``save_fn(model, out_dir)``
+    (under FSDP: ``save_fn(model, out_dir, full_state_dict)``).
 
     ``loss_fn(model, batch)`` returns the mean loss of a batch (a dict of stacked column tensors);
     under DDP it receives the wrapped model. With ``resume=True`` training continues from the
@@ -275,6 +287,9 @@ def train(
     torch.manual_seed(config.seed + info.rank)
     model.to(info.device)
     model.train()
+    sharded = config.fsdp and info.world_size > 1
+    if sharded:
+        shard_model(model)
     optimizer = _make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
@@ -297,7 +312,7 @@ def train(
         _truncate_log(log_path, start_step)
 
     net: nn.Module = model
-    if info.world_size > 1:
+    if info.world_size > 1 and not sharded:
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     data = train_data.with_format("torch")
     val = val_data.with_format("torch") if val_data is not None else None
@@ -313,9 +328,10 @@ def train(
 
     def checkpoint(step: int, **more: Any) -> None:
         rng_states = _gather_rng(info)
+        states = full_states(model, optimizer) if sharded else None  # gathered by every rank
         if info.is_main:
             save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, run_state(**more),
-                            keep=config.keep_checkpoints, rng_states=rng_states)
+                            keep=config.keep_checkpoints, rng_states=rng_states, states=states)
 
     bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not info.is_main, dynamic_ncols=True)
     try:
@@ -326,7 +342,9 @@ def train(
             for micro in range(config.grad_accum):
                 batch = _fetch(data, indices[micro * config.batch_size : (micro + 1) * config.batch_size], info.device)
                 last = micro == config.grad_accum - 1
-                with net.no_sync() if info.world_size > 1 and not last else nullcontext():
+                if sharded:
+                    grad_sync(model, last)
+                with net.no_sync() if info.world_size > 1 and not sharded and not last else nullcontext():
                     with autocast_for(info.device):
                         loss = loss_fn(net, batch)
                     (loss / config.grad_accum).backward()
@@ -340,6 +358,8 @@ def train(
             if not math.isfinite(loss_value):
                 raise _non_finite("loss", step + 1, checkpoint_dir)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 raise _non_finite("gradient", step + 1, checkpoint_dir)
             lr = optimizer.param_groups[0]["lr"]
@@ -374,7 +394,11 @@ def train(
             if info.is_main:
                 _append_log(log_path, {"step": config.steps, "val_loss": val_loss})
         checkpoint(config.steps, val_loss=val_loss)
-    if info.is_main:
+    if sharded:
+        state = full_model_state(model)  # gathered by every rank
+        if info.is_main:
+            save_fn(model, out_dir, state)
+    elif info.is_main:
         save_fn(model, out_dir)
     if info.world_size > 1:
         dist.barrier()

@@ -1,0 +1,115 @@
+"""`dfm bench --prepare N [N ...]`: documents per second and peak resident memory of `dfm prepare`
+on synthetic corpora of N documents, each run in a fresh process reading a JSONL file. Peak RSS
+is reported whole (VmHWM) and as its allocated (anonymous) part, which is what a streaming
+prepare keeps flat; the rest is memory-mapped Arrow files.
+
+The corpus is the embedded synthetic generator's (4 domains, documents of about 100 words),
+written to disk first so the measured process reads it as a user's files are read, through
+``load_dataset("json")`` with its own empty datasets cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dfm.atomic import write_json
+from dfm.errors import DfmError
+from eval.bench import PEAK_RSS_KIB
+from training.synthetic import SyntheticCorpus, SyntheticSpec
+
+#: Documents the corpus writer samples at a time (its memory, not the measured process's).
+CHUNK = 10_000
+
+# VmHWM counts the pages of memory-mapped Arrow files that the process has touched, which grow
+# with the corpus but are page cache the kernel can take back; RssAnon (what the process
+# allocated) has no high-water mark in /proc, so a thread samples it every 20 ms.
+_PREPARE_CHILD = PEAK_RSS_KIB + """
+import sys, threading, time
+peak_anon = [0]
+def sample_anon():
+    while True:
+        with open("/proc/self/status") as status:
+            anon = next((int(line.split()[1]) for line in status if line.startswith("RssAnon:")), 0)
+        peak_anon[0] = max(peak_anon[0], anon)
+        time.sleep(0.02)
+threading.Thread(target=sample_anon, daemon=True).start()
+from dfm.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+print(time.perf_counter() - start)
+print(peak_rss_kib())
+print(peak_anon[0])
+sys.exit(code)
+"""
+
+
+def write_corpus(path: Path, num_documents: int, seed: int = 0) -> int:
+    """``num_documents`` synthetic documents as JSONL (text, domain) at ``path``; returns its bytes."""
+    corpus = SyntheticCorpus(SyntheticSpec(num_domains=4, num_documents=CHUNK, seed=seed, mean_length=100))
+    with open(path, "w", encoding="utf-8") as out:
+        for start in range(0, num_documents, CHUNK):
+            for text, domain in corpus.sample(min(CHUNK, num_documents - start), seed + start):
+                out.write(json.dumps({"text": text, "domain": domain}) + "\n")
+    return path.stat().st_size
+
+
+def measure_prepare(num_documents: int, workdir: Path) -> dict:
+    """One fresh `dfm prepare` on ``num_documents`` documents: wall seconds, documents/s, peak RSS."""
+    corpus = workdir / "corpus.jsonl"
+    size = write_corpus(corpus, num_documents)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
+    argv = ["prepare", "--out", str(workdir / "run"), "--dataset", "json", "--data-files", str(corpus),
+            "--label-column", "domain"]
+    done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, *argv], capture_output=True, text=True, env=env,
+                          check=False)
+    if done.returncode:
+        raise DfmError(f"dfm prepare on {num_documents} documents failed: {done.stderr.strip().splitlines()[-1:]}")
+    seconds, peak_kib, anon_kib = done.stdout.strip().splitlines()[-3:]
+    summary = json.loads((workdir / "run" / "partition" / "stats.json").read_text())
+    return {"documents": num_documents, "corpus_mb": size / 1e6, "seconds": float(seconds),
+            "documents_per_second": num_documents / float(seconds), "peak_rss_mb": int(peak_kib) / 1024,
+            "peak_anonymous_mb": int(anon_kib) / 1024,
+            "cluster_sizes": summary["sizes"], "purity": summary["purity"]}
+
+
+def bench_prepare(sizes: Sequence[int], out: Path | None = None,
+                  say: Callable[[str], None] = lambda message: None) -> dict:
+    """``measure_prepare`` at every size; the growth of peak RSS from each size to the next; JSON to ``out``."""
+    if not sizes or any(n < 100 for n in sizes):
+        raise DfmError(f"--prepare needs corpus sizes of at least 100 documents, got {list(sizes)}")
+    started, runs = time.perf_counter(), []
+    for n in sorted(sizes):
+        say(f"prepare on {n} documents")
+        with tempfile.TemporaryDirectory(prefix="dfm-prepare-bench-") as tmp:
+            runs.append(measure_prepare(n, Path(tmp)))
+        say(f"  {runs[-1]['documents_per_second']:.0f} documents/s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB "
+            f"(allocated: {runs[-1]['peak_anonymous_mb']:.0f} MB)")
+    for before, after in zip(runs, runs[1:]):
+        after["rss_growth_vs_previous"] = after["peak_rss_mb"] / before["peak_rss_mb"]
+        after["anonymous_growth_vs_previous"] = after["peak_anonymous_mb"] / before["peak_anonymous_mb"]
+    results = {"prepare": runs, "seconds": time.perf_counter() - started}
+    if out is not None:
+        write_json(out, results)
+    return results
+
+
+def format_prepare_table(results: dict) -> str:
+    """Markdown table of ``bench_prepare``'s results."""
+    lines = ["| documents | corpus MB | seconds | documents/s | peak RSS MB (growth) | of it allocated, MB (growth) |",
+             "|---|---|---|---|---|---|"]
+
+    def growth(run: dict, key: str) -> str:
+        return f" ({run[key]:.2f}x)" if key in run else ""
+
+    for run in results["prepare"]:
+        lines.append(f"| {run['documents']} | {run['corpus_mb']:.0f} | {run['seconds']:.1f} | "
+                     f"{run['documents_per_second']:.0f} | {run['peak_rss_mb']:.0f}{growth(run, 'rss_growth_vs_previous')} | "
+                     f"{run['peak_anonymous_mb']:.0f}{growth(run, 'anonymous_growth_vs_previous')} |")
+    return "\n".join(lines)
