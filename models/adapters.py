@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 #: expert.lora defaults: rank, scale numerator (the update is alpha / r * B A), dropout on the
 #: adapter's input, and the layers adapted ("all-linear": every linear layer but the output head).
 DEFAULT_LORA: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.2x calls a transformers property deprecated in 5.x; the FutureWarning is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _peft():
@@ -60,7 +71,8 @@ def add_lora(model: PreTrainedModel, settings: dict, base: str) -> nn.Module:
     config = peft.LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
                              target_modules=settings["target_modules"], bias="none", task_type="CAUSAL_LM")
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with _quiet_peft():
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as err:
         raise DfmError(f"cannot attach LoRA to the seed model ({str(err).splitlines()[0]}): fix "
                        f"expert.lora.target_modules") from err
@@ -104,7 +116,8 @@ def load_merged(path: str | os.PathLike, device: torch.device | str | None = Non
         raise DfmError(f"the adapter at {path} adapts {base_name!r}, which cannot be loaded "
                        f"({str(err).splitlines()[0]}): copy the run's seed/ beside experts/") from err
     try:
-        merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        with _quiet_peft():
+            merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise DfmError(f"cannot load the adapter at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
     return merged.to(device or "cpu").eval()
