@@ -6,15 +6,14 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble
 from training.config import parse_override, resolve_config
-from training.experts import train_expert
 from training.layout import RunLayout
+from tests.resume import resumes_bit_identically
 from tests.tiny_config import write_tiny_config
 
 LORA = ["--set", "expert.adapter=lora", "--set", "expert.lora.r=4"]
@@ -60,17 +59,7 @@ def test_lora_compute_is_counted_per_trained_parameter(lora_run):
 
 
 def test_a_lora_expert_resumes_bit_identically(lora_run, tmp_path):
-    copy_run = tmp_path / "run"
-    shutil.copytree(lora_run, copy_run)
-    layout = RunLayout.of(copy_run)
-    shutil.rmtree(layout.expert(2))
-    for step_dir in layout.checkpoints("expert-2").iterdir():
-        if not step_dir.name.endswith("3"):
-            shutil.rmtree(step_dir)
-    train_expert(copy_run, 2, resume=True)
-    resumed = load_file(layout.expert(2) / "adapter_model.safetensors")
-    reference = load_file(RunLayout.of(lora_run).expert(2) / "adapter_model.safetensors")
-    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert resumes_bit_identically(lora_run, tmp_path, 2, "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("overrides, message", [

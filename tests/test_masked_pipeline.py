@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
 from dfm.cli import main
@@ -18,8 +16,8 @@ from dfm.errors import DfmError
 from eval.masked_report import masked_nats
 from models.masked_ensemble import MaskedEnsemble
 from training.config import resolve_config
-from training.experts import train_expert
 from training.layout import RunLayout
+from tests.resume import resumes_bit_identically
 from tests.tiny_config import TINY_RUN
 
 TINY_MASKED_ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -161,14 +159,4 @@ def test_masked_defaults_use_a_bidirectional_expert():
 def test_masked_expert_resumes_bit_identically(masked_run, tmp_path):
     """Interrupted after its step-3 checkpoint, a masked expert resumes to the same weights: the
     masking draws come from the checkpointed generator."""
-    copy_run = tmp_path / "run"
-    shutil.copytree(masked_run, copy_run)
-    layout = RunLayout.of(copy_run)
-    shutil.rmtree(layout.expert(2))
-    for step_dir in layout.checkpoints("expert-2").iterdir():
-        if not step_dir.name.endswith("3"):
-            shutil.rmtree(step_dir)
-    train_expert(copy_run, 2, resume=True)
-    resumed = load_file(layout.expert(2) / "model.safetensors")
-    reference = load_file(RunLayout.of(masked_run).expert(2) / "model.safetensors")
-    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert resumes_bit_identically(masked_run, tmp_path, 2, "model.safetensors")
