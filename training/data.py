@@ -42,12 +42,11 @@ class DataSource:
 
 def load_documents(source: DataSource, scratch: str | os.PathLike | None = None) -> DatasetDict:
     """Load the corpus as train/validation/test splits with ``source.text_column`` present. A
-    streamed dataset is written to disk under ``scratch`` (default: a new temporary directory) as it
-    is read, so a corpus larger than memory never becomes a Python list."""
+    streamed dataset is written to disk under ``scratch`` (default: a new temporary directory,
+    made only then) as it is read, so a corpus larger than memory never becomes a Python list."""
     raw = _load_raw(source)
     if not isinstance(raw, dict):
         raw = {"train": raw}
-    scratch = tempfile.mkdtemp(prefix="dfm-stream-") if scratch is None else scratch
     splits = {name: _materialize(ds, source.max_documents, scratch) for name, ds in raw.items()}
     if "train" not in splits:
         raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --split")
@@ -110,11 +109,12 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _materialize(ds, max_documents: int | None, scratch: str | os.PathLike) -> Dataset:
-    """A streamed split is written to disk (up to ``max_documents``); a regular one is capped."""
+def _materialize(ds, max_documents: int | None, scratch: str | os.PathLike | None) -> Dataset:
+    """A streamed split is written to disk under ``scratch`` (up to ``max_documents``); a regular one is capped."""
     if isinstance(ds, datasets.IterableDataset):
         stream = ds if max_documents is None else ds.take(max_documents)
-        return rows_on_disk(lambda: iter(stream), scratch)
+        directory = scratch if scratch is not None else tempfile.mkdtemp(prefix="dfm-stream-")
+        return rows_on_disk(lambda: iter(stream), directory)
     if max_documents is not None and len(ds) > max_documents:
         return ds.select(range(max_documents))
     return ds
@@ -139,11 +139,16 @@ def carve_splits(splits: dict[str, Dataset], source: DataSource) -> dict[str, Da
     return {name: out[name] for name in SPLITS}
 
 
+def as_texts(values: list) -> list[str]:
+    """Text column values as strings: a missing or non-string value reads as ""."""
+    return [value if isinstance(value, str) else "" for value in values]
+
+
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, num_proc: int | None = None) -> Dataset:
     """Add ``input_ids`` (no special tokens) and ``num_bytes`` (UTF-8 length) to every document."""
 
     def encode(batch: dict) -> dict:
-        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        texts = as_texts(batch[text_column])
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, "num_bytes": [len(t.encode("utf-8")) for t in texts]}
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
+from training.data import as_texts
 
 #: One special token serves as document separator, BOS, EOS and padding (GPT-2 style).
 END_OF_TEXT = "<|endoftext|>"
@@ -36,7 +37,7 @@ def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048
 def text_batches(ds: Dataset, text_column: str, batch_size: int = 1000) -> Iterator[list[str]]:
     """The texts of ``ds`` in batches, for ``train_bpe`` (a missing or non-string text reads as "")."""
     for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
-        yield [text if isinstance(text, str) else "" for text in batch[text_column]]
+        yield as_texts(batch[text_column])
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
