@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                                      "name or local dir); its tokenizer is used and no seed is trained"}),
     "--shared-column": ("seed_model.shared_column", {"help": "boolean column marking the documents the seed model may "
                                                              "train on (default: a fraction of every cluster)"}),
-    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 1200)"}),
+    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 1200; 200 on the embedded synthetic corpus)"}),
     "--steps": ("expert.train.steps", {"type": int, "help": "optimizer steps per expert (the baseline gets as much "
                                                             "compute as all experts and the router together)"}),
     "--router-steps": ("router.train.steps", {"type": int, "help": "optimizer steps of the router"}),
@@ -55,7 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolved_config(args: argparse.Namespace) -> dict:
-    from training.config import parse_override, resolve_config
+    from training.config import load_config_file, parse_override, resolve_config
 
     overrides = [parse_override(text) for text in args.set]
     for name, value in vars(args).items():
@@ -64,7 +65,15 @@ def _resolved_config(args: argparse.Namespace) -> dict:
             for part in reversed(name[4:].split(".")):
                 override = {part: override}
             overrides.append(override)
-    return resolve_config(args.config, overrides)
+    config = resolve_config(args.config, overrides)
+    layers = ([load_config_file(args.config)] if args.config is not None else []) + overrides
+    if not any(isinstance(layer.get("tokenizer"), dict) and "vocab_size" in layer["tokenizer"] for layer in layers):
+        from training.tokenizer import VocabularyShortfall
+
+        # the default vocabulary is more than a small corpus fills (the default run's reaches ~900 of
+        # 2048): say so only to whoever asked for a size (main() scopes this filter to one command)
+        warnings.filterwarnings("ignore", category=VocabularyShortfall)
+    return config
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> None:
@@ -105,17 +114,28 @@ def _loss(value: float | None) -> str:
     return "n/a (no validation data)" if value is None else f"{value:.4f}"
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _say(message: str) -> None:
     print(f"[dfm] {message}", file=sys.stderr, flush=True)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(quiet: bool) -> None:
+    """Library logs off; dfm's own bars (and datasets' map/filter bars) only on a terminal, unless quiet."""
     import datasets
     from transformers.utils import logging as hf_logging
 
+    from dfm.progress import set_quiet, shown
+
+    set_quiet(quiet)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    if shown():
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 
 
@@ -224,13 +244,24 @@ def cmd_run(args: argparse.Namespace) -> None:
     from eval.report import check_modes
 
     check_modes(args.modes or (), is_masked(config))  # before minutes of training, not after
+
+    def estimate(first: dict, experts_done: int) -> None:
+        from training.estimate import remaining_seconds
+
+        rest = remaining_seconds(run_dir, config, first, experts_done)
+        _say(f"estimated: about {_minutes(rest)} more of training, {_minutes(sum(timings.values()) + rest)} in all "
+             f"(from this stage's speed; evaluation not counted)")
+
     if seed_phase(config):
         summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume, device=device))
         _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
+        estimate(summary, 0)
     for k in range(config["partition"]["num_clusters"]):
         summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume, device=device))
         _say(f"expert-{k}: val loss {_loss(summary['val_loss'])} nats/token, unigram entropy "
              f"{summary['unigram_entropy']:.4f}")
+        if k == 0 and not seed_phase(config):
+            estimate(summary, 1)
     if config["partition"]["num_clusters"] > 1:
         from training.router_training import train_router
 
@@ -303,19 +334,28 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return report
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt; else --prompt-file, one prompt a line (blank lines skipped); else stdin as one
+    prompt (`echo TEXT |` adds one newline, which is dropped); else one empty prompt (BOS only)."""
     if args.prompt is not None:
-        return args.prompt
+        return [args.prompt]
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as handle:
-                return handle.read()
+                prompts = [line.rstrip("\r\n") for line in handle if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise DfmError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
+        if not prompts:
+            raise DfmError(f"--prompt-file {args.prompt_file} holds no prompt: write one prompt a line")
+        return prompts
     if sys.stdin is not None and not sys.stdin.isatty():
-        text = sys.stdin.read()
-        return text[:-1] if text.endswith("\n") else text  # `echo TEXT |` adds one newline; keep the rest
-    return ""  # generate from BOS
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        except UnicodeDecodeError as err:
+            raise DfmError(f"the prompt on stdin is not UTF-8 text (byte {err.start}): pipe text, or pass "
+                           f"--prompt / --prompt-file") from err
+        return [text[:-1] if text.endswith("\n") else text]
+    return [""]
 
 
 def _load_generator(args: argparse.Namespace):
@@ -336,7 +376,10 @@ def _load_generator(args: argparse.Namespace):
     if paths.get(args.model) is None:
         raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
                        f"{', '.join(name for name, p in paths.items() if p)}")
-    return single_model(load_expert(resolve_inside(args.run, paths[args.model]), device), tokenizer, name=args.model)
+    model = load_expert(resolve_inside(args.run, paths[args.model]), device)
+    for relative in (manifest.tokenizer, paths[args.model]):
+        manifest.verify(args.run, relative)
+    return single_model(model, tokenizer, name=args.model)
 
 
 def _routing_view(generation, tokenizer, colour: bool) -> str:
@@ -367,9 +410,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     routing, args.k = _routing_and_k(args)  # fail on a typo before loading anything
     args.routing = routing.value
-    prompt = _read_prompt(args)
+    if args.batch_size < 1:
+        raise DfmError(f"--batch-size must be a positive number of prompts, got {args.batch_size}")
+    prompts = _read_prompts(args)
+    if len(prompts) > 1 and args.show_routing:
+        raise DfmError(f"--show-routing shows one prompt's tokens; --prompt-file holds {len(prompts)} prompts: "
+                       f"use --json for every prompt's routing weights")
     model = _load_generator(args)
-    weigher = None
+    partition = None
     if args.routing == "centroid":
         from models.manifest import Manifest, resolve_inside
         from models.partition import Partition
@@ -379,10 +427,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
         if args.model != "ensemble":
             raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
-        weigher = model.weigher("centroid", partition=Partition.load(resolve_inside(args.run, manifest.partition)),
-                                centroid_temperature=args.centroid_temperature)
-    elif args.routing == "oracle":
-        weigher = model.weigher("oracle", oracle=[args.cluster])
+        partition = Partition.load(resolve_inside(args.run, manifest.partition))
+
+    def weigher_for(batch: list[str]):
+        """A fresh weigher per batch for centroid and oracle routing (None: the mode's default)."""
+        if partition is not None:
+            return model.weigher("centroid", partition=partition, centroid_temperature=args.centroid_temperature)
+        if args.routing == "oracle":
+            return model.weigher("oracle", oracle=[args.cluster] * len(batch))
+        return None
+
+    options = dict(max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, exclude=args.exclude_expert,
+                   route_on=args.route_on)
+    if len(prompts) == 1:
+        return _generate_one(args, model, prompts[0], weigher_for(prompts), options)
+    from dfm.progress import progress
+
+    bar = progress(total=len(prompts), desc="generate", unit="prompt")
+    for first in range(0, len(prompts), args.batch_size):
+        batch = prompts[first:first + args.batch_size]
+        generation = generate_text(model, batch, weigher=weigher_for(batch), **options)
+        record = generation.to_json()
+        for i, prompt in enumerate(batch):
+            if args.json:  # one JSON object a line, per prompt, in the order of the file
+                row = {key: record[key][i] for key in ("texts", "token_ids", "prompt_ids", "weights",
+                                                       "token_log_probs", "truncated")}
+                print(json.dumps({"prompt": prompt, "text": row.pop("texts"), "index": first + i, **row,
+                                  "names": record["names"]}))
+            else:  # one block per prompt: the prompt, its continuation, a blank line
+                print(f"{prompt}{generation.texts[i]}\n", flush=True)
+        bar.update(len(batch))
+    bar.close()
+    _say(f"{len(prompts)} prompts in batches of {args.batch_size}")
+
+
+def _generate_one(args: argparse.Namespace, model, prompt: str, weigher, options: dict) -> None:
+    """One prompt: tokens stream to stdout as they are produced (or one JSON object)."""
+    from models.generation import generate_text
+
     tokenizer = model.tokenizer
     streamed: list[int] = []
     printed = ""
@@ -397,11 +480,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         printed = text
 
-    generation = generate_text(
-        model, prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        exclude=args.exclude_expert, route_on=args.route_on, weigher=weigher,
-        on_token=None if args.json else stream)
+    generation = generate_text(model, prompt, weigher=weigher, on_token=None if args.json else stream, **options)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
         return
@@ -438,7 +517,11 @@ def _generate_masked(args: argparse.Namespace) -> None:
                        f"on the masked path use --steps, --routing, --k and --temperature")
     routing, k = _routing_and_k(args)
     masked_routing(routing)
-    prompt = _read_prompt(args)
+    prompts = _read_prompts(args)
+    if len(prompts) > 1:
+        raise DfmError(f"the masked sampler takes one prompt; --prompt-file {args.prompt_file} holds {len(prompts)}: "
+                       f"give one line, or --prompt")
+    prompt = prompts[0]
     ensemble = MaskedEnsemble.from_run(args.run, device=_device(args), allow_missing=args.allow_missing,
                                        load_router=routing.value in ("mixture", "topk", "switch"))
     if args.model != "ensemble":
@@ -465,8 +548,12 @@ def _generate_masked(args: argparse.Namespace) -> None:
 
 
 def cmd_convergence(args: argparse.Namespace) -> dict:
+    from dfm.atomic import check_writable
     from eval.convergence import DEFAULT_EPS, DEFAULT_STEPS, convergence_study, plot_convergence, write_study
 
+    for out in (args.out, args.plot):
+        if out is not None:
+            check_writable(Path(out).parent)  # before the study, not after
     study = convergence_study(args.steps or DEFAULT_STEPS, args.eps or DEFAULT_EPS, scheduler_name=args.scheduler)
     write_study(study, args.out)
     if args.plot:
@@ -484,6 +571,9 @@ def cmd_convergence(args: argparse.Namespace) -> dict:
 def cmd_bench(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
+    from dfm.atomic import check_writable
+
+    check_writable(Path(args.out).parent)  # before minutes of measuring, not after
     if args.prepare:
         from eval.prepare_bench import bench_prepare, format_prepare_table
 
@@ -507,14 +597,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "combine them token by token with a router (discrete flow matching).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (they appear only when stderr is a terminal anyway)")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: the cores this process may use); give each of "
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this process "
+                             "may use); give each of "
                              "several dfm processes on one machine its share, e.g. --threads 1 twice on 2 cores")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
+        # --debug after the command too; SUPPRESS leaves the value before it alone when absent here
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
         return p
 
     p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
@@ -569,7 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text (default: read stdin if piped, else start from BOS)")
-    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    source.add_argument("--prompt-file", help="UTF-8 file of prompts, one a line (blank lines skipped); several "
+                                              "prompts are decoded in batches and printed one block (or, with "
+                                              "--json, one JSON line) each, in file order")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts decoded together (default 8); the same seed and batch size give the same texts")
     p.add_argument("--routing", default="mixture",
                    help="mixture | topk | top1 | top2 | switch | bayes | centroid | oracle (default: mixture); "
                         "masked runs: mixture, topk/topN, switch, oracle")
@@ -614,21 +713,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads: ``threads``, else every core this process may run on (its affinity)."""
+    """torch's intra-op threads: ``threads``, else OMP_NUM_THREADS when set, else every core this
+    process may run on (its affinity)."""
     if threads is not None and threads < 1:
         raise DfmError(f"--threads must be a positive number of threads, got {threads}")
     import torch
 
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Options of `dfm generate` checked before anything loads: the sampling seed and settings in
+    range (NaN and inf refused), and no expert excluded twice."""
+    from dfm.sampling import check_sampling, check_seed
+
+    if hasattr(args, "temperature"):
+        check_seed(args.seed, "--seed")
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    excluded = getattr(args, "exclude_expert", None) or []
+    twice = sorted({k for k in excluded if excluded.count(k) > 1})
+    if twice:
+        raise DfmError(f"--exclude-expert names expert {twice[0]} more than once: list each expert once")
+
+
+def _unwritable(err: Exception) -> str | None:
+    """What to do when dfm may not write a file (a read-only run directory, its permissions), or None
+    for any other failure."""
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+        return (f"cannot write {err.filename} ({err.strerror}): make the run directory writable, or copy the run "
+                f"to a writable place and use the copy")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:
-        _quiet_libraries()
-        _set_threads(args.threads)
-        args.handler(args)
+        with warnings.catch_warnings():  # warning filters a command sets end with it
+            _quiet_libraries(args.quiet)
+            _set_threads(args.threads)
+            _check_args(args)
+            args.handler(args)
     except DfmError as err:
         if args.debug:
             traceback.print_exc()
@@ -640,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
+        unwritable = _unwritable(err)
+        if unwritable is not None:
+            print(f"dfm: error: {unwritable}", file=sys.stderr)
+            return 2
         first = str(err).splitlines()[0] if str(err) else ""
         print(f"dfm: error: unexpected {type(err).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)

@@ -44,7 +44,7 @@ class DecodeConfig:
 class StepOutput:
     token: Tensor              # (B,) sampled tokens
     log_probs: Tensor          # (B, V) mixture log-probabilities the token was drawn from
-    expert_log_probs: Tensor   # (B, E, V) of the experts that ran
+    expert_log_probs: Tensor   # (B, E, V) of the experts that ran (any finite value where a row gave one no weight)
     selection: Selection
 
 
@@ -56,12 +56,23 @@ def decode_step(
     config: DecodeConfig,
     generator: torch.Generator | None = None,
 ) -> StepOutput:
-    """One token for every row: run only the selected experts, mix in log space, sample."""
-    expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active)
+    """One token for every row: run only the selected experts, each only on the rows that give it
+    weight (when rows differ), mix in log space, sample."""
+    log_weights = selection.log_weights[:, selection.active]
+    used = torch.isfinite(log_weights)
+    sparse = len(selection.active) > 1 and not bool(used.all())
+    if sparse:
+        expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active, rows=used)
+    else:
+        expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active)
     if len(selection.active) == 1:  # every row gives the one active expert weight 1: nothing to mix
         mixed = expert_log_probs[:, 0]
+    elif sparse and bool((used.sum(-1) == 1).all()):  # one expert per row: the one finite term of the logsumexp
+        chosen = used.long().argmax(-1).view(-1, 1, 1)
+        terms = expert_log_probs + log_weights.unsqueeze(-1)  # the dtype mix_log_probs sums in
+        mixed = terms.gather(1, chosen.expand(-1, 1, terms.shape[-1])).squeeze(1)
     else:
-        mixed = mix_log_probs(expert_log_probs, selection.log_weights[:, selection.active])
+        mixed = mix_log_probs(expert_log_probs, log_weights)
     token = sample_tokens(mixed, generator, config.temperature, config.top_k, config.top_p)
     return StepOutput(token, mixed, expert_log_probs, selection)
 

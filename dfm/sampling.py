@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from dfm.errors import DfmError
+
+#: The largest seed dfm accepts (run seeds and sampling seeds alike). torch generators take 64-bit
+#: seeds, and a run's models are seeded at the run's seed plus offsets (tens of thousands), so the
+#: range [0, 2^63 - 1] leaves every derived seed inside 64 bits.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, name: str) -> None:
+    """Refuse a ``seed`` (called ``name`` in the message) that is not an integer in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DfmError(f"{name} must be an integer from 0 to 2^63 - 1 ({MAX_SEED}), got {seed!r}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse a temperature that is not a finite number >= 0, a top-p outside (0, 1] and a negative
+    top-k; NaN fails every comparison, so it is refused too."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DfmError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise DfmError(f"--top-p must lie in (0, 1] (1 = off), got {top_p}")
+    if top_k < 0:
+        raise DfmError(f"--top-k must be >= 0 (0 = off), got {top_k}")
 
 
 def filter_log_probs(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -32,8 +58,7 @@ def sample_tokens(
     top_p: float = 1.0,
 ) -> Tensor:
     """Draw one token per row; ``temperature == 0`` means greedy (argmax)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return log_probs.argmax(-1)
     probs = filter_log_probs(log_probs.float(), temperature, top_k, top_p).exp()

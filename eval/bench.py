@@ -39,11 +39,12 @@ from transformers.utils import logging as hf_logging
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.masked_path import MaskedPath
+from dfm.progress import progress as progress_bar
 from dfm.schedulers import scheduler
 from eval.perplexity import mixed_token_log_probs
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from models.ensemble import Ensemble, uniform_log_prior
-from models.weighers import RouterWeigher
+from models.weighers import OracleWeigher, RouterWeigher
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text
 from models.masked_ensemble import MaskedEnsemble
@@ -93,6 +94,8 @@ MODES: dict[str, dict[str, Any]] = {
     "mixture": {"routing": "mixture"},
     "bayes": {"routing": "bayes"},
     "top1_route_on_prompt": {"routing": "topk", "k": 1, "route_on": "prompt"},
+    # rows of a batch on different experts that keep them (see _mode_figures): row routing's case
+    "top1_fixed_rows": {"routing": "topk", "k": 1},
 }
 
 
@@ -310,6 +313,19 @@ class TimedRouterWeigher(RouterWeigher):
             self.seconds += time.perf_counter() - start
 
 
+class FixedRowsWeigher(TimedRouterWeigher):
+    """Runs the router as a trained one would (and is timed like it), but routes row i to expert
+    i mod K: the steady state of a trained router, which rarely changes its choice."""
+
+    def __init__(self, router: Router, rows: int, num_experts: int) -> None:
+        super().__init__(router)
+        self.fixed = OracleWeigher([i % num_experts for i in range(rows)], num_experts)
+
+    def __call__(self, tokens, attention_mask):
+        super().__call__(tokens, attention_mask)
+        return self.fixed(tokens, attention_mask)
+
+
 def _reference_tokens_per_second(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
                                  repeats: int) -> float:
     """One expert through transformers ``generate`` (KV cache, greedy, no EOS stop)."""
@@ -326,13 +342,17 @@ def _reference_tokens_per_second(model: PreTrainedModel, prompts: list[list[int]
 
 
 def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
-                  options: dict[str, Any]) -> dict:
+                  options: dict[str, Any], fixed_rows: bool = False) -> dict:
     """Tokens/s of one routing mode, its router share, and the experts' work per generated token.
-    Greedy decoding and a fixed seed make every repetition produce the same tokens."""
+    Greedy decoding and a fixed seed make every repetition produce the same tokens. ``fixed_rows``:
+    row i keeps expert i mod K throughout (what a trained router settles into after a few tokens)
+    instead of the random-init router, which changes its choice almost every token."""
     uses_router = options["routing"] != "bayes"
     runs: list[tuple[float, float]] = []  # (total, router) seconds of each timed repetition
     for attempt in range(1 + repeats):  # the first one warms up
         weigher = TimedRouterWeigher(ensemble.router) if uses_router else None
+        if fixed_rows:
+            weigher = FixedRowsWeigher(ensemble.router, len(prompts), ensemble.num_experts)
         start = time.perf_counter()
         generation = generate_text(ensemble, prompts, max_new_tokens=new_tokens, temperature=0.0, seed=0,
                                    stop_at_eos=False, weigher=weigher, **options)
@@ -362,7 +382,8 @@ def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None]) 
         row: dict[str, Any] = {"reference_generate": {"tokens_per_second": reference}}
         say(f"generation batch {batch}: reference generate {reference:.0f} tok/s")
         for name, options in MODES.items():
-            figures = _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options)
+            fixed = name == "top1_fixed_rows"
+            figures = _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options, fixed_rows=fixed)
             figures["vs_reference"] = figures["tokens_per_second"] / reference
             row[name] = figures
             say(f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
@@ -533,7 +554,7 @@ def _ratios(results: dict) -> dict[str, float | None]:
     trainer = training["trainer"]["tokens_per_second"]
     hf = training["hf_trainer"].get("tokens_per_second")
     reference = gen["reference_generate"]["tokens_per_second"]
-    return {
+    ratios = {
         "trainer_vs_hf_trainer": trainer / hf if hf else None,
         "trainer_vs_plain_loop": trainer / training["plain_loop"]["tokens_per_second"],
         "top1_vs_generate": gen["top1"]["tokens_per_second"] / reference,
@@ -541,6 +562,12 @@ def _ratios(results: dict) -> dict[str, float | None]:
         "mixture_vs_generate": gen["mixture"]["tokens_per_second"] / reference,
         "router_share": gen["top1"]["router_share"],
     }
+    largest = max((key for key in results["generation"] if key.startswith("batch_")), key=lambda key: int(key[6:]))
+    if largest != "batch_1":
+        big = results["generation"][largest]
+        for name in ("top1", "top1_fixed_rows", "mixture"):
+            ratios[f"{name}_vs_generate_{largest}"] = big[name]["vs_reference"]
+    return ratios
 
 
 @contextmanager
@@ -567,6 +594,15 @@ def run_bench(quick: bool = False, out: Path | None = None, progress: bool = Tru
     return results
 
 
+def machine_info() -> dict[str, Any]:
+    """What the figures of a bench depend on: cores, threads, versions, platform, load at the start."""
+    return {"os_cpu_count": os.cpu_count(), "usable_cores": _usable_cores(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "python_version": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "device": "cpu",
+            "load_average_start": _load_average()}
+
+
 def _run_sections(settings: Settings, progress: bool) -> dict:
     say = _Progress(progress)
     threads_before = torch.get_num_threads()
@@ -579,21 +615,22 @@ def _run_sections(settings: Settings, progress: bool) -> dict:
     peak = measure_peak(settings.peak_size, settings.peak_repeats)
     say(f"peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s" + (f", bf16 {peak['bf16'] / 1e9:.0f}" if peak["bf16"] else ""))
     results: dict[str, Any] = {
-        "machine": {
-            "os_cpu_count": os.cpu_count(), "usable_cores": cores, "torch_threads": torch.get_num_threads(),
-            "torch_threads_default": threads_before, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "python_version": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "device": "cpu", "peak_flops": peak, "load_average_start": _load_average(),
-        },
+        "machine": {**machine_info(), "torch_threads_default": threads_before, "peak_flops": peak},
         "peak": {"matmul_size": settings.peak_size, "fp32_flops": peak["fp32"], "bf16_flops": peak["bf16"]},
     }
-    results["training"] = bench_training(tokenizer, settings, peak["fp32"], say)
-    results["generation"] = bench_generation(tokenizer, settings, say)
-    results["scaling"] = bench_scaling(tokenizer, settings, results["generation"], say)
-    results["masked"] = bench_masked(tokenizer, settings, results["generation"], say)
-    results["scoring"] = bench_scoring(tokenizer, settings, say)
-    results["memory"] = bench_memory(tokenizer, settings, say)
+    sections: dict[str, Callable[[], dict]] = {
+        "training": lambda: bench_training(tokenizer, settings, peak["fp32"], say),
+        "generation": lambda: bench_generation(tokenizer, settings, say),
+        "scaling": lambda: bench_scaling(tokenizer, settings, results["generation"], say),
+        "masked": lambda: bench_masked(tokenizer, settings, results["generation"], say),
+        "scoring": lambda: bench_scoring(tokenizer, settings, say),
+        "memory": lambda: bench_memory(tokenizer, settings, say),
+    }
+    with progress_bar(total=len(sections), desc="bench", unit="section", enabled=progress) as bar:
+        for name, section in sections.items():
+            bar.set_postfix_str(name)
+            results[name] = section()
+            bar.update()
     results["ratios"] = _ratios(results)
     results["machine"]["load_average_end"] = _load_average()
     results["seconds"] = time.perf_counter() - started

@@ -20,9 +20,9 @@ from pathlib import Path
 import datasets
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dfm.mixing import mix_log_probs
+from dfm.progress import progress
 from dfm.routing import Routing, parse_mode
 from eval.equivalence import equivalence
 from eval.perplexity import summarize_totals
@@ -58,8 +58,7 @@ def masked_nats(ensemble: MaskedEnsemble, baseline, docs: Sequence[Sequence[int]
     totals = {name: torch.zeros(len(docs), dtype=torch.float64) for name in names}
     device = next(ensemble.experts[0].parameters()).device
     doc_clusters = torch.tensor(list(clusters))
-    for first in tqdm(range(0, len(order), batch_size), desc="masked eval (batches of rows)", disable=None,
-                      dynamic_ncols=True):
+    for first in progress(range(0, len(order), batch_size), desc="masked eval (batches of rows)"):
         batch = order[first:first + batch_size]
         width = int(attention[batch].sum(-1).max())
         x1 = ids[batch, :width].repeat_interleave(samples, 0)

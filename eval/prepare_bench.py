@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
-from eval.bench import PEAK_RSS_KIB
+from dfm.progress import progress
+from eval.bench import PEAK_RSS_KIB, machine_info
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 #: Documents the corpus writer samples at a time (its memory, not the measured process's).
@@ -84,8 +85,8 @@ def bench_prepare(sizes: Sequence[int], out: Path | None = None,
     """``measure_prepare`` at every size; the growth of peak RSS from each size to the next; JSON to ``out``."""
     if not sizes or any(n < 100 for n in sizes):
         raise DfmError(f"--prepare needs corpus sizes of at least 100 documents, got {list(sizes)}")
-    started, runs = time.perf_counter(), []
-    for n in sorted(sizes):
+    started, runs, machine = time.perf_counter(), [], machine_info()
+    for n in progress(sorted(sizes), desc="bench --prepare", unit="corpus"):
         say(f"prepare on {n} documents")
         with tempfile.TemporaryDirectory(prefix="dfm-prepare-bench-") as tmp:
             runs.append(measure_prepare(n, Path(tmp)))
@@ -94,7 +95,7 @@ def bench_prepare(sizes: Sequence[int], out: Path | None = None,
     for before, after in zip(runs, runs[1:]):
         after["rss_growth_vs_previous"] = after["peak_rss_mb"] / before["peak_rss_mb"]
         after["anonymous_growth_vs_previous"] = after["peak_anonymous_mb"] / before["peak_anonymous_mb"]
-    results = {"prepare": runs, "seconds": time.perf_counter() - started}
+    results = {"machine": machine, "prepare": runs, "seconds": time.perf_counter() - started}
     if out is not None:
         write_json(out, results)
     return results

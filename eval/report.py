@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
     scoring = Scoring(ensemble.tokenizer.eos_token_id, context, stride, batch_size)
     score = {"bos_id": scoring.bos_id, "context": context, "stride": stride, "batch_size": batch_size}
-    expert_lps = expert_token_log_probs(ensemble.experts, docs, **score)
+    expert_lps = expert_token_log_probs(ensemble.experts, docs, **score, desc=f"eval: {ensemble.num_experts} experts")
     partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
 
     log_probs: dict[str, list[Tensor]] = {}
@@ -85,7 +85,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
                       f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)
     else:
-        log_probs["baseline"] = token_log_probs(baseline, docs, **score)
+        log_probs["baseline"] = token_log_probs(baseline, docs, **score, desc="eval: baseline")
     for k, name in enumerate(ensemble.names):
         log_probs[name] = [lp[k] for lp in expert_lps]
     weights = _weighers(ensemble, modes, docs, clusters, expert_lps, scoring, partition, centroid_temperature)

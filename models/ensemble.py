@@ -7,6 +7,7 @@ routing skipped it), it first prefills what it missed in one batched forward.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -82,33 +83,44 @@ class Ensemble:
         """Forget all caches and counters: the next call starts a new batch of sequences."""
         self._states = [_ExpertState() for _ in self.experts]
         self._batch_size: int | None = None
+        self._longest = 0  # columns of the longest token batch seen since reset
+        self._ragged = False  # row routing ran: the stacked path must go on pair by pair
         self.forward_passes = [0] * self.num_experts
         self.tokens_processed = [0] * self.num_experts
 
     # --- ExpertPool -------------------------------------------------------------------------
     @torch.inference_mode()
-    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
-        for group in self._groups(experts, tokens):
-            self._advance(group, tokens, attention_mask)
+    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
+                             rows: Tensor | None = None) -> Tensor:
+        self._start_batch(tokens)
+        if self.engine is not None and (rows is not None or self._ragged):
+            self._advance_pairs(tokens, attention_mask, experts, rows)
+        else:
+            for group in self._groups(experts, tokens):
+                self._advance(group, tokens, attention_mask)
         return torch.stack([self._states[e].last for e in experts], dim=1)
 
     @torch.inference_mode()
     def prefix_log_likelihood(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
         if any(self._states[e].seen for e in experts):
             raise DfmError("prefix_log_likelihood must be the first call after Ensemble.reset()")
+        self._start_batch(tokens)
         totals = [self._advance(group, tokens, attention_mask, score=True) for group in self._groups(experts, tokens)]
         return torch.cat(totals, dim=1)
+
+    def _start_batch(self, tokens: Tensor) -> None:
+        if self._batch_size is None:
+            self._batch_size = tokens.shape[0]
+            if self.engine is not None:
+                self.engine.reset(self._batch_size)
+        if tokens.shape[1] < self._longest:
+            raise DfmError("token batch shrank between calls: call Ensemble.reset() before a new batch")
+        self._longest = tokens.shape[1]
 
     def _groups(self, experts: Sequence[int], tokens: Tensor) -> list[range]:
         """Experts that advance together: all K in one stacked forward when they have seen the same
         columns, otherwise one by one (each catching up on what it missed)."""
         length = tokens.shape[1]
-        if any(length < self._states[e].seen for e in experts):
-            raise DfmError("token batch shrank between calls: call Ensemble.reset() before a new batch")
-        if self._batch_size is None:
-            self._batch_size = tokens.shape[0]
-            if self.engine is not None:
-                self.engine.reset(self._batch_size)
         behind = [e for e in experts if self._states[e].seen < length]
         everyone = range(self.num_experts)
         in_order = list(experts) == list(everyone)  # the stacked group returns experts 0..K-1 in order
@@ -140,6 +152,51 @@ class Ensemble:
         picked = log_probs[:, :, :-1].gather(-1, new[:, 1:].expand(len(group), -1, -1).unsqueeze(-1)).squeeze(-1)
         real = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
         return picked.masked_fill(~real, 0.0).sum(-1).double().T  # padding holds no evidence, even -inf
+
+    def _advance_pairs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
+                       rows: Tensor | None) -> None:
+        """Row routing on the stacked engine: every listed expert runs on the rows that need it
+        (``rows`` (B, len(experts)) bool; None: all). The pairs that lack only the newest column
+        run together in one forward, including rows of a running expert that do not weight it at
+        this step but are current (so a router that changes its mind does not make them catch up
+        later); an expert catching up on more columns for some rows runs them in one forward of
+        its own. Rows an expert skips keep their previous next-token log-probs, which carry zero
+        weight in the mixture."""
+        self._ragged = True  # from now on rows of one expert may differ in what they have seen
+        length, batch = tokens.shape[1], tokens.shape[0]
+        wanted = rows.tolist() if rows is not None else [[True] * len(experts)] * batch
+        groups: dict[int, list[tuple[int, int]]] = {-1: []}  # -1: the newest column only; e: expert e catching up
+        for i, e in sorted(enumerate(experts), key=lambda pair: pair[1]):
+            if self._states[e].last is None:
+                self._states[e].last = torch.zeros(batch, self.vocab_size, device=tokens.device)
+            if not any(wanted[r][i] for r in range(batch)):
+                continue
+            for r in range(batch):
+                filled = self.engine.filled[e][r]
+                if filled == length - 1:  # also rows that do not need it now: kept current for one more
+                    groups[-1].append((e, r))  # pair in the shared forward, it need not catch up later
+                elif wanted[r][i] and filled < length:
+                    groups.setdefault(e, []).append((e, r))
+        for pairs in groups.values():
+            if not pairs:
+                continue
+            pair_experts, pair_rows = zip(*pairs)
+            new = length - min(self.engine.filled[e][r] for e, r in pairs)
+            first, last = pair_experts[0], pair_experts[-1]
+            with autocast_for(self.device):
+                if new == 1 and len(pairs) == (last - first + 1) * batch:  # whole rows of a range of experts:
+                    group = range(first, last + 1)  # the plain stacked forward, no per-pair indexing
+                    for e in group:
+                        self._states[e].seen = length - 1  # what every row of these experts has seen
+                    self._advance(group, tokens, attention_mask)
+                    continue
+                logits = self.engine.forward_pairs(pair_experts, pair_rows, tokens, attention_mask)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for i, (e, r) in enumerate(pairs):
+                self._states[e].last[r] = log_probs[i]
+                self.tokens_processed[e] += new
+            for e in sorted(set(pair_experts)):
+                self.forward_passes[e] += 1
 
     def _hf_forward(self, e: int, new: Tensor, attention_mask: Tensor, seen: int, score: bool) -> Tensor:
         state = self._states[e]
@@ -214,7 +271,8 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
                  device: torch.device | str | None = None, allow_missing: bool = False, load_router: bool = True,
                  kind: str = "ar") -> Members:
     """Load the members of a run's ensemble with ``loader(path, device)``, refusing a run of
-    another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask)."""
+    another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask) and any
+    file whose sha256 differs from the one ``dfm assemble`` recorded."""
     manifest = Manifest.load(run_dir)
     if manifest.path_kind != kind:
         raise DfmError(f"{run_dir} was trained on the {manifest.path_kind} path, not the {kind} path: "
@@ -224,10 +282,12 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
     if fingerprint != manifest.tokenizer_fingerprint:
         raise DfmError(f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`")
+    manifest.verify(run_dir, manifest.tokenizer)
     experts, kept = [], []
     for index, entry in enumerate(manifest.experts):
         try:
             expert = loader(resolve_inside(run_dir, entry.path), device)
+            manifest.verify(run_dir, entry.path)
         except DfmError as err:
             if not allow_missing:
                 raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err
@@ -242,6 +302,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
     router = None
     if load_router and manifest.router is not None:
         router = Router.from_pretrained(resolve_inside(run_dir, manifest.router), device=device)
+        manifest.verify(run_dir, manifest.router)
         if len(kept) < len(manifest.experts):
             router = SubsetRouter(router, kept)
     return Members(experts, (prior / prior.sum()).log(), [manifest.experts[i].name for i in kept], kept, router,
@@ -249,9 +310,24 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``path``; damaged files are a DfmError naming the first unparsable one."""
     if not path.is_dir():
         raise DfmError(f"tokenizer directory {path} is missing: run `dfm prepare` or pass --tokenizer")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # tokenizers and transformers raise many types (even Exception) on damaged files
+        damaged = next((f for f in sorted(path.glob("*.json")) if not _parses(f)), path)
+        detail = str(err).splitlines()[0] if str(err) else "no details"
+        raise DfmError(f"cannot load the tokenizer: {damaged} is damaged ({type(err).__name__}: {detail}); re-copy "
+                       f"{path} from an intact copy (a new one from `dfm prepare` means retraining every model)") from err
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str, vocab_size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -36,15 +37,61 @@ def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int,
     also the document separator the model must see. Padding is masked instead, and generation
     pads with EOS (``build_expert`` sets it in the generation config).
     """
-    fields = dict(DEFAULT_ARCH if arch is None else arch)
-    model_type = fields.pop("model_type", "llama")
-    try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except ValueError as err:
-        raise DfmError(f"unknown expert model_type {model_type!r}: use a Hugging Face causal LM type such as 'llama'") from err
+    config = arch_config(DEFAULT_ARCH if arch is None else arch, "llama")
     config.update({"vocab_size": vocab_size, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
                    "pad_token_id": None, "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
     return config
+
+
+def arch_config(arch: dict[str, Any], default_type: str) -> PretrainedConfig:
+    """The Hugging Face config of ``arch`` (a ``model_type``, else ``default_type``, plus its fields).
+
+    A field the model type does not know is refused: transformers would keep it as a stray
+    attribute and build the default architecture instead (``hiden_size=64`` is not a hidden size).
+    Aliases that transformers translates (``rope_theta``, ``torch_dtype``) are known fields. Refused
+    too: a hidden size the attention heads do not divide (unless ``head_dim`` is given), and an odd
+    head size under rotary embeddings (one model type's config checks it, another fails in forward).
+    """
+    fields = dict(arch)
+    model_type = fields.pop("model_type", default_type)
+    try:
+        default = AutoConfig.for_model(model_type)
+    except ValueError as err:
+        raise DfmError(f"unknown expert model_type {model_type!r}: use a Hugging Face model type such as "
+                       f"{default_type!r}") from err
+    names = {name: default.attribute_map.get(name, name) for name in ("hidden_size", "num_attention_heads")}
+    hidden, heads = (fields.get(names[n], getattr(default, n, None)) for n in ("hidden_size", "num_attention_heads"))
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        if "head_dim" not in fields and hidden % heads:
+            raise DfmError(f"config expert.arch: {names['hidden_size']} ({hidden}) must be divisible by "
+                           f"{names['num_attention_heads']} ({heads}); change one of them")
+        head_dim = fields.get("head_dim") or hidden // heads
+        if "rope_parameters" in default.to_dict() and isinstance(head_dim, int) and head_dim % 2:
+            raise DfmError(f"config expert.arch: the head size {head_dim} ({names['hidden_size']} / "
+                           f"{names['num_attention_heads']}) must be even for rotary position embeddings; "
+                           f"change one of them")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # transformers checks field types and values, raising several error types
+        detail = " ".join(line.strip() for line in str(err).splitlines())
+        raise DfmError(f"config expert.arch is not a valid {model_type} configuration ({detail}): fix that field") from err
+    known = default.to_dict()
+    unknown = sorted(set(config.to_dict()) - set(known))
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        named = ", ".join(f"{name} (did you mean {hints[name][0]}?)" if hints[name] else name for name in unknown)
+        raise DfmError(f"config expert.arch has fields a {model_type} model does not have: {named}; fix or drop them")
+    return config
+
+
+def seed_context(name_or_path: str | os.PathLike) -> int | None:
+    """The context (max_position_embeddings) of the pretrained seed ``--init-from`` names, read from its config."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise DfmError(f"cannot read the config of --init-from {str(name_or_path)!r} ({str(err).splitlines()[0]}): "
+                       f"pass a local save_pretrained directory or a hub name of a causal LM") from err
+    return getattr(config, "max_position_embeddings", None)
 
 
 def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
@@ -95,9 +142,11 @@ def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_i
     """
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise DfmError(f"cannot load the seed model {str(name_or_path)!r} ({str(err).splitlines()[0]}): pass a "
-                       f"local save_pretrained directory or a hub name of a causal LM") from err
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
+        fix = (f"re-copy it, or, if it is a run's seed, delete it and retrain it with `dfm train-seed --run "
+               f"{Path(name_or_path).parent} --resume`" if Path(name_or_path).is_dir()
+               else "pass a local save_pretrained directory or a hub name of a causal LM")
+        raise DfmError(f"cannot load the seed model {str(name_or_path)!r} ({str(err).splitlines()[0]}): {fix}") from err
     have = model.get_input_embeddings().num_embeddings
     if have < vocab_size:
         raise DfmError(f"the seed model {str(name_or_path)!r} has {have} embeddings but the tokenizer has "

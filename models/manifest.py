@@ -1,9 +1,11 @@
-"""ensemble.json: which experts, priors, router and tokenizer make up an ensemble."""
+"""ensemble.json: which experts, priors, router and tokenizer make up an ensemble, and the sha256 of
+every file of those artifacts (format version 2; version 1 manifests, without them, still load)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this dfm reads: 1 has no sha256 of the artifacts (nothing is verified), 2 has them.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "ensemble.json"
 
 
@@ -39,6 +43,8 @@ class Manifest:
     baseline: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    #: run-relative file -> sha256 of its bytes, for every file of the listed artifacts (version 2)
+    sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def path_kind(self) -> str:
@@ -60,13 +66,59 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             version = raw.get("format_version")
-            if version != FORMAT_VERSION:
-                raise DfmError(f"{path} has format version {version}, this dfm reads version {FORMAT_VERSION}: "
-                               f"re-run `dfm assemble --run {run_dir}` with this version")
+            if version not in READABLE_VERSIONS:
+                raise DfmError(f"{path} has format version {version}, this dfm reads versions "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}: re-run `dfm assemble --run {run_dir}` "
+                               f"with this version")
             raw["experts"] = [ExpertEntry(**e) for e in raw["experts"]]
-            return cls(**raw)
+            manifest = cls(**raw)
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
             raise DfmError(f"{path} is corrupt ({err}); re-run `dfm assemble --run {run_dir}`") from err
+        manifest._check(path, run_dir)
+        return manifest
+
+    def _check(self, path: Path, run_dir: str | os.PathLike) -> None:
+        """Refuse priors that are not shares of the corpus, an expert listed twice and malformed hashes."""
+        fix = f"re-run `dfm assemble --run {run_dir}`"
+        if not isinstance(self.sha256, dict) or not all(isinstance(v, str) for v in self.sha256.values()):
+            raise DfmError(f"{path}: sha256 must map file names to hex digests; {fix}")
+        for entry in self.experts:
+            prior = entry.prior
+            if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (math.isfinite(prior) and 0 < prior <= 1):
+                raise DfmError(f"{path}: the prior of {entry.name} must be a number in (0, 1] (a cluster share), "
+                               f"got {prior!r}; {fix}")
+        for what, values in (("name", [e.name for e in self.experts]),
+                             ("path", [os.path.normpath(e.path) for e in self.experts])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise DfmError(f"{path} lists the expert {what} {twice[0]} more than once: {fix}")
+
+    def verify(self, run_dir: str | os.PathLike, relative: str) -> None:
+        """Refuse a file of the artifact directory ``relative`` whose bytes are not those `dfm assemble`
+        recorded (an expert's weights swapped for another's, say); files absent now are left to the loader."""
+        prefix = os.path.normpath(relative) + os.sep
+        for name, expected in self.sha256.items():
+            if not name.startswith(prefix):
+                continue
+            path = resolve_inside(run_dir, name)
+            if path.is_file() and file_sha256(path) != expected:
+                raise DfmError(f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
+                               f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_hashes(run_dir: str | os.PathLike, directories: list[str]) -> dict[str, str]:
+    """{run-relative name: sha256} of the files directly in each of the run's ``directories``."""
+    return {os.path.join(os.path.normpath(relative), p.name): file_sha256(p) for relative in directories
+            for p in sorted(resolve_inside(run_dir, relative).iterdir()) if p.is_file()}
 
 
 def resolve_inside(run_dir: str | os.PathLike, relative: str) -> Path:

@@ -107,7 +107,8 @@ class _Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None, cache: RouterCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Tensor | None, cache: RouterCache | None, layer: int,
+                causal: bool = False) -> Tensor:
         batch, time, hidden = x.shape
         qkv = self.qkv(self.ln1(x)).view(batch, time, 3, self.num_heads, hidden // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, time, head_dim)
@@ -115,7 +116,7 @@ class _Block(nn.Module):
         if cache is not None:
             kv = cache.append(layer, kv, cache.length, self.max_positions)
         attn = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
+            q, kv[0], kv[1], attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )
         x = x + self._drop(self.proj(attn.transpose(1, 2).reshape(batch, time, hidden)))
         return x + self._drop(self.fc_out(F.gelu(self.fc_in(self.ln2(x)), approximate="tanh")))
@@ -194,7 +195,9 @@ class Router(nn.Module):
         # (SDPA returns NaN there). Built once as an additive bias shared by all layers.
         x = self.token_embedding(input_ids) + self.position_embedding(positions)
         attn_bias = None  # one new token and no padding: it may attend to everything cached
-        if t_new > 1 or not bool(full_mask.all()):
+        no_padding = bool(full_mask.all())
+        causal = past == 0 and t_new > 1 and no_padding  # a fresh unpadded batch: SDPA's own causal kernel
+        if (t_new > 1 or not no_padding) and not causal:
             query_index = torch.arange(past, total, device=x.device)[:, None]
             key_index = torch.arange(total, device=x.device)[None, :]
             allowed = (key_index <= query_index) & (full_mask[:, None, None, :] | (key_index == query_index))
@@ -203,7 +206,7 @@ class Router(nn.Module):
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, training=True)
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn_bias, cache, layer)
+            x = block(x, attn_bias, cache, layer, causal)
         if cache is not None:
             cache.mask = full_mask
         return self.head(self.final_norm(x))
@@ -235,14 +238,22 @@ class Router(nn.Module):
         router = cls(RouterConfig.from_dict(raw))
         try:
             state = load_file(str(weights_path), device="cpu")
+        except (OSError, SafetensorError) as err:
+            raise DfmError(f"router weights {weights_path} are corrupt ({str(err).splitlines()[0]}): retrain the "
+                           f"router with `dfm train-router`, or re-copy {directory}") from err
+        try:
             router.load_state_dict(state, strict=True)
-        except (OSError, SafetensorError, RuntimeError) as err:
-            raise DfmError(
-                f"router weights {weights_path} are corrupt or do not match {config_path} ({err}); "
-                "retrain or re-copy the router"
-            ) from err
+        except RuntimeError as err:  # torch lists every mismatched tensor, one per line
+            raise DfmError(f"router weights {weights_path} do not match {config_path} ({_mismatch(err)}): retrain "
+                           f"the router with `dfm train-router`, or re-copy {directory}") from err
         router.eval()
         return router if device is None else router.to(device)
+
+
+def _mismatch(err: RuntimeError) -> str:
+    """The first mismatch torch's multi-line load_state_dict report names, e.g. "size mismatch for head.weight: ..."."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else "no details")
 
 
 def state_logits(router: nn.Module, states: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -19,12 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from dfm.errors import DfmError
+from dfm.progress import progress
 from models.stacked import StackedLlama
 from models.stacked import supports as supports_stacking
 
 Docs = Sequence[Sequence[int]]
 #: (input_ids (B, T), attention_mask (B, T), targets (B, T)) -> per-position values (B, T, ...)
 WindowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: documents done out of all, rate in documents per second (a window of a document cut into w counts 1/w)
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} docs [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def windows(num_inputs: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -47,9 +50,10 @@ def windows(num_inputs: int, context: int, stride: int) -> list[tuple[int, int, 
 
 
 def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, context: int, stride: int | None, batch_size: int,
-              device: torch.device) -> list[Tensor]:
+              device: torch.device, desc: str) -> list[Tensor]:
     """Run ``fn`` over the windows of every document (batched, right-padded) and return, per
-    document, its values at the n + 1 scored positions in order, on the CPU."""
+    document, its values at the n + 1 scored positions in order, on the CPU. A progress bar
+    named ``desc`` counts documents (a window of a document cut into w counts 1/w)."""
     if batch_size < 1:
         raise DfmError(f"evaluation batch size must be >= 1, got {batch_size}")
     stride = context if stride is None else stride
@@ -58,6 +62,10 @@ def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, context: int, stride: in
              for w, span in enumerate(windows(len(seq) - 1, context, stride))]
     items.sort(key=lambda item: item[3] - item[2], reverse=True)  # similar lengths share a batch
     pieces: list[dict[int, Tensor]] = [{} for _ in docs]
+    per_doc = [0] * len(docs)
+    for d, *_ in items:
+        per_doc[d] += 1
+    bar = progress(total=len(docs), desc=desc, unit="doc", bar_format=_BAR)
     for first in range(0, len(items), batch_size):
         batch = items[first:first + batch_size]
         width = batch[0][3] - batch[0][2]
@@ -71,6 +79,8 @@ def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, context: int, stride: in
         values = fn(inputs.to(device), mask.to(device), targets.to(device)).cpu()
         for row, (d, w, start, end, scored) in enumerate(batch):
             pieces[d][w] = values[row, scored - start:end - start]
+        bar.update(sum(1 / per_doc[d] for d, *_ in batch))
+    bar.close()
     return [torch.cat([p[w] for w in range(len(p))]) for p in pieces]
 
 
@@ -80,7 +90,7 @@ def _device(module: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, stride: int | None = None,
-                    batch_size: int = 8) -> list[Tensor]:
+                    batch_size: int = 8, desc: str = "scoring") -> list[Tensor]:
     """Per document, the (n + 1,) float64 log p(token) of a Hugging Face causal LM (see module doc).
 
     ``stride`` defaults to ``context`` (independent windows).
@@ -92,20 +102,20 @@ def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, 
         return (picked - logits.logsumexp(-1)).double()
 
     return _windowed(score, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                     device=_device(model))
+                     device=_device(model), desc=desc)
 
 
 @torch.inference_mode()
 def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: int, context: int,
-                           stride: int | None = None, batch_size: int = 8) -> list[Tensor]:
+                           stride: int | None = None, batch_size: int = 8, desc: str = "experts scoring") -> list[Tensor]:
     """Per document, (K, n + 1): each expert's own per-token log-probs.
 
     Llama experts sharing one configuration are scored together on the stacked engine (one
     batched forward for all K); others one after another.
     """
     if not supports_stacking(experts):
-        per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size)
-                      for e in experts]
+        per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
+                                      desc=f"{desc} ({k + 1}/{len(experts)})") for k, e in enumerate(experts)]
         return [torch.stack(rows) for rows in zip(*per_expert)]
     engine = StackedLlama(experts)
     everyone = slice(0, len(experts))
@@ -117,13 +127,13 @@ def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: 
         return (picked - logits.logsumexp(-1)).permute(1, 2, 0).double()  # (B, T, K)
 
     scored = _windowed(score, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                       device=_device(experts[0]))
+                       device=_device(experts[0]), desc=desc)
     return [values.T for values in scored]
 
 
 @torch.inference_mode()
 def router_log_weights(router: nn.Module, docs: Docs, *, bos_id: int, context: int, stride: int | None = None,
-                       batch_size: int = 8) -> list[Tensor]:
+                       batch_size: int = 8, desc: str = "router") -> list[Tensor]:
     """Per document, (n + 1, K) float64 log P(k | prefix) for the prefix that predicts each token.
 
     The router reads the same ``[BOS] + ids`` inputs, windowed like the experts.
@@ -133,6 +143,6 @@ def router_log_weights(router: nn.Module, docs: Docs, *, bos_id: int, context: i
         return torch.log_softmax(router(inputs, mask).double(), dim=-1)
 
     return _windowed(weigh, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                     device=_device(router))
+                     device=_device(router), desc=desc)
 
 

@@ -8,8 +8,12 @@ runs on a view of its slice with far fewer operations than the generic path. The
 the Llama forward of transformers (RMSNorm, rotary embeddings, SDPA attention, SiLU-gated MLP);
 tests check it against `LlamaForCausalLM` to float tolerance.
 
-KV caches are preallocated per layer as (K, B, kv_heads, context, head_dim) buffers; each expert
-has its own filled length, so experts can fall behind and catch up independently.
+KV caches are preallocated per layer as (K, B, kv_heads, context, head_dim) buffers, and every
+(expert, row) pair has its own filled length, so experts can fall behind and catch up
+independently. When the rows of a batch route to different experts, ``forward_pairs`` runs each
+expert on its own rows only, all of them in one forward: the linear layers of a group of rows
+that share an expert are one matmul with that expert's weights, everything else (norms, rotary
+embeddings, attention over each pair's own cache, activations) runs once for all pairs.
 """
 
 from __future__ import annotations
@@ -42,6 +46,53 @@ def supports(experts: Sequence[PreTrainedModel]) -> bool:
         if getattr(c, "pretraining_tp", 1) != 1:
             return False
     return all(getattr(c, key, None) == getattr(configs[0], key, None) for c in configs for key in _SHAPE)
+
+
+class _GroupedLinear:
+    """Each pair's rows times its own expert's weight, for pairs sorted by expert, in one batched
+    matmul over the stack (K, in, out): one expert is a plain matmul; equal groups of all K
+    experts are a view; otherwise every expert's rows are placed in a zero-padded slot block."""
+
+    def __init__(self, experts: Sequence[int], num_experts: int, width: int, device: torch.device) -> None:
+        counts = [0] * num_experts
+        for e in experts:
+            counts[e] += 1
+        self.single = experts[0] if counts[experts[0]] == len(experts) else None
+        self.even = len(set(counts)) == 1
+        self.rows = max(counts) * width  # rows of one expert's slot block
+        self.row_experts = torch.tensor(experts, device=device).repeat_interleave(width)
+        if self.single is None and not self.even:
+            slots, seen = [], [0] * num_experts
+            for e in experts:
+                slots.append(e * max(counts) + seen[e])
+                seen[e] += 1
+            slot = torch.tensor(slots, device=device)
+            self.index = (slot.unsqueeze(1) * width + torch.arange(width, device=device)).flatten()
+
+    def scale(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (P * width, d) times each pair's expert's vector of the stack ``weight`` (K, 1, d)."""
+        if self.single is not None:
+            return x * weight[self.single]
+        if self.even:
+            return (x.view(weight.shape[0], self.rows, -1) * weight).flatten(0, 1)
+        return x * weight[self.row_experts, 0]
+
+    def __call__(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (P * width, in) -> (P * width, out) with ``weight`` (K, in, out)."""
+        if self.single is not None:
+            return x @ weight[self.single]
+        count = weight.shape[0]
+        if self.even:
+            return torch.bmm(x.reshape(count, self.rows, -1), weight).flatten(0, 1)
+        padded = x.new_zeros(count * self.rows, x.shape[1]).index_copy_(0, self.index, x)
+        return torch.bmm(padded.view(count, self.rows, -1), weight).flatten(0, 1).index_select(0, self.index)
+
+
+def _normalized(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm without its weight, in float32 (``_rms_norm`` = this times the weight)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -97,7 +148,7 @@ class StackedLlama:
         self.cos_table, self.sin_table = angles.cos(), angles.sin()
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
-        self.filled = [0] * self.num_experts
+        self.filled: list[list[int]] = []  # [expert][row]: columns that pair has consumed
         self._views: dict[tuple[int, int], dict] = {}  # weights and caches of a group of experts
 
     def reset(self, batch_size: int) -> None:
@@ -105,7 +156,7 @@ class StackedLlama:
         shape = (self.num_experts, batch_size, self.kv_heads, self.context, self.head_dim)
         self.keys = [self.embed.new_zeros(shape) for _ in self.layers]
         self.values = [self.embed.new_zeros(shape) for _ in self.layers]
-        self.filled = [0] * self.num_experts
+        self.filled = [[0] * batch_size for _ in range(self.num_experts)]
         self._views = {}
 
     def _group(self, experts: slice) -> dict:
@@ -128,7 +179,7 @@ class StackedLlama:
         """
         count = experts.stop - experts.start
         group = self._group(experts)
-        start = self.filled[experts.start]
+        start = self.filled[experts.start][0]
         batch, new = input_ids.shape
         end = start + new
         if end > self.context:
@@ -149,12 +200,7 @@ class StackedLlama:
             k = k * cos + _rotate_half(k) * sin
             keys[:, :, :, start:end] = k.reshape(count, batch, self.kv_heads, new, self.head_dim)
             values[:, :, :, start:end] = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
-            past_keys, past_values = keys[:, :, :, :end].flatten(0, 1), values[:, :, :, :end].flatten(0, 1)
-            if self.kv_heads != self.heads:  # grouped-query attention (written out: torch 2.4 has no enable_gqa)
-                repeat = self.heads // self.kv_heads
-                past_keys = past_keys.repeat_interleave(repeat, dim=1)
-                past_values = past_values.repeat_interleave(repeat, dim=1)
-            attended = F.scaled_dot_product_attention(q, past_keys, past_values, attn_mask=mask)
+            attended = self._attend(q, keys[:, :, :, :end].flatten(0, 1), values[:, :, :, :end].flatten(0, 1), mask)
             x = x + torch.bmm(attended.transpose(1, 2).reshape(count, batch * new, q_width), layer["o"])
             gate, up = torch.bmm(_rms_norm(x, layer["ln2"], self.eps), layer["gate_up"]).chunk(2, -1)
             x = x + torch.bmm(F.silu(gate) * up, layer["down"])
@@ -163,8 +209,60 @@ class StackedLlama:
             x = x[:, :, -1:]
         x = _rms_norm(x, group["norm"], self.eps)
         logits = torch.bmm(x.flatten(1, 2), group["head"]).reshape(count, batch, x.shape[2], -1)
-        self.filled[experts] = [end] * count
+        for e in range(experts.start, experts.stop):
+            self.filled[e] = [end] * batch
         return logits
+
+    def forward_pairs(self, experts: Sequence[int], rows: Sequence[int], input_ids: Tensor,
+                      attention_mask: Tensor) -> Tensor:
+        """Bring every (``experts[i]``, ``rows[i]``) pair up to the last column of ``input_ids`` /
+        ``attention_mask`` (B, L) and return its next-token logits (P, V).
+
+        Pairs must be sorted by expert. They all read from the earliest column any of them lacks;
+        a pair that had more already computes those columns again (same keys and values).
+        """
+        count, length = len(experts), input_ids.shape[1]
+        if length > self.context:
+            raise DfmError(f"sequence of {length} tokens exceeds the experts' context of {self.context}")
+        start = min(self.filled[e][r] for e, r in zip(experts, rows))
+        new = length - start
+        device = input_ids.device
+        expert_ids = torch.tensor(experts, device=device)
+        row_ids = torch.tensor(rows, device=device)
+        flat = expert_ids * len(self.filled[0]) + row_ids  # index into caches viewed as (K * B, ...)
+        linear = _GroupedLinear(experts, self.num_experts, new, device)
+
+        ids = input_ids[row_ids, start:]
+        positions = positions_from_mask(attention_mask)[row_ids, start:]
+        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)  # (P, 1, T, hd)
+        mask = self._attention_mask(attention_mask[row_ids], start, 1)
+        x = self.embed[expert_ids.unsqueeze(1), ids].flatten(0, 1)  # (P * T, hidden), pair by pair
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            q, k, v = linear(linear.scale(_normalized(x, self.eps), layer["ln1"]), layer["qkv"]).split(
+                [q_width, kv_width, kv_width], -1)
+            q = q.reshape(count, new, self.heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            flat_keys, flat_values = keys.flatten(0, 1), values.flatten(0, 1)
+            flat_keys[flat, :, start:length] = k
+            flat_values[flat, :, start:length] = v.reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            attended = self._attend(q, flat_keys[flat, :, :length], flat_values[flat, :, :length], mask)
+            x = x + linear(attended.transpose(1, 2).reshape(count * new, q_width), layer["o"])
+            gate, up = linear(linear.scale(_normalized(x, self.eps), layer["ln2"]), layer["gate_up"]).chunk(2, -1)
+            x = x + linear(F.silu(gate) * up, layer["down"])
+        for e, r in zip(experts, rows):
+            self.filled[e][r] = length
+        head = _GroupedLinear(experts, self.num_experts, 1, device)
+        last = head.scale(_normalized(x.view(count, new, -1)[:, -1], self.eps), self.norm)
+        return head(last, self.head)
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
+        if self.kv_heads != self.heads:  # grouped-query attention (written out: torch 2.4 has no enable_gqa)
+            repeat = self.heads // self.kv_heads
+            keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     @staticmethod
     def _attention_mask(attention_mask: Tensor, start: int, count: int) -> Tensor | None:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from dfm.errors import DfmError
 from dfm.posterior import prefix_log_posteriors
+from dfm.progress import progress
 from dfm.routing import Routing, parse_mode, select_experts
 from models.partition import Partition
 from models.router import Router
@@ -67,7 +68,7 @@ class RouterWeigher:
 
     def documents(self, docs: Docs, expert_log_probs: Sequence[Tensor], scoring: Scoring) -> list[Tensor]:
         return router_log_weights(self.router, docs, bos_id=scoring.bos_id, context=scoring.context,
-                                  stride=scoring.stride, batch_size=scoring.batch_size)
+                                  stride=scoring.stride, batch_size=scoring.batch_size, desc="eval: router")
 
 
 class PriorWeigher:
@@ -154,7 +155,8 @@ class CentroidWeigher:
         return self._weigh(prefixes).to(tokens.device)
 
     def documents(self, docs: Docs, expert_log_probs: Sequence[Tensor], scoring: Scoring) -> list[Tensor]:
-        return [self._weigh([ids[:t] for t in range(len(ids) + 1)]) for ids in docs]
+        return [self._weigh([ids[:t] for t in range(len(ids) + 1)])
+                for ids in progress(docs, desc="eval: centroid distances", unit="doc")]
 
 
 #: Any weigher of this module (BayesWeigher scores documents only: decoding's posterior is the core's).

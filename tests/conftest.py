@@ -1,6 +1,7 @@
 """Shared test setup."""
 
 import io
+import os
 
 import pytest
 import torch
@@ -11,10 +12,15 @@ def one_thread():
     """Every test runs torch on one thread: the test models are tiny, their forwards drown in
     intra-op synchronisation on a busy 2-core machine, and subprocesses that tests compare bit
     for bit run with OMP_NUM_THREADS=1 too."""
-    threads = torch.get_num_threads()
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # in-process `dfm` calls keep one thread too
     yield
     torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture(autouse=True)

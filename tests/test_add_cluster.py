@@ -156,7 +156,7 @@ def test_texts_from_local_files_and_bad_input(prepared, tmp_path) -> None:
         add_cluster(run, texts)
     nulls = tmp_path / "nulls.jsonl"
     nulls.write_text("\n".join(json.dumps({"body": text}) for text in [*texts, None]))
-    with pytest.raises(DfmError, match="1 of 13 documents have no text in column 'body'"):
+    with pytest.raises(DfmError, match="column 'body' of split 'train' has 1 of 13 rows whose value is null"):
         read_texts(DataSource(dataset="json", data_files=[str(nulls)], text_column="body"))
 
 

@@ -18,7 +18,8 @@ from training.tokenizer import save_tokenizer
 
 SECTIONS = {"machine", "peak", "training", "generation", "scaling", "masked", "scoring", "memory", "ratios"}
 RATIOS = {"trainer_vs_hf_trainer", "trainer_vs_plain_loop", "top1_vs_generate", "switch_vs_generate",
-          "mixture_vs_generate", "router_share"}
+          "mixture_vs_generate", "router_share", "top1_vs_generate_batch_2", "top1_fixed_rows_vs_generate_batch_2",
+          "mixture_vs_generate_batch_2"}
 
 
 @pytest.fixture(scope="module")

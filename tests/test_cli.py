@@ -1,18 +1,25 @@
 """The command line against a tiny run: generation, streaming, JSON, and every bad input a user
-makes ending in one line on stderr and a non-zero exit (never a traceback).
+makes ending in one line on stderr and a non-zero exit (never a traceback), leaving the run as it was.
 
-BAD_INPUTS is the table of cases tried; each row is (case, argv, expected message fragment).
+BAD_INPUTS is the table of cases tried; each row is (case, argv, expected message fragment). Bad
+inputs that need a damaged run (truncated weights, a swapped file, an edited manifest) have tests of
+their own on one shared copy of the run, each restoring what it damaged.
 """
 
+import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
 from dfm.cli import main
-from tests.tiny_config import write_tiny_config
+from tests.tiny_config import TINY_RUN, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,25 @@ def files(tmp_path_factory):
     (root / "few.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(12)))
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 20)
     (root / "bad.yaml").write_text("expert: [unclosed\n")
+    (root / "nulls.jsonl").write_text("\n".join(json.dumps({"text": None if i % 2 else f"doc {i}"}) for i in range(40)))
+    (root / "numbers.jsonl").write_text("\n".join(json.dumps({"text": i}) for i in range(40)))
+    # 2 validation and 2 test documents are carved out: 26 training documents
+    (root / "thirty.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} of thirty"}) for i in range(30)))
     return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    """The one `dfm: error:` line of ``err`` (asserting there is exactly one and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("dfm: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 BAD_INPUTS = [
@@ -98,18 +123,76 @@ BAD_INPUTS = [
     ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
     ("a masked mode for an autoregressive run", ["run", "--out", "{tmp}/r1", "--set", "synthetic.num_documents=100",
                                                  "--vocab-size", "300", "--modes", "switch"], "unknown evaluation mode"),
+    # sampling options out of range: seeds outside [0, 2^63 - 1], NaN and inf
+    ("negative sampling seed", ["generate", "--run", "{run}", "--seed", "-1"], "--seed must be an integer from 0 to 2^63"),
+    ("sampling seed beyond 64 bits", ["generate", "--run", "{run}", "--seed", str(2**64)], "--seed must be an integer"),
+    ("NaN temperature", ["generate", "--run", "{run}", "--temperature", "nan"], "--temperature must be a finite number"),
+    ("infinite temperature", ["generate", "--run", "{run}", "--temperature", "inf"], "--temperature must be a finite"),
+    ("NaN top-p", ["generate", "--run", "{run}", "--top-p", "nan"], "--top-p must lie in (0, 1]"),
+    ("an expert excluded twice", ["generate", "--run", "{run}", "--exclude-expert", "1", "1"],
+     "--exclude-expert names expert 1 more than once"),
+    ("negative run seed", ["prepare", "--out", "{tmp}/p21", "--seed", "-1"], "config seed (--seed) must be an integer"),
+    ("run seed beyond 64 bits", ["run", "--out", "{tmp}/r3", "--seed", str(2**64)], "from 0 to 2^63 - 1"),
+    # text columns that do not hold text
+    ("null texts", ["prepare", "--out", "{tmp}/p22", "--dataset", "json", "--data-files", "{files}/nulls.jsonl"],
+     "column 'text' of split 'train' has 20 of 40 rows whose value is null or not a string"),
+    ("numbers as texts", ["prepare", "--out", "{tmp}/p23", "--dataset", "json", "--data-files", "{files}/numbers.jsonl"],
+     "has 40 of 40 rows whose value is null or not a string"),
+    # model settings that transformers would accept and then build something else, or fail on later
+    ("misspelt architecture field", ["prepare", "--out", "{tmp}/p24", "--set", "expert.arch.hiden_size=64"],
+     "hiden_size (did you mean hidden_size?)"),
+    ("hidden size the heads do not divide", ["prepare", "--out", "{tmp}/p25", "--set", "expert.arch.hidden_size=66"],
+     "hidden_size (66) must be divisible by num_attention_heads (4)"),
+    ("odd head size under rotary embeddings", ["prepare", "--out", "{tmp}/p26", "--set", "path.kind=masked",
+                                               "--set", "expert.arch.hidden_size=100"], "must be even for rotary"),
+    ("block longer than a masked expert's context", ["prepare", "--out", "{tmp}/p27", "--set", "path.kind=masked",
+                                                     "--set", "expert.block_size=512"],
+     "expert.block_size (512) exceeds the model context expert.arch.max_position_embeddings (256)"),
+    ("block longer than the seed's context", ["prepare", "--out", "{tmp}/p28", "--init-from", "{run}/seed",
+                                              "--set", "expert.block_size=128"], "max_position_embeddings of --init-from"),
+    ("router sequences longer than the context", ["prepare", "--out", "{tmp}/p29", "--set", "router.max_length=512"],
+     "router.max_length (512) exceeds the experts' context"),
+    ("more clusters than synthetic domains", ["prepare", "--out", "{tmp}/p30", "--set", "synthetic.num_domains=1"],
+     "partition.num_clusters (4) exceeds synthetic.num_domains (1)"),
+    ("25 clusters from 26 documents", ["prepare", "--out", "{tmp}/p31", "--dataset", "json", "--data-files",
+                                       "{files}/thirty.jsonl", "--num-clusters", "25"],
+     "only 26 training documents for 25 clusters"),
+    # the other subcommands
+    ("train the seed before prepare", ["train-seed", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("train the router before prepare", ["train-router", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("train the router again without --resume", ["train-router", "--run", "{run}"], "--resume"),
+    ("train the baseline before prepare", ["train-baseline", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("train the baseline again without --resume", ["train-baseline", "--run", "{run}"], "--resume"),
+    ("add an expert to a run not prepared", ["add-expert", "--run", "{tmp}/nothing", "--dataset", "json",
+                                             "--data-files", "{files}/few.jsonl"], "dfm prepare"),
+    ("add an expert from a missing file", ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files",
+                                           "{tmp}/none.jsonl"], "not found"),
+    ("add an expert of null texts", ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files",
+                                     "{files}/nulls.jsonl"], "whose value is null or not a string"),
+    ("evaluate a run not prepared", ["eval", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("zero evaluation batch", ["eval", "--run", "{run}", "--batch-size", "0"], "batch size must be >= 1"),
+    ("NaN equivalence margin", ["eval", "--run", "{run}", "--margin", "nan"], "margin fraction must be >= 0"),
+    ("bench output inside a file", ["bench", "--prepare", "100", "--out", "{run}/config.json/bench.json"],
+     "is a file, not a directory"),
+    ("bench corpus too small", ["bench", "--prepare", "10", "--out", "{tmp}/bench.json"], "at least 100 documents"),
+    ("convergence with zero steps", ["convergence", "--steps", "0", "--out", "{tmp}/c.json"], "steps >= 1"),
+    ("convergence with a NaN router error", ["convergence", "--eps", "nan", "--out", "{tmp}/c.json"],
+     "eps must be in [0, 1]"),
+    ("convergence with an unknown scheduler", ["convergence", "--scheduler", "magic", "--out", "{tmp}/c.json"],
+     "unknown scheduler"),
+    ("convergence output inside a file", ["convergence", "--out", "{run}/config.json/c.json"],
+     "is a file, not a directory"),
 ]
 
 
 @pytest.mark.parametrize("case,argv,expected", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_is_one_line_and_non_zero(case, argv, expected, run, files, tmp_path, capsys):
     argv = [a.format(run=run, tmp=tmp_path, files=files) for a in argv]
+    before = snapshot(run)
     code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
     assert code != 0, case
-    assert "Traceback" not in "\n".join(err)
-    message = [line for line in err if line.startswith("dfm: error:")]
-    assert len(message) == 1 and expected in message[0], err
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert snapshot(run) == before  # nothing the run holds was lost, changed or added
 
 
 def test_incompatible_manifest_version(run, tmp_path, capsys):
@@ -182,7 +265,7 @@ def test_a_corrupt_expert_is_a_missing_one(run, tmp_path, capsys, size):
     assert json.loads(captured.out)["names"] == ["expert-0", "expert-2"]
 
 
-def test_threads_option_sets_torch_threads(run, capsys):
+def test_threads_option_sets_torch_threads(run, capsys, monkeypatch):
     import os
 
     import torch
@@ -191,6 +274,10 @@ def test_threads_option_sets_torch_threads(run, capsys):
     try:
         assert main(["--threads", "1", "generate", "--run", str(run), "--max-new-tokens", "2"]) == 0
         assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1  # the environment's choice
+        monkeypatch.delenv("OMP_NUM_THREADS")
         assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 0
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # the default: this process's cores
     finally:
@@ -249,9 +336,14 @@ def test_assemble_refuses_experts_of_another_tokenizer(run, tmp_path, capsys):
     assert "expert-1 of" in err and "another tokenizer" in err and "dfm train-expert" in err
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys):
-    assert main(["--debug", "generate", "--run", str(tmp_path / "nope")]) == 2
+@pytest.mark.parametrize("argv", [["--debug", "generate", "--run", "{nope}"], ["generate", "--run", "{nope}", "--debug"],
+                                  ["generate", "--debug", "--run", "{nope}"]])
+def test_debug_shows_the_traceback(tmp_path, capsys, argv):
+    """--debug before the command or anywhere after it."""
+    assert main([a.format(nope=tmp_path / "nope") for a in argv]) == 2
     assert "Traceback" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path / "nope")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_generate_streams_and_reports_json(run, capsys):
@@ -325,3 +417,215 @@ def test_show_routing_lists_every_token(run, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = [i for i, line in enumerate(lines) if "weights (expert-0, expert-1, expert-2)" in line]
     assert len(header) == 1 and len(lines) - header[0] - 1 == generated
+
+
+def test_a_prompt_file_is_one_prompt_a_line_decoded_in_batches(run, tmp_path, capsys):
+    """Several prompts: one JSON line each, in file order; greedy texts do not depend on the batch
+    they were decoded in (each equals the prompt generated alone); blank lines are skipped."""
+    prompts = ["ka", "", "la mada ka", "ma"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("ka\n\n\nla mada ka\nma\n")
+    base = ["generate", "--run", str(run), "--max-new-tokens", "6", "--temperature", "0", "--routing", "top1", "--json"]
+    assert main([*base, "--prompt-file", str(path), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["prompt"] for row in rows] == [p for p in prompts if p] and [row["index"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        assert main([*base, "--prompt", row["prompt"]]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert alone["token_ids"][0] == row["token_ids"] and alone["text"] == row["text"]
+    assert main([*base[:-1], "--prompt-file", str(path), "--batch-size", "3"]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    assert [block.strip("\n") for block in blocks[:3]] == [row["prompt"] + row["text"] for row in rows]
+
+
+@pytest.mark.parametrize("content,flag,expected", [("\n\n", [], "holds no prompt"),
+                                                   ("a\nb\n", ["--show-routing"], "--json"),
+                                                   ("a\n", ["--batch-size", "0"], "--batch-size")])
+def test_prompt_file_mistakes_are_one_line(run, tmp_path, capsys, content, flag, expected):
+    path = tmp_path / "prompts.txt"
+    path.write_text(content)
+    assert main(["generate", "--run", str(run), "--prompt-file", str(path), *flag]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+
+
+def test_a_binary_prompt_on_stdin_is_refused(run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00binary")))
+    assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 2
+    assert "not UTF-8" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_vocabulary_bpe_cannot_reach_is_one_warning_when_asked_for(tmp_path, capsys):
+    """The tiny corpus fills far fewer than the default 2048 tokens: quiet by default (the default run
+    is like that), one warning with the size reached when the size was asked for."""
+    config = tmp_path / "default-vocab.json"
+    config.write_text(json.dumps({key: value for key, value in TINY_RUN.items() if key != "tokenizer"}))
+    assert main(["prepare", "--out", str(tmp_path / "quiet"), "--config", str(config)]) == 0
+    assert "stopped at" not in capsys.readouterr().err
+    assert main(["prepare", "--out", str(tmp_path / "asked"), "--config", str(config), "--vocab-size", "2048"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "stopped at" in line]
+    summary = json.loads(next(line for line in err if line.startswith("[dfm] prepared")).split(": ", 1)[1])
+    assert len(warned) == 1 and warned[0].startswith(f"dfm: warning: the BPE tokenizer stopped at "
+                                                     f"{summary['vocab_size']} tokens of the 2048 asked"), err
+
+
+# --- damaged runs: one shared copy; each test puts back what it damaged, and checks it did ---------
+@pytest.fixture(scope="module")
+def copy(run, tmp_path_factory):
+    target = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+@contextmanager
+def damaging(root: Path, *paths: Path):
+    """Put back the bytes of ``paths`` on exit, then check that every file under ``root`` is as before."""
+    before = snapshot(root)
+    saved = {path: path.read_bytes() for path in paths}
+    try:
+        yield
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+    assert snapshot(root) == before
+
+
+def call(root: Path, argv: list[str]) -> int:
+    """``dfm COMMAND --run root ARGS...`` for argv = [COMMAND, *ARGS]."""
+    return main([argv[0], "--run", str(root), *argv[1:]])
+
+
+@pytest.mark.parametrize("size", ["empty", "cut"])
+@pytest.mark.parametrize("weights,argv,expected", [
+    ("router/model.safetensors", ["generate", "--max-new-tokens", "3"], "retrain the router with `dfm train-router`"),
+    ("baseline/model.safetensors", ["eval", "--modes", "mixture"], "baseline"),
+    ("baseline/model.safetensors", ["generate", "--model", "baseline", "--max-new-tokens", "3"], "baseline"),
+    ("seed/model.safetensors", ["train-expert", "--expert", "0", "--resume"], "retrain it with `dfm train-seed --run"),
+    ("experts/expert-0/model.safetensors", ["assemble"], "then run `dfm assemble` again"),
+])
+def test_unreadable_weights_are_named(copy, capsys, weights, argv, expected, size):
+    """Empty or cut-off weights of a router, baseline, seed or expert (an expert's in generate and
+    eval: test_a_corrupt_expert_is_a_missing_one) are one line naming them and what to do."""
+    path = copy / weights
+    with damaging(copy, path):
+        path.write_bytes(path.read_bytes()[:0 if size == "empty" else path.stat().st_size // 2])
+        assert call(copy, argv) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert expected in line and str(Path(weights).parent) in line, line
+
+
+def test_a_damaged_tokenizer_is_named(copy, capsys):
+    tokenizer = copy / "tokenizer" / "tokenizer.json"
+    with damaging(copy, tokenizer):
+        tokenizer.write_bytes(tokenizer.read_bytes()[:500])
+        for argv in (["generate", "--max-new-tokens", "3"], ["train-router", "--resume"]):
+            assert call(copy, argv) == 2
+            line = one_error_line(capsys.readouterr().err)
+            assert f"{tokenizer.resolve()} is damaged" in line and f"re-copy {(copy / 'tokenizer').resolve()}" in line
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda m: m["experts"][0].update(prior="0.25"), "the prior of expert-0 must be a number in (0, 1]"),
+    (lambda m: m["experts"].append(dict(m["experts"][1])), "lists the expert name expert-1 more than once"),
+    (lambda m: m["experts"].append({**m["experts"][1], "name": "expert-3"}),
+     "lists the expert path experts/expert-1 more than once"),
+])
+def test_a_manifest_with_a_bad_prior_or_a_repeated_expert_is_refused(copy, capsys, edit, expected):
+    path = copy / "ensemble.json"
+    with damaging(copy, path):
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+        for argv in (["generate", "--max-new-tokens", "3"], ["eval"]):
+            assert call(copy, argv) == 2
+            line = one_error_line(capsys.readouterr().err)
+            assert expected in line and f"re-run `dfm assemble --run {copy}`" in line
+
+
+def test_a_router_that_does_not_match_its_config_is_one_line(copy, capsys):
+    config = copy / "router" / "config.json"
+    with damaging(copy, config):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 32}))
+        assert call(copy, ["generate", "--max-new-tokens", "3"]) == 2
+        err = capsys.readouterr().err
+        line = one_error_line(err)
+        assert len(err.strip().splitlines()) == 1  # not torch's list of every mismatched tensor
+        assert "size mismatch" in line and f"re-copy {(copy / 'router').resolve()}" in line
+        assert "retrain the router with `dfm train-router`" in line
+
+
+def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
+    """Another expert's weights (same size, same config) in expert-1's place: refused by its sha256
+    wherever it loads, until `dfm assemble` records the change as intended."""
+    manifest, weights = copy / "ensemble.json", copy / "experts" / "expert-1" / "model.safetensors"
+    recorded = json.loads(manifest.read_text())["sha256"]
+    assert {"tokenizer/tokenizer.json", "experts/expert-1/model.safetensors", "router/model.safetensors",
+            "baseline/model.safetensors"} <= set(recorded)
+    with damaging(copy, manifest, weights):
+        shutil.copyfile(copy / "experts" / "expert-2" / "model.safetensors", weights)
+        for argv in (["generate", "--max-new-tokens", "3"], ["generate", "--model", "expert-1", "--max-new-tokens", "3"],
+                     ["eval", "--modes", "mixture"]):
+            assert call(copy, argv) == 2
+            line = one_error_line(capsys.readouterr().err)
+            assert f"{weights.resolve()} differs from the file `dfm assemble` recorded" in line
+            assert f"re-run `dfm assemble --run {copy}` if the change was intended" in line
+        assert call(copy, ["generate", "--max-new-tokens", "3", "--allow-missing", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["names"] == ["expert-0", "expert-2"]
+        assert call(copy, ["assemble"]) == 0
+        assert call(copy, ["generate", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_manifest_of_format_version_1_loads_without_verifying(copy, capsys):
+    manifest, weights = copy / "ensemble.json", copy / "experts" / "expert-1" / "model.safetensors"
+    with damaging(copy, manifest, weights):
+        old = json.loads(manifest.read_text())
+        del old["sha256"]
+        manifest.write_text(json.dumps({**old, "format_version": 1}))
+        shutil.copyfile(copy / "experts" / "expert-2" / "model.safetensors", weights)  # nothing recorded to refuse it
+        assert call(copy, ["generate", "--max-new-tokens", "3"]) == 0
+
+
+@contextmanager
+def read_only(root: Path):
+    """``root`` and everything in it unwritable: by permissions, or, for root (whom permissions do
+    not stop), by the immutable attribute; skips where neither makes it so."""
+    if os.geteuid() != 0:
+        modes = {path: path.stat().st_mode for path in [root, *root.rglob("*")]}
+        for path, mode in modes.items():
+            path.chmod(mode & ~0o222)
+
+        def undo() -> None:
+            for path, mode in modes.items():
+                path.chmod(mode)
+    else:
+        if shutil.which("chattr") is None:
+            pytest.skip("no chattr to make a directory read-only for root")
+
+        def undo() -> None:
+            subprocess.run(["chattr", "-R", "-i", str(root)], check=True, capture_output=True)
+        made = subprocess.run(["chattr", "-R", "+i", str(root)], capture_output=True).returncode == 0
+        if not made:
+            undo()
+            pytest.skip("this file system has no immutable attribute")
+    try:
+        try:
+            (root / ".probe").touch()
+        except OSError:
+            pass
+        else:
+            (root / ".probe").unlink()
+            pytest.skip("the run stays writable here")
+        yield
+    finally:
+        undo()
+
+
+def test_a_read_only_run_is_named(copy, capsys):
+    before = snapshot(copy)
+    with read_only(copy):
+        for argv, expected in ((["eval", "--modes", "mixture"], f"{copy / 'eval'} is not writable"),
+                               (["assemble"], f"cannot write {copy}")):
+            assert call(copy, argv) == 2
+            line = one_error_line(capsys.readouterr().err)
+            assert expected in line and "copy the run to a writable place and use the copy" in line
+    assert snapshot(copy) == before

@@ -209,6 +209,38 @@ def test_batched_prompts_equal_generating_each_alone():
                                    atol=1e-5, rtol=0)
 
 
+ROW_PROMPTS = ["", words([5]), words([3, 7, 12, 5, 30, 8, 8]), words([22, 9]), words([17, 2, 2])]
+
+
+@pytest.mark.parametrize("routing,k", [("topk", 1), ("topk", 2), ("switch", None), ("oracle", None)])
+def test_row_routing_runs_each_expert_on_its_own_rows(routing, k):
+    """Rows that route to different experts: the stacked engine runs every expert on the rows that
+    weight it only, and gives the tokens and log-probs of the generic path, which runs every
+    selected expert on the whole batch."""
+    experts = [tiny_expert(s) for s in range(K)]
+    stacked, generic = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(),
+                                 engine=engine) for engine in ("auto", "hf"))
+    options = dict(routing=routing, k=k, max_new_tokens=20, seed=5, stop_at_eos=False)
+    if routing == "oracle":
+        options["weigher"] = OracleWeigher([0, 1, 2, 0, 1], K)
+    ours = generate_text(stacked, ROW_PROMPTS, **options)
+    if routing == "oracle":
+        options["weigher"] = OracleWeigher([0, 1, 2, 0, 1], K)
+    theirs = generate_text(generic, ROW_PROMPTS, **options)
+    assert ours.token_ids == theirs.token_ids
+    for a, b in zip(ours.token_log_probs, theirs.token_log_probs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    # the batch really splits: some step gives rows different experts
+    top = torch.stack([w.argmax(-1) for w in ours.weights])  # (rows, steps)
+    assert any(len(set(top[:, s].tolist())) > 1 for s in range(top.shape[1]))
+    if routing == "oracle":  # every row keeps its expert: each expert reads its own rows only, and after
+        # one prefill per expert every step is a single forward of all pairs
+        prompt_columns = max(len(p) for p in ours.prompt_ids)
+        assert ours.tokens_processed == [rows * (prompt_columns + 19) for rows in (2, 2, 1)]
+        assert ours.forward_passes == [20, 20, 20] and theirs.forward_passes == [20, 20, 20]
+        assert theirs.tokens_processed == [5 * (prompt_columns + 19)] * 3
+
+
 def test_token_prompts_streaming_and_json():
     ens = tiny_ensemble()
     streamed = []

@@ -107,8 +107,11 @@ def test_one_cluster_and_empty_docs():
 
 
 def test_more_clusters_than_docs():
-    with pytest.raises(DfmError, match=r"fewer documents \(2\) than clusters \(3\)"):
+    with pytest.raises(DfmError, match=r"only 2 training documents for 3 clusters .* at most 1 or add documents"):
         fit_kmeans([[1], [2]], 3, 10)
+    with pytest.raises(DfmError, match=r"only 5 training documents for 3 clusters"):  # 2 per cluster at the least
+        fit_kmeans([[1], [2], [3], [4], [5]], 3, 10)
+    assert fit_kmeans([[1], [2], [3], [4], [5], [6]], 3, 10).num_clusters == 3
 
 
 def test_bad_inputs():

@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfm.cli import main
 from dfm.errors import DfmError
-from training.config import parse_override, resolve_config
+from training.config import parse_override, read_run_config, resolve_config
 from training import data
 from training.data import DataSource, load_documents, pack_blocks, tokenize
+from training.estimate import remaining_flops
 from training.tokenizer import train_bpe
 from tests.tiny_config import write_tiny_config
 
@@ -111,8 +112,8 @@ def test_config_file_and_overrides(tmp_path):
     assert config["expert"]["train"]["steps"] == 7 and config["expert"]["train"]["lr"] == 0.01
     assert config["partition"]["num_clusters"] == 2 and config["data"]["max_documents"] == 9
     assert config["expert"]["train"]["batch_size"] == 8  # defaults survive a partial override
-    other = resolve_config(None, [parse_override("expert.arch={model_type: gpt2, n_embd: 64, n_layer: 2}")])
-    assert other["expert"]["arch"] == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2}  # no Llama fields leak in
+    other = resolve_config(None, [parse_override("expert.arch={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4}")])
+    assert other["expert"]["arch"] == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}  # no Llama fields
     same = resolve_config(None, [parse_override("expert.arch={num_hidden_layers: 2}")])
     assert same["expert"]["arch"]["num_hidden_layers"] == 2 and same["expert"]["arch"]["hidden_size"] == 128
     with pytest.raises(DfmError, match="unknown config key 'partition.clusters'"):
@@ -135,7 +136,7 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     stats = json.loads((run / "partition/stats.json").read_text())
     assert sum(stats["sizes"]) == 150 - 2 * round(150 * 0.05) and stats["purity"] is not None
     manifest = json.loads((run / "ensemble.json").read_text())
-    assert manifest["format_version"] == 1 and len(manifest["experts"]) == 3
+    assert manifest["format_version"] == 2 and len(manifest["experts"]) == 3
     assert abs(sum(e["prior"] for e in manifest["experts"]) - 1) < 1e-9
     baseline_log = [json.loads(line) for line in (run / "logs/baseline.jsonl").read_text().splitlines()]
     report = json.loads((run / "eval/report.json").read_text())
@@ -148,7 +149,14 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     assert all(c["mixture"]["bpb"] > 0 for c in report["per_cluster"].values()) and report["entropy_floor_bpb"] > 0
     assert set(report["equivalence"]) >= {"delta_bpb", "ci95", "margin", "verdict"}
     assert set(report["router"]) >= {"accuracy_by_prefix", "kl_to_bayes", "ece"} and "compute" in report
-    assert "| mixture |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| mixture |" in captured.out
+    # the time estimate printed after the seed prices the later stages within 20% of what they spent
+    assert "estimated: about" in captured.err
+    spent = sum(json.loads((run / f"logs/{name}.summary.json").read_text())["flops"]
+                for name in ["expert-0", "expert-1", "expert-2", "router", "baseline"])
+    seed = json.loads((run / "logs/seed.summary.json").read_text())
+    assert 0.8 < remaining_flops(run, read_run_config(run), seed["parameters"]) / spent < 1.2
     # artifacts load with plain Hugging Face calls
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(run / "experts/expert-0")

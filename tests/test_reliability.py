@@ -1,10 +1,12 @@
-"""Trying to break decentralized training: compute islands, SIGKILL at random moments, damaged
-and malicious checkpoints, non-finite losses, impossible tokens, and unsafe loading.
+"""Trying to break decentralized training: compute islands, SIGKILL at random moments, two
+trainers of one model, damaged and malicious checkpoints, non-finite losses, impossible tokens,
+and unsafe loading.
 
-Fault injection: every kill in FAST_KILLS and SLOW_KILLS SIGKILLs a real `python -m dfm.cli
-train-expert` process at a seeded random point of the kind named; KILL_POINTS counts them. After
-the kills, `--resume` must finish with weights and a training log bit-identical to an
-uninterrupted run (CPU, one thread on both sides).
+Fault injection: every kill in FAST_KILLS and SLOW_KILLS SIGKILLs a real `python -m dfm.cli`
+training process of one stage (train-expert, train-router, train-baseline, train-seed) at a
+seeded random point of the kind named; KILL_POINTS counts them. After the kills, `--resume` must
+finish with weights, training log and summary bit-identical to an uninterrupted run of that
+stage from the same start (CPU, one thread on both sides).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,33 +35,88 @@ from dfm.errors import DfmError
 from dfm.routing import Routing
 from models.ensemble import Ensemble, load_tokenizer
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
-from tests.tiny_config import write_tiny_config
+from tests.tiny_config import TINY_RUN, write_tiny_config
+from training.lock import lock_path, training_lock
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERT = 1
-STEPS = 40
+STEPS = 40  # of expert 1
+ROUTER_STEPS = 16
+SEED_STEPS = 16
+#: Steps of every expert that the router and the baseline start from; compute matching gives the
+#: baseline as many (3 experts x EXPERTS_STEPS).
+EXPERTS_STEPS = 8
 #: Crash runs checkpoint after every step, so a kill often lands in a checkpoint write; dropout
 #: makes the result depend on the restored RNG state too.
-CRASH_SETTINGS = [f"expert.train.steps={STEPS}", "expert.train.checkpoint_every=1", "expert.train.log_every=1",
-                  "expert.arch.attention_dropout=0.1"]
+CRASH_SETTINGS = [f"expert.train.steps={STEPS}", f"router.train.steps={ROUTER_STEPS}",
+                  f"seed_model.train.steps={SEED_STEPS}", "expert.arch.attention_dropout=0.1",
+                  *(f"{section}.train.{option}=1" for section in ("expert", "router", "seed_model")
+                    for option in ("checkpoint_every", "log_every"))]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training command of the kill campaign: where it writes in a run, the fixture of the run
+    it starts from (``start``) and of that run after the command ran uninterrupted (``reference``)."""
+
+    name: str  # of its checkpoints, training log and summary
+    command: tuple[str, ...]  # the dfm subcommand, then its options besides --run
+    final: str  # run-relative directory of its final model
+    start: str
+    reference: str
+
+    def args(self, run: Path, resume: bool = False) -> list[str]:
+        return [self.command[0], "--run", str(run), *self.command[1:], *(["--resume"] if resume else [])]
+
+    def model_dir(self, run: Path) -> Path:
+        return run / self.final
+
+    def checkpoints(self, run: Path) -> Path:
+        return run / "checkpoints" / self.name
+
+    def log(self, run: Path) -> Path:
+        return run / "logs" / f"{self.name}.jsonl"
+
+    def summary(self, run: Path) -> dict:
+        return json.loads((run / "logs" / f"{self.name}.summary.json").read_text())
+
+    def steps(self, run: Path) -> int:
+        """The optimizer steps of this stage in a run where it finished."""
+        return self.summary(run)["steps"]
+
+    def save_leftovers(self, run: Path) -> set[str]:
+        """What a final save (dfm.atomic.atomic_dir) leaves beside the model while it runs: .NAME.*.tmp, .NAME.old."""
+        return {path.name for path in self.model_dir(run).parent.glob(f".{self.model_dir(run).name}.*")}
+
+
+STAGES = (
+    Stage(f"expert-{EXPERT}", ("train-expert", "--expert", str(EXPERT)), f"experts/expert-{EXPERT}", "prepared",
+          "reference"),
+    Stage("router", ("train-router",), "router", "experts", "router_reference"),  # its experts score documents first
+    Stage("baseline", ("train-baseline",), "baseline", "experts", "baseline_reference"),  # matched to the experts
+    Stage("seed", ("train-seed",), "seed", "unseeded", "prepared"),
+)
+EXPERT_STAGE, ROUTER_STAGE, BASELINE_STAGE, SEED_STAGE = STAGES
 
 KILL_SEED = 20240607
-#: Kinds of kill points; each entry is one SIGKILLed process. The fast test runs FAST_KILLS, the
-#: slow one SLOW_KILLS (a fresh run each time). Step targets are drawn with a seeded RNG, one in
-#: each of as many equal slices of the run as there are step-based kills, in order.
-FAST_KILLS = ("checkpoint-write", "after-step")
-SLOW_KILLS = ("while-starting", "after-checkpoint", "checkpoint-write", "after-step", "checkpoint-write", "final-save")
-KILL_POINTS = len(FAST_KILLS) + len(SLOW_KILLS)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reliability")
-    config = write_tiny_config(root)
-    overrides = [arg for setting in CRASH_SETTINGS for arg in ("--set", setting)]
-    assert main(["prepare", "--out", str(root / "run"), "--config", str(config), *overrides]) == 0
-    assert main(["train-seed", "--run", str(root / "run")]) == 0
-    return root / "run"
+#: Kinds of kill points per stage; each entry is one SIGKILLed process. The fast test runs
+#: FAST_KILLS, the slow one SLOW_KILLS (a fresh run of the stage each time). Step targets are
+#: drawn with a seeded RNG, one in each of as many equal slices of the run as there are
+#: step-based kills, in order.
+FAST_KILLS = {
+    f"expert-{EXPERT}": ("checkpoint-write", "after-step"),
+    "router": ("checkpoint-write",),
+    "baseline": ("final-save",),
+    "seed": ("checkpoint-write",),
+}
+SLOW_KILLS = {
+    f"expert-{EXPERT}": ("while-starting", "after-checkpoint", "checkpoint-write", "after-step", "checkpoint-write",
+                         "final-save"),
+    "router": ("while-starting", "after-step", "checkpoint-write", "final-save"),
+    "baseline": ("while-starting", "after-checkpoint", "checkpoint-write", "after-step"),
+    "seed": ("while-starting", "after-checkpoint", "after-step", "final-save"),
+}
+KILL_POINTS = sum(map(len, FAST_KILLS.values())) + sum(map(len, SLOW_KILLS.values()))
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -65,43 +124,103 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def reference(prepared, tmp_path_factory) -> Path:
-    """Expert 1 trained in place, in this process, without interruption."""
-    run = copy_run(prepared, tmp_path_factory.mktemp("reference") / "run")
-    assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 0
+def set_train_option(run: Path, **options) -> None:
+    """Edit the expert training options in a run's config.json, as a user may."""
+    config = json.loads((run / "config.json").read_text())
+    config["expert"]["train"].update(options)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def trained(start: Path, stage: Stage, dst: Path) -> Path:
+    """A copy of ``start`` at ``dst`` after ``stage``'s command ran in this process, uninterrupted."""
+    run = copy_run(start, dst)
+    assert dfm(*stage.args(run)) == 0
     return run
 
 
+@pytest.fixture(scope="module")
+def unseeded(tmp_path_factory) -> Path:
+    """A prepared run before its seed phase."""
+    root = tmp_path_factory.mktemp("reliability")
+    config = write_tiny_config(root)
+    overrides = [arg for setting in CRASH_SETTINGS for arg in ("--set", setting)]
+    assert dfm("prepare", "--out", str(root / "run"), "--config", str(config), *overrides) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def prepared(unseeded, tmp_path_factory) -> Path:
+    """The run with its seed model: where every expert starts."""
+    return trained(unseeded, SEED_STAGE, tmp_path_factory.mktemp("prepared") / "run")
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory) -> Path:
+    """Expert 1 trained in place, in this process, without interruption."""
+    return trained(prepared, EXPERT_STAGE, tmp_path_factory.mktemp("reference") / "run")
+
+
+@pytest.fixture(scope="module")
+def experts(prepared, tmp_path_factory) -> Path:
+    """Every expert trained, briefly: where the router and the baseline start."""
+    run = copy_run(prepared, tmp_path_factory.mktemp("experts") / "run")
+    set_train_option(run, steps=EXPERTS_STEPS)
+    for k in range(TINY_RUN["partition"]["num_clusters"]):
+        assert dfm("train-expert", "--run", str(run), "--expert", str(k)) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def router_reference(experts, tmp_path_factory) -> Path:
+    return trained(experts, ROUTER_STAGE, tmp_path_factory.mktemp("router") / "run")
+
+
+@pytest.fixture(scope="module")
+def baseline_reference(experts, tmp_path_factory) -> Path:
+    return trained(experts, BASELINE_STAGE, tmp_path_factory.mktemp("baseline") / "run")
+
+
 def expert_dir(run: Path) -> Path:
-    return run / "experts" / f"expert-{EXPERT}"
+    return EXPERT_STAGE.model_dir(run)
 
 
 def checkpoint_root(run: Path) -> Path:
-    return run / "checkpoints" / f"expert-{EXPERT}"
+    return EXPERT_STAGE.checkpoints(run)
 
 
-def assert_same_expert(run: Path, reference: Path) -> None:
-    ours = load_file(expert_dir(run) / "model.safetensors")
-    theirs = load_file(expert_dir(reference) / "model.safetensors")
+def assert_same_model(run: Path, reference: Path, stage: Stage = EXPERT_STAGE) -> None:
+    """The stage's final model in ``run`` has the weights of the one in ``reference``, bit for bit."""
+    ours = load_file(stage.model_dir(run) / "model.safetensors")
+    theirs = load_file(stage.model_dir(reference) / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
 
 
-def log_records(run: Path) -> list[tuple]:
+def log_records(run: Path, stage: Stage = EXPERT_STAGE) -> list[tuple]:
     """The training log without wall-clock times."""
-    lines = (run / "logs" / f"expert-{EXPERT}.jsonl").read_text().splitlines()
+    lines = stage.log(run).read_text().splitlines()
     return [tuple(sorted((k, v) for k, v in json.loads(line).items() if k != "seconds")) for line in lines]
 
 
-def summary_without_time(run: Path) -> dict:
-    summary = json.loads((run / "logs" / f"expert-{EXPERT}.summary.json").read_text())
-    return {key: value for key, value in summary.items() if key != "seconds"}
+def summary_without_time(run: Path, stage: Stage = EXPERT_STAGE) -> dict:
+    return {key: value for key, value in stage.summary(run).items() if key != "seconds"}
+
+
+#: Every dfm command here runs on one thread, in this process and in subprocesses alike: runs are
+#: compared bit for bit, which holds per thread count, and on a busy 2-core machine two threads
+#: drown in synchronisation (a tiny model's step takes ten times as long).
+ONE_THREAD = ("--threads", "1")
+
+
+def dfm(*args: str) -> int:
+    """`dfm ARGS` in this process; its exit status."""
+    return main([*ONE_THREAD, *args])
 
 
 def dfm_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dfm.cli", *args]
+    """`dfm ARGS` as a command line for a subprocess."""
+    return [sys.executable, "-m", "dfm.cli", *ONE_THREAD, *args]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -163,7 +282,7 @@ def test_island_training_is_bit_identical_to_training_in_place(prepared, referen
     assert proc.returncode == 0, proc.stderr[-2000:]
     home = copy_run(prepared, tmp_path / "home")  # back on the coordinator: copy the expert in
     shutil.copytree(expert_dir(island), expert_dir(home))
-    assert_same_expert(home, reference)
+    assert_same_model(home, reference)
     for name in ("config.json", "model.safetensors"):  # the files themselves, not only the tensors
         assert (expert_dir(home) / name).read_bytes() == (expert_dir(reference) / name).read_bytes(), name
     assert log_records(island) == log_records(reference)
@@ -191,12 +310,13 @@ def _temp_dirs(directory: Path, prefix: str) -> set[str]:
         return set()
 
 
-def _checkpoint_steps(run: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in checkpoint_root(run).glob("step-*")) if checkpoint_root(run).is_dir() else []
+def _checkpoint_steps(run: Path, stage: Stage = EXPERT_STAGE) -> list[int]:
+    root = stage.checkpoints(run)
+    return sorted(int(p.name[5:]) for p in root.glob("step-*")) if root.is_dir() else []
 
 
-def _logged_step(run: Path) -> int:
-    path = run / "logs" / f"expert-{EXPERT}.jsonl"
+def _logged_step(run: Path, stage: Stage = EXPERT_STAGE) -> int:
+    path = stage.log(run)
     step = 0
     if path.exists():
         for line in path.read_text().splitlines():
@@ -210,12 +330,12 @@ def _logged_step(run: Path) -> int:
 STEP_KINDS = ("after-step", "after-checkpoint", "checkpoint-write")
 
 
-def plan_kills(kinds: tuple[str, ...], seed: int) -> list[tuple[str, float]]:
-    """(kind, target) per kill: a step for step-based kinds, seconds after launch for
-    while-starting, nothing for final-save (there is only one final save)."""
+def plan_kills(kinds: tuple[str, ...], seed: int, steps: int) -> list[tuple[str, float]]:
+    """(kind, target) per kill in a run of ``steps`` steps: a step for step-based kinds, seconds
+    after launch for while-starting, nothing for final-save (there is only one final save)."""
     rng = random.Random(seed)
     slices = sum(kind in STEP_KINDS for kind in kinds)
-    width = (STEPS - 1) // slices if slices else 0
+    width = (steps - 1) // slices if slices else 0
     plan, used = [], 0
     for kind in kinds:
         if kind in STEP_KINDS:
@@ -227,36 +347,41 @@ def plan_kills(kinds: tuple[str, ...], seed: int) -> list[tuple[str, float]]:
 
 
 class Trigger:
-    """The moment of one kill point; ``fire`` kills the process when it has come."""
+    """The moment of one kill point in a run of ``stage``; ``fire`` kills the process when it has come."""
 
-    def __init__(self, kind: str, target: float, run: Path) -> None:
-        self.kind, self.run = kind, run
+    def __init__(self, kind: str, target: float, run: Path, stage: Stage, steps: int) -> None:
+        self.kind, self.run, self.stage = kind, run, stage
         # a step target lies beyond the newest checkpoint and any step the killed run logged after it
-        done = max([*_checkpoint_steps(run), _logged_step(run)])
+        done = max([*_checkpoint_steps(run, stage), _logged_step(run, stage)])
         self.target = max(target, done + 1) if kind in STEP_KINDS else target
-        assert self.target < STEPS or kind not in STEP_KINDS, "kill plan leaves no room"
-        self.stale = _temp_dirs(checkpoint_root(run), ".step-") | _temp_dirs(run / "experts", f".expert-{EXPERT}.")
+        assert self.target < steps or kind not in STEP_KINDS, "kill plan leaves no room"
+        self.stale = self._temps()
         self.started = time.monotonic()
+
+    def _temps(self) -> set[str]:
+        """Temp dirs of checkpoints, or for final-save those of the final model."""
+        if self.kind == "final-save":
+            return {name for name in self.stage.save_leftovers(self.run) if name.endswith(".tmp")}
+        return _temp_dirs(self.stage.checkpoints(self.run), ".step-")
 
     def _new_temp(self) -> str | None:
         """A temp dir of a checkpoint (at or after the target step) or of the final model being written now."""
-        if self.kind == "final-save":
-            fresh = _temp_dirs(self.run / "experts", f".expert-{EXPERT}.") - self.stale
-        else:
-            fresh = {n for n in _temp_dirs(checkpoint_root(self.run), ".step-") - self.stale
-                     if int(n[6:13]) >= self.target}
+        fresh = self._temps() - self.stale
+        if self.kind != "final-save":
+            fresh = {name for name in fresh if int(name[6:13]) >= self.target}
         return min(fresh, default=None)
 
     def fire(self, proc: subprocess.Popen) -> str | None:
         """Kill ``proc`` if this is the moment; returns a description of where it was hit."""
         if self.kind == "while-starting":
             if time.monotonic() - self.started >= self.target:
-                return self._kill(proc, f"{self.target:.2f}s after launch, logged step {_logged_step(self.run)}")
+                step = _logged_step(self.run, self.stage)
+                return self._kill(proc, f"{self.target:.2f}s after launch, logged step {step}")
         elif self.kind == "after-step":
-            if _logged_step(self.run) >= self.target:
+            if _logged_step(self.run, self.stage) >= self.target:
                 return self._kill(proc, f"after logging step {self.target}")
         elif self.kind == "after-checkpoint":
-            if self.target in _checkpoint_steps(self.run):
+            if self.target in _checkpoint_steps(self.run, self.stage):
                 return self._kill(proc, f"after checkpoint step {self.target}")
         elif self._new_temp() is not None:  # a write in progress: freeze it, make sure, then kill
             proc.send_signal(signal.SIGSTOP)
@@ -277,28 +402,32 @@ class Trigger:
         return where
 
 
-def start_training(run: Path, log: Path, resume: bool) -> subprocess.Popen:
-    args = dfm_command("train-expert", "--run", str(run), "--expert", str(EXPERT), *(["--resume"] if resume else []))
+def start_training(run: Path, stage: Stage, log: Path, resume: bool) -> subprocess.Popen:
     with open(log, "a") as handle:
-        return subprocess.Popen(args, env=subprocess_env(), stdout=handle, stderr=handle, cwd=run.parent)
+        return subprocess.Popen(dfm_command(*stage.args(run, resume)), env=subprocess_env(), stdout=handle,
+                                stderr=handle, cwd=run.parent)
 
 
-def kill_and_resume(run: Path, kinds: tuple[str, ...], seed: int, tmp: Path, attempts: int = 3) -> list[str]:
-    """SIGKILL `dfm train-expert` once per kind, each time resuming the previous run, then resume
+def kill_and_resume(run: Path, stage: Stage, kinds: tuple[str, ...], seed: int, steps: int, tmp: Path,
+                    attempts: int = 3) -> list[str]:
+    """SIGKILL ``stage``'s training once per kind, each time resuming the previous run, then resume
     to the end. A kill point the run finished without reaching is retried from a copy of the state
-    before it. Returns where each kill landed."""
+    before it. Every resume starts despite the lock file its killed predecessor left: no stale
+    lock. The last resume runs in this process. Returns where each kill landed."""
     hits, log = [], tmp / "stderr.log"
-    for number, (kind, target) in enumerate(plan_kills(kinds, seed)):
+    for number, (kind, target) in enumerate(plan_kills(kinds, seed, steps)):
         snapshot = copy_run(run, tmp / f"before-kill-{number}")
         for _ in range(attempts):
-            trigger = Trigger(kind, target, run)
-            proc = start_training(run, log, resume=number > 0)
+            trigger = Trigger(kind, target, run, stage, steps)
+            proc = start_training(run, stage, log, resume=number > 0)
             where = None
             while where is None and proc.poll() is None:
                 where = trigger.fire(proc)
                 time.sleep(0.0005)
             if where is not None:
                 assert proc.returncode == -signal.SIGKILL
+                if kind != "while-starting":  # its lock file stays, its flock died with it: the next run goes on
+                    assert lock_path(stage.checkpoints(run)).read_text().startswith(f"pid {proc.pid} ")
                 hits.append(f"{kind}: {where}")
                 break
             assert proc.returncode == 0, log.read_text()[-3000:]
@@ -307,42 +436,59 @@ def kill_and_resume(run: Path, kinds: tuple[str, ...], seed: int, tmp: Path, att
         else:
             pytest.fail(f"kill point {kind} never reached in {attempts} attempts: {hits}")
         shutil.rmtree(snapshot)
-    print("\n".join(hits))  # where the kills landed (pytest -rP shows it)
-    proc = start_training(run, log, resume=True)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    print(f"{stage.name}:", *hits, sep="\n  ")  # where the kills landed (pytest -rP shows it)
     assert "Traceback" not in log.read_text()
+    assert dfm(*stage.args(run, resume=True)) == 0  # in this process: a process start saved
     return hits
 
 
-def check_resumed(run: Path, reference: Path) -> None:
-    assert_same_expert(run, reference)
-    assert log_records(run) == log_records(reference)  # no lost, duplicated or torn log lines
-    assert summary_without_time(run) == summary_without_time(reference)
-    assert _checkpoint_steps(run) == _checkpoint_steps(reference) == [STEPS - 1, STEPS]
+def assert_matches_reference(run: Path, reference: Path, stage: Stage = EXPERT_STAGE) -> None:
+    """``stage`` ended in ``run`` as in its uninterrupted ``reference``, and left no partial writes."""
+    assert_same_model(run, reference, stage)
+    assert log_records(run, stage) == log_records(reference, stage)  # no lost, duplicated or torn log lines
+    assert summary_without_time(run, stage) == summary_without_time(reference, stage)
+    steps = stage.steps(reference)
+    assert _checkpoint_steps(run, stage) == _checkpoint_steps(reference, stage) == [steps - 1, steps]
     # partial checkpoints and partial models of killed writers were cleaned up
-    assert not _temp_dirs(checkpoint_root(run), ".step-")
-    assert sorted(p.name for p in (run / "experts").iterdir()) == [f"expert-{EXPERT}"]
+    assert not _temp_dirs(stage.checkpoints(run), ".step-")
+    assert not stage.save_leftovers(run)
 
 
-def test_sigkill_during_training_then_resume_is_bit_identical(prepared, reference, tmp_path) -> None:
-    run = copy_run(prepared, tmp_path / "run")
-    hits = kill_and_resume(run, FAST_KILLS, KILL_SEED, tmp_path)
-    assert len(hits) == len(FAST_KILLS) and "while writing .step-" in hits[0], hits
-    check_resumed(run, reference)
+def run_campaign(stage: Stage, kills: dict[str, tuple[str, ...]], seed: int, request, tmp: Path) -> None:
+    """Kill a fresh run of ``stage`` at ``kills[stage.name]``, resume it, compare with the reference."""
+    reference = request.getfixturevalue(stage.reference)
+    run = copy_run(request.getfixturevalue(stage.start), tmp / "run")
+    kinds = kills[stage.name]
+    hits = kill_and_resume(run, stage, kinds, seed, stage.steps(reference), tmp)
+    assert [hit.split(":")[0] for hit in hits] == list(kinds), hits
+    assert_matches_reference(run, reference, stage)
+
+
+def test_the_kill_campaign_covers_every_stage_and_write() -> None:
+    """KILL_POINTS counts what the two tests below run: every stage, each killed in a checkpoint
+    write and in its final save at least once."""
+    assert list(FAST_KILLS) == list(SLOW_KILLS) == [stage.name for stage in STAGES]
+    assert KILL_POINTS >= 20
+    for stage in STAGES:
+        assert {"checkpoint-write", "final-save"} <= {*FAST_KILLS[stage.name], *SLOW_KILLS[stage.name]}, stage.name
+        for kills in (FAST_KILLS, SLOW_KILLS):  # a final save ends the run: nothing is left to kill after it
+            assert "final-save" not in kills[stage.name][:-1], stage.name
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_sigkill_during_training_then_resume_is_bit_identical(stage, request, tmp_path) -> None:
+    run_campaign(stage, FAST_KILLS, KILL_SEED + 2 * STAGES.index(stage), request, tmp_path)
 
 
 @pytest.mark.slow
-def test_many_sigkills_then_resume_is_bit_identical(prepared, reference, tmp_path) -> None:
-    run = copy_run(prepared, tmp_path / "run")
-    hits = kill_and_resume(run, SLOW_KILLS, KILL_SEED + 1, tmp_path)
-    assert len(hits) == len(SLOW_KILLS), hits
-    assert sum("while writing" in hit for hit in hits) == 3, hits
-    check_resumed(run, reference)
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_many_sigkills_then_resume_is_bit_identical(stage, request, tmp_path) -> None:
+    run_campaign(stage, SLOW_KILLS, KILL_SEED + 2 * STAGES.index(stage) + 1, request, tmp_path)
 
 
 def resume_in_process(run: Path, capsys) -> tuple[int, list[str]]:
     shutil.rmtree(expert_dir(run))
-    code = main(["train-expert", "--run", str(run), "--expert", str(EXPERT), "--resume"])
+    code = dfm("train-expert", "--run", str(run), "--expert", str(EXPERT), "--resume")
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, [line for line in err.splitlines() if line.startswith("dfm: warning:")]
@@ -364,7 +510,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(reference, tmp_path, capsy
     code, warnings = resume_in_process(run, capsys)
     assert code == 0
     assert len(warnings) == 1 and f"skipping damaged checkpoint {newest}" in warnings[0], warnings
-    assert_same_expert(run, reference)  # redone from step 39, not loaded from the damaged step 40
+    assert_same_model(run, reference)  # redone from step 39, not loaded from the damaged step 40
 
 
 def test_malicious_optimizer_pickle_is_not_executed(reference, tmp_path, capsys) -> None:
@@ -383,21 +529,55 @@ def test_malicious_optimizer_pickle_is_not_executed(reference, tmp_path, capsys)
     code, warnings = resume_in_process(run, capsys)
     assert code == 0 and not marker.exists()
     assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0]
-    assert_same_expert(run, reference)
+    assert_same_model(run, reference)
 
 
-# --- 3. numerical faults ------------------------------------------------------------------------
-def set_train_option(run: Path, **options) -> None:
-    config = json.loads((run / "config.json").read_text())
-    config["expert"]["train"].update(options)
-    (run / "config.json").write_text(json.dumps(config))
+# --- 3. one trainer per model -------------------------------------------------------------------
+def wait_for(condition, proc: subprocess.Popen, log: Path) -> None:
+    """Poll until ``condition()`` holds while ``proc`` keeps running."""
+    while not condition():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.01)
 
 
+def test_a_second_trainer_of_the_same_model_is_refused(unseeded, prepared, tmp_path) -> None:
+    """A second `train-seed` on a run whose seed is in training (even with --resume) exits with one
+    line naming the lock; the first, never interleaved with it, ends as an undisturbed run does."""
+    run, log = copy_run(unseeded, tmp_path / "run"), tmp_path / "first.log"
+    first = start_training(run, SEED_STAGE, log, resume=False)
+    try:
+        wait_for(lambda: _logged_step(run, SEED_STAGE) >= 1, first, log)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the lock, whatever the second takes
+        second = subprocess.run(dfm_command(*SEED_STAGE.args(run, resume=True)), env=subprocess_env(),
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    (message,) = error_lines(second.stderr)
+    lock = lock_path(SEED_STAGE.checkpoints(run))
+    assert f"dfm: error: seed is being trained by pid {first.pid} on " in message and str(lock) in message, message
+    assert "wait for it to finish or stop it" in message
+    assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_matches_reference(run, prepared, SEED_STAGE)
+
+
+def test_the_lock_is_exclusive_and_released_on_exit(tmp_path) -> None:
+    """Two opens of one lock file conflict even within a process (flock locks open files, not processes)."""
+    path = tmp_path / "checkpoints" / "model.lock"
+    with training_lock(path, "model"):
+        with pytest.raises(DfmError, match=f"model is being trained by pid {os.getpid()} on .*{re.escape(str(path))}"):
+            with training_lock(path, "model"):
+                pass
+    with training_lock(path, "model"):  # free again
+        assert path.read_text().startswith(f"pid {os.getpid()} ")
+
+
+# --- 4. numerical faults ------------------------------------------------------------------------
 def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys) -> None:
     run = copy_run(prepared, tmp_path / "run")
     set_train_option(run, lr=1e30, warmup_steps=0)  # finite, accepted, and ruinous: step 2's loss is NaN
     for args in ([], ["--resume"]):  # resuming from the kept checkpoint reproduces the fault, never hides it
-        assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT), *args]) == 2
+        assert dfm("train-expert", "--run", str(run), "--expert", str(EXPERT), *args) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err
         kept = checkpoint_root(run) / "step-0000001"
@@ -409,12 +589,12 @@ def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(p
 def test_non_finite_learning_rate_is_refused_before_training(prepared, tmp_path, capsys) -> None:
     """An infinite lr used to pass validation and leave a checkpoint of inf weights called 'good'."""
     config = write_tiny_config(tmp_path)
-    code = main(["prepare", "--out", str(tmp_path / "p"), "--config", str(config), "--set", "expert.train.lr=.inf"])
+    code = dfm("prepare", "--out", str(tmp_path / "p"), "--config", str(config), "--set", "expert.train.lr=.inf")
     err = capsys.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "lr" in error_lines(err)[0], err
     run = copy_run(prepared, tmp_path / "run")
     set_train_option(run, lr=float("inf"))  # a hand-edited config.json
-    assert main(["train-expert", "--run", str(run), "--expert", str(EXPERT)]) == 2
+    assert dfm("train-expert", "--run", str(run), "--expert", str(EXPERT)) == 2
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "lr" in error_lines(err)[0], err
     for step_dir in checkpoint_root(run).glob("step-*"):  # whatever was kept must be finite
@@ -434,7 +614,7 @@ class ImpossibleTokens:
         logits[0, 5] = float("-inf")
         self.log_probs = torch.log_softmax(logits, -1)
 
-    def next_token_log_probs(self, tokens, attention_mask, experts):
+    def next_token_log_probs(self, tokens, attention_mask, experts, rows=None):
         return self.log_probs[list(experts)].expand(tokens.shape[0], -1, -1)
 
     def prefix_log_likelihood(self, tokens, attention_mask, experts):
@@ -507,7 +687,7 @@ def test_manifest_paths_cannot_escape_the_run_directory(prepared, tmp_path, caps
     with pytest.raises(DfmError, match="outside the run directory") as err:
         Ensemble.from_run(run)
     assert str(run.resolve()) in str(err.value)
-    assert main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    assert dfm("generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2") == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "outside the run directory" in lines[0] and str(run.resolve()) in lines[0]
 
@@ -529,7 +709,7 @@ def test_weights_only_from_safetensors(prepared, tmp_path, capsys) -> None:
     torch.save({"model.embed_tokens.weight": Payload()}, expert / "pytorch_model.bin")
     with pytest.raises(DfmError, match="expert-0"):
         Ensemble.from_run(run)
-    assert main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    assert dfm("generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "2") == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "expert-0" in lines[0], lines
     assert not marker.exists()

@@ -150,8 +150,10 @@ def test_from_pretrained_errors(tmp_path) -> None:
     make_router().save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
-    with pytest.raises(DfmError, match="do not match"):
+    with pytest.raises(DfmError, match="do not match") as caught:
         Router.from_pretrained(directory)
+    assert "\n" not in str(caught.value) and "size mismatch for" in str(caught.value)  # one line of torch's list
+    assert "dfm train-router" in str(caught.value)
     (directory / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(DfmError, match="not a dfm-router"):
         Router.from_pretrained(directory)

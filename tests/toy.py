@@ -30,7 +30,8 @@ class MarkovPool:
         """(K, V) probabilities of the next symbol after a prefix (without BOS)."""
         return self.start if not prefix else self.transitions[:, prefix[-1]]
 
-    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
+    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
+                             rows: Tensor | None = None) -> Tensor:
         self.calls.append(list(experts))
         rows = [self.conditional(self._real(t, m))[list(experts)] for t, m in zip(tokens, attention_mask)]
         return torch.stack(rows).log()

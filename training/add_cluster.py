@@ -33,14 +33,10 @@ from training.prepare import row_builder, write_shard
 
 
 def read_texts(source: DataSource) -> list[str]:
-    """Every document of ``source`` (all its splits); add_cluster carves its own held-out share."""
+    """Every document of ``source`` (all its splits); add_cluster carves its own held-out share.
+    Rows without text are refused by ``load_documents``."""
     documents = load_documents(source)
-    texts = [text for split in documents.values() for text in split[source.text_column]]
-    missing = sum(1 for text in texts if not isinstance(text, str))
-    if missing:
-        raise DfmError(f"{missing} of {len(texts)} documents have no text in column {source.text_column!r}: "
-                       f"drop those rows or pick the right --text-column")
-    return texts
+    return [text for split in documents.values() for text in split[source.text_column]]
 
 
 def _without_cluster(split: Dataset, k: int) -> Dataset:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
 from models.expert import saved_config
-from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
+from models.manifest import ExpertEntry, Manifest, artifact_hashes, tokenizer_fingerprint
 from training.config import read_run_config
 from training.layout import RunLayout
 
 
 def assemble(run_dir: str | Path) -> Manifest:
-    """Experts with their cluster shares as priors, router, baseline and tokenizer fingerprint.
+    """Experts with their cluster shares as priors, router, baseline, tokenizer fingerprint, and the
+    sha256 of every file of those (loading verifies them: a swapped or edited file is refused).
 
     Every expert of the partition must be trained; router and baseline are optional.
     """
@@ -44,15 +47,34 @@ def assemble(run_dir: str | Path) -> Manifest:
     def trained(path: Path) -> str | None:
         return str(path.relative_to(run_dir)) if saved_config(path) is not None else None
 
+    router, baseline = optional(layout.router, "config.json"), trained(layout.baseline)
+    tokenizer_dir = str(layout.tokenizer.relative_to(run_dir))
+    models = [*(e.path for e in experts), *(p for p in (router, baseline) if p is not None)]
+    _check_weights(run_dir, models)
+    listed = [tokenizer_dir, *models]
     manifest = Manifest(
         experts=experts,
-        tokenizer=str(layout.tokenizer.relative_to(run_dir)),
+        tokenizer=tokenizer_dir,
         tokenizer_fingerprint=fingerprint,
         vocab_size=len(tokenizer),
-        router=optional(layout.router, "config.json"),
+        router=router,
         partition=optional(layout.partition, "partition.json"),
-        baseline=trained(layout.baseline),
+        baseline=baseline,
         extra={"block_size": config["expert"]["block_size"], "path": config["path"]},
+        sha256=artifact_hashes(run_dir, listed),
     )
     manifest.save(run_dir)
     return manifest
+
+
+def _check_weights(run_dir: Path, directories: list[str]) -> None:
+    """Refuse to record a model whose safetensors weights are unreadable (empty, or cut off): their
+    headers are read, not the tensors."""
+    for directory in directories:
+        for weights in sorted((run_dir / directory).glob("*.safetensors")):
+            try:
+                with safe_open(weights, framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as err:
+                raise DfmError(f"{weights} is unreadable ({str(err).splitlines()[0]}): retrain or re-copy "
+                               f"{run_dir / directory}, then run `dfm assemble` again") from err

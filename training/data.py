@@ -54,6 +54,7 @@ def load_documents(source: DataSource, scratch: str | os.PathLike | None = None)
         if source.text_column not in ds.column_names:
             raise DfmError(f"split {name!r} has no column {source.text_column!r} (columns: {ds.column_names}): "
                            f"pass --text-column")
+        _check_texts(ds, source.text_column, name)
     if len(splits["train"]) == 0:
         raise DfmError("the training split is empty: check --dataset/--data-files/--split")
     aliases = {"valid": "validation", "dev": "validation"}
@@ -92,6 +93,20 @@ def _load_raw(source: DataSource):
             raise DfmError(f"dataset {name!r} is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
                            f"re-encode the files as UTF-8, e.g. iconv -f latin1 -t utf-8") from err
         raise DfmError(f"cannot read dataset {name!r}: {type(cause).__name__}: {_first_line(cause)}") from err
+
+
+def _check_texts(ds: Dataset, column: str, split: str) -> None:
+    """Refuse a text column with values that are not text (null, numbers): such rows are refused, not
+    skipped, since an empty document would still count in the clusters' sizes and priors. A string
+    column's nulls are counted from Arrow batches, without reading the texts into Python."""
+    columns = ds.select_columns([column])
+    if getattr(ds.features[column], "dtype", None) in ("string", "large_string"):
+        bad = sum(batch.column(column).null_count for batch in columns.with_format("arrow").iter(batch_size=READ_BATCH))
+    else:
+        bad = sum(not isinstance(v, str) for batch in columns.iter(batch_size=READ_BATCH) for v in batch[column])
+    if bad:
+        raise DfmError(f"column {column!r} of split {split!r} has {bad} of {len(ds)} rows whose value is null or not "
+                       f"a string: drop those rows from the data, or pass --text-column naming the column of the text")
 
 
 def _root_cause(err: BaseException) -> BaseException:

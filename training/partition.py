@@ -11,7 +11,13 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from dfm.errors import DfmError
+from dfm.progress import progress
 from models.partition import Docs, Partition, normalise_rows, project_features, smooth_idf, term_counts, tfidf_matrix
+
+
+#: The fewest training documents per cluster k-means is asked for on average: a cluster of one
+#: document is that document (its expert memorises one text, its centre is the text itself).
+MIN_DOCUMENTS_PER_CLUSTER = 2
 
 
 def _fit_matrix(tfidf: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
@@ -139,19 +145,22 @@ def fit_kmeans(
 ) -> Partition:
     """Balanced spherical k-means over tf-idf of tokenized documents.
 
-    No cluster gets more than ceil(balance * N / K) documents. The best of ``restarts`` k-means++
-    seedings (by total document-centre cosine similarity) is kept. ``svd_dim`` projects the
-    tf-idf vectors onto that many truncated-SVD directions first. Same seed, same result.
+    N must be at least MIN_DOCUMENTS_PER_CLUSTER * K, and no cluster gets more than
+    ceil(balance * N / K) documents. The best of ``restarts`` k-means++ seedings (by total
+    document-centre cosine similarity) is kept. ``svd_dim`` projects the tf-idf vectors onto that
+    many truncated-SVD directions first. Same seed, same result.
     """
     n = len(docs)
     if num_clusters < 1:
         raise DfmError(f"number of clusters must be >= 1, got {num_clusters}")
-    if n < num_clusters:
-        raise DfmError(f"fewer documents ({n}) than clusters ({num_clusters}): use fewer clusters or more data")
     if not balance >= 1:
         raise DfmError(f"balance must be >= 1 (cluster size cap = balance * N / K), got {balance}")
     if iterations < 1 or restarts < 1:
         raise DfmError(f"iterations and restarts must be >= 1, got {iterations} and {restarts}")
+    if n < MIN_DOCUMENTS_PER_CLUSTER * num_clusters:
+        raise DfmError(f"only {n} training documents for {num_clusters} clusters ({n / num_clusters:.2g} per cluster), "
+                       f"fewer documents than the {MIN_DOCUMENTS_PER_CLUSTER} per cluster a cluster needs to be a group: "
+                       f"lower --num-clusters to at most {max(1, n // MIN_DOCUMENTS_PER_CLUSTER)} or add documents")
     counts = term_counts(docs, vocab_size)
     idf = smooth_idf(counts)
     tfidf = tfidf_matrix(counts, idf)
@@ -166,7 +175,7 @@ def fit_kmeans(
     capacity = math.ceil(balance * n / num_clusters)
     generator = torch.Generator().manual_seed(seed)
     best = None
-    for _ in range(restarts):
+    for _ in progress(range(restarts), desc=f"partition: balanced k-means ({n} documents)", unit="restart"):
         start = _kmeans_pp(x, num_clusters, generator)
         assignments, centres = _lloyd(x, start, capacity, iterations)
         score = float((x @ centres.T)[torch.arange(n), assignments].double().sum())

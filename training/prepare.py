@@ -142,7 +142,7 @@ def write_shard(documents: DatasetDict, column: str, value: object, to_rows: Row
         rows = {}
         for name in ("train", "validation"):
             chosen = documents[name].filter(lambda values: [v == value for v in values], input_columns=column,
-                                            batched=True, batch_size=READ_BATCH)
+                                            batched=True, batch_size=READ_BATCH, desc=f"{directory.name}: {name} documents")
             # an empty split cannot round-trip through save_to_disk: a cluster without validation
             # documents gets a train split only
             if len(chosen):

@@ -47,15 +47,23 @@ ROUTER_SEED_OFFSET = 20_000
 def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, eos_id: int) -> datasets.Dataset:
     """One sequence per document, ``[EOS] + ids`` cut at ``max_length``, with a (max_length, K)
     target distribution per position (row j: the prefix of BOS and j document tokens); padding
-    rows are zero, so they carry no loss."""
-    input_ids, rows = [], []
-    for ids, target in zip(docs, targets, strict=True):
+    rows are zero, so they carry no loss. ``length`` (real positions) lets the trainer cut every
+    batch after its longest sequence."""
+    num_clusters = targets[0].shape[1] if targets else 1
+    input_ids = torch.full((len(docs), max_length), eos_id, dtype=torch.int32)
+    rows = torch.zeros(len(docs), max_length, num_clusters, dtype=torch.float32)
+    lengths = []
+    for i, (ids, target) in enumerate(zip(docs, targets, strict=True)):
         chunk = [eos_id, *ids][:max_length]
-        padded = torch.zeros(max_length, target.shape[1], dtype=torch.float32)
-        padded[:len(chunk)] = target[:len(chunk)]
-        input_ids.append(chunk + [eos_id] * (max_length - len(chunk)))
-        rows.append(padded.tolist())
-    return datasets.Dataset.from_dict({"input_ids": input_ids, "targets": rows})
+        input_ids[i, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+        rows[i, :len(chunk)] = target[:len(chunk)]
+        lengths.append(len(chunk))
+    # fixed-shape features: a batch comes out of Arrow as one array, not as nested Python lists
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=max_length),
+                                  "targets": datasets.Array2D((max_length, num_clusters), "float32"),
+                                  "length": datasets.Value("int32")})
+    return datasets.Dataset.from_dict({"input_ids": input_ids.numpy(), "targets": rows.numpy(), "length": lengths},
+                                      features=features)
 
 
 def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: int) -> list[Tensor]:
@@ -67,7 +75,8 @@ def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: in
 def bayes_targets(experts: list[nn.Module], docs: list[list[int]], log_prior: Tensor, *, eos_id: int,
                   context: int, batch_size: int = 16) -> list[Tensor]:
     """The experts' posterior P(k | prefix) at every prefix of every document, from their per-token log-likelihoods."""
-    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id, context=context, batch_size=batch_size)
+    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id, context=context, batch_size=batch_size,
+                                             desc="router targets: experts scoring")
     return [prefix_log_posteriors(lp, log_prior).exp().float() for lp in token_log_probs]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
+from dfm.progress import shown
 from models.ensemble import load_tokenizer
 from training.data import as_texts
 
@@ -19,17 +21,29 @@ from training.data import as_texts
 END_OF_TEXT = "<|endoftext|>"
 
 
+class VocabularyShortfall(UserWarning):
+    """BPE reached fewer tokens than asked: the corpus ran out of frequent pairs (harmless; the run
+    uses the smaller vocabulary). ``dfm`` shows it only when the vocabulary size was set explicitly."""
+
+
 def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``texts`` (strings, or batches of them); every byte stays encodable."""
+    """Train a byte-level BPE tokenizer on ``texts`` (strings, or batches of them); every byte stays
+    encodable. Warns (VocabularyShortfall) when the corpus cannot fill ``vocab_size``."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
         raise DfmError(f"vocab size {vocab_size} is too small for byte-level BPE: use at least {len(alphabet) + 1}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=shown(),
                                   special_tokens=[END_OF_TEXT], initial_alphabet=alphabet)
     bpe.train_from_iterator(texts, trainer)
+    reached = bpe.get_vocab_size()
+    if reached < vocab_size:
+        warnings.warn(VocabularyShortfall(
+            f"the BPE tokenizer stopped at {reached} tokens of the {vocab_size} asked (tokenizer.vocab_size): the "
+            f"corpus has no more pairs seen {min_frequency}+ times; the run uses {reached} (more text reaches more)"),
+            stacklevel=2)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
                                    pad_token=END_OF_TEXT, unk_token=None, model_max_length=1 << 30)
 

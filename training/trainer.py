@@ -10,6 +10,8 @@ takes the contiguous ``r``-th slice of that global batch. Nothing is dropped at 
 
 Starting with ``resume=False`` while ``checkpoint_dir`` holds checkpoints is refused with a
 DfmError (pass ``resume=True`` or delete the directory): old progress is never silently lost.
+So is a second process training the same model while the first holds its lock (training.lock),
+from loading the checkpoints to the final save.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from dfm.atomic import write_text
 from dfm.errors import DfmError, reject_unknown_keys
+from dfm.progress import progress
 from dfm.tensors import autocast_for
 from training.checkpoint import checkpoint_dirs, load_latest_checkpoint, rng_state, save_checkpoint
 from training.distributed import DistInfo, setup_distributed
+from training.lock import lock_path, training_lock
 from training.sharding import full_model_state, full_states, grad_sync, is_sharded, shard_model
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -146,14 +149,23 @@ class _SampleStream:
 
 
 def _fetch(data: datasets.Dataset, indices: list[int], device: torch.device) -> dict[str, Tensor]:
-    """Rows ``indices`` of a torch-formatted dataset as stacked tensors on ``device``."""
+    """Rows ``indices`` of a torch-formatted dataset as stacked tensors on ``device``.
+
+    Data with a ``length`` column holds right-padded rows for a causal model: every sequence
+    column is cut after the longest row of the batch (no real position sees what is cut), and
+    ``length`` itself is not passed on.
+    """
     batch = {}
     for name, value in data[indices].items():
         if isinstance(value, Tensor):
-            batch[name] = value.to(device, non_blocking=True)
+            batch[name] = value
         elif value and isinstance(value[0], Tensor):
             raise DfmError(f"column {name!r} holds sequences of different lengths; pack it into fixed-length blocks")
-    return batch
+    lengths = batch.pop("length", None)
+    if lengths is not None:
+        width = int(lengths.max())
+        batch = {name: value[:, :width] if value.ndim >= 2 else value for name, value in batch.items()}
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -273,7 +285,8 @@ def train(
     newest intact checkpoint, and a run that already finished (final checkpoint and ``out_dir``
     present) returns at once. A non-finite loss or gradient raises DfmError before any state
     derived from it is written. ``device``: where a single process trains (default: CUDA if
-    available, else CPU; under torchrun every rank's own device).
+    available, else CPU; under torchrun every rank's own device). ``desc`` names the model in the
+    progress bar and in the DfmError that refuses a second trainer of ``checkpoint_dir`` at once.
     """
     config.validate()
     out_dir, checkpoint_dir, log_path = Path(out_dir), Path(checkpoint_dir), Path(log_path)
@@ -284,6 +297,38 @@ def train(
     if tokens_per_sample is None and "input_ids" not in train_data.column_names:
         raise DfmError("training data has no input_ids column; pass tokens_per_sample")
     info = setup_distributed(device)
+    with _main_rank_lock(info, checkpoint_dir, desc):
+        return _train(model, train_data, loss_fn, config, info, save_fn=save_fn, out_dir=out_dir,
+                      checkpoint_dir=checkpoint_dir, log_path=log_path, val_data=val_data, resume=resume, desc=desc,
+                      tokens_per_sample=tokens_per_sample)
+
+
+@contextmanager
+def _main_rank_lock(info: DistInfo, checkpoint_dir: Path, name: str) -> Iterator[None]:
+    """The training lock of ``name`` (training.lock), held by the main rank alone: it is the only
+    rank that writes checkpoints, logs and the model, and the ranks of one job must not refuse
+    each other. Under torchrun every rank raises the main rank's refusal, so none is left waiting
+    in a collective for a rank that has gone."""
+    with ExitStack() as stack:
+        refusal = None
+        if info.is_main:
+            try:
+                stack.enter_context(training_lock(lock_path(checkpoint_dir), name))
+            except DfmError as err:
+                refusal = str(err)
+        if info.world_size > 1:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise DfmError(refusal)
+        yield
+
+
+def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, config: TrainConfig, info: DistInfo, *,
+           save_fn: Callable[..., None], out_dir: Path, checkpoint_dir: Path, log_path: Path,
+           val_data: datasets.Dataset | None, resume: bool, desc: str, tokens_per_sample: int | None) -> TrainResult:
+    """``train`` once its arguments are checked and the lock is held."""
     torch.manual_seed(config.seed + info.rank)
     model.to(info.device)
     model.train()
@@ -333,7 +378,7 @@ def train(
             save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, run_state(**more),
                             keep=config.keep_checkpoints, rng_states=rng_states, states=states)
 
-    bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not info.is_main, dynamic_ncols=True)
+    bar = progress(total=config.steps, initial=start_step, desc=desc, enabled=info.is_main)
     try:
         for step in range(start_step, config.steps):
             indices = stream.take(step * per_rank * info.world_size + info.rank * per_rank, per_rank).tolist()

@@ -1,0 +1,56 @@
+"""How long the rest of `dfm run` will take, from the speed of its first training stage.
+
+Every later stage is priced in FLOPs as compute matching counts them (6 x parameters x tokens for
+training, 2 x for the experts' scoring of the router's documents; the baseline gets as many as
+the experts and the router together) and divided by the FLOP rate the first stage reached. An
+estimate: LoRA experts (4 FLOPs per frozen parameter) and evaluation are not priced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pyarrow.compute as pc
+
+from models.router import Router, RouterConfig
+from training.layout import RunLayout
+
+
+def _lm_flops(parameters: int, train: dict, tokens_per_row: int) -> float:
+    return 6.0 * parameters * train["steps"] * train["batch_size"] * train.get("grad_accum", 1) * tokens_per_row
+
+
+def _training_documents(layout: RunLayout) -> tuple[int, float]:
+    """How many training documents there are, and their mean length in tokens with BOS."""
+    train = datasets.load_from_disk(str(layout.documents))["train"]
+    lengths = pc.list_value_length(train.data.column("input_ids"))
+    return len(train), float(pc.mean(lengths).as_py() or 0.0) + 1
+
+
+def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_done: int = 0) -> float:
+    """Training FLOPs of the experts not trained yet, the router and the baseline of a run whose
+    experts have ``parameters`` parameters."""
+    layout = RunLayout.of(run_dir)
+    clusters = config["partition"]["num_clusters"]
+    per_expert = _lm_flops(parameters, config["expert"]["train"], config["expert"]["block_size"])
+    router = 0.0
+    if clusters > 1:
+        options = config["router"]
+        count, mean_tokens = _training_documents(layout)
+        tokens = min(mean_tokens, options["max_length"])
+        documents = min(options["documents"] or count, count)
+        scoring = 2.0 * parameters * clusters * documents * tokens
+        size = Router(RouterConfig(vocab_size=config["tokenizer"]["vocab_size"], num_experts=clusters,
+                                   hidden_size=options["hidden_size"], num_layers=options["num_layers"],
+                                   num_heads=options["num_heads"], max_positions=options["max_length"])).num_parameters
+        router = scoring + _lm_flops(size, options["train"], int(tokens))
+    baseline = per_expert * clusters + router
+    return per_expert * (clusters - experts_done) + router + baseline
+
+
+def remaining_seconds(run_dir: str | Path, config: dict, first: dict, experts_done: int = 0) -> float:
+    """Seconds the training stages after ``first`` (a stage summary with parameters, flops and
+    seconds) should take at its FLOP rate."""
+    rate = first["flops"] / max(first["seconds"], 1e-9)
+    return remaining_flops(run_dir, config, first["parameters"], experts_done) / rate
