@@ -171,11 +171,14 @@ class Ensemble:
                 self._states[e].last = torch.zeros(batch, self.vocab_size, device=tokens.device)
             if not any(wanted[r][i] for r in range(batch)):
                 continue
+            filled = self.engine.filled[e]
+            # a router that came back to this expert for a row it fell behind on may do so again:
+            # bring it up to date on every row it has read before, not only on that one
+            returning = any(wanted[r][i] and 0 < filled[r] < length - 1 for r in range(batch))
             for r in range(batch):
-                filled = self.engine.filled[e][r]
-                if filled == length - 1:  # also rows that do not need it now: kept current for one more
+                if filled[r] == length - 1:  # also rows that do not need it now: kept current for one more
                     groups[-1].append((e, r))  # pair in the shared forward, it need not catch up later
-                elif wanted[r][i] and filled < length:
+                elif filled[r] < length and (wanted[r][i] or (returning and filled[r] > 0)):
                     groups.setdefault(e, []).append((e, r))
         for pairs in groups.values():
             if not pairs:
