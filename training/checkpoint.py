@@ -7,7 +7,6 @@ is damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ from torch import nn
 
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
+from models.manifest import file_sha256
 from training.sharding import is_sharded, load_full_states
 
 MODEL_FILE = "model.safetensors"
@@ -46,14 +46,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_dirs(directory: str | Path) -> list[tuple[int, Path]]:
@@ -100,7 +92,7 @@ def save_checkpoint(
             },
             tmp / OPTIM_FILE,
         )
-        sha256 = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIM_FILE)}
+        sha256 = {name: file_sha256(tmp / name) for name in (MODEL_FILE, OPTIM_FILE)}
         write_json(tmp / STATE_FILE, {"step": step, "extra": extra, "sha256": sha256})
     for _, old in checkpoint_dirs(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -111,7 +103,7 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state.json, optim.pt payload)`` of an intact checkpoint; raises on any damage."""
     state = json.loads((path / STATE_FILE).read_text())
     for name, expected in state["sha256"].items():
-        if _sha256(path / name) != expected:
+        if file_sha256(path / name) != expected:
             raise ValueError(f"sha256 mismatch for {name}")
     with safe_open(str(path / MODEL_FILE), framework="pt") as handle:
         handle.keys()
