@@ -608,8 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
-        # --debug after the command too; SUPPRESS leaves the value before it alone when absent here
+        # --debug and --quiet after the command too; SUPPRESS leaves the value before it alone when absent here
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
         return p
 
     p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)

@@ -18,6 +18,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def quiet() -> bool:
+    """Whether bars were silenced (``set_quiet``)."""
+    return _quiet
+
+
 def shown() -> bool:
     """Whether bars appear: not quiet, and stderr is a terminal (for libraries with their own bars)."""
     return not _quiet and sys.stderr.isatty()

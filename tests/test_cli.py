@@ -448,6 +448,17 @@ def test_prompt_file_mistakes_are_one_line(run, tmp_path, capsys, content, flag,
     assert expected in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_goes_before_or_after_the_command(run, capsys, where):
+    from dfm.progress import quiet
+
+    command = ["generate", "--run", str(run), "--max-new-tokens", "2"]
+    assert main(command) == 0 and not quiet()
+    assert main(["--quiet", *command] if where == "before" else [*command, "--quiet"]) == 0
+    assert quiet()  # no bar, even on a terminal
+    assert main(command) == 0 and not quiet()  # one command's choice, not the next one's
+
+
 def test_a_binary_prompt_on_stdin_is_refused(run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00binary")))
     assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 2
