@@ -13,7 +13,7 @@ from dfm.mixing import exclude_log_weights, mix_log_probs
 from dfm.pool import ExpertPool, Weigher
 from dfm.posterior import BayesPosterior
 from dfm.routing import Routing, Selection, select_experts
-from dfm.sampling import sample_tokens
+from dfm.sampling import check_sampling, sample_tokens
 
 
 @dataclass
@@ -36,8 +36,7 @@ class DecodeConfig:
             raise DfmError("max_new_tokens must be >= 0")
         if self.routing is Routing.TOPK and not 1 <= (self.k or 1) <= num_experts:
             raise DfmError(f"--k must be between 1 and the number of experts ({num_experts}), got {self.k}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise DfmError("need temperature >= 0, 0 < top-p <= 1 and top-k >= 0")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass
@@ -61,10 +60,8 @@ def decode_step(
     log_weights = selection.log_weights[:, selection.active]
     used = torch.isfinite(log_weights)
     sparse = len(selection.active) > 1 and not bool(used.all())
-    if sparse:
-        expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active, rows=used)
-    else:
-        expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active)
+    expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active,
+                                                 rows=used if sparse else None)
     if len(selection.active) == 1:  # every row gives the one active expert weight 1: nothing to mix
         mixed = expert_log_probs[:, 0]
     elif sparse and bool((used.sum(-1) == 1).all()):  # one expert per row: the one finite term of the logsumexp

@@ -350,9 +350,10 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
     uses_router = options["routing"] != "bayes"
     runs: list[tuple[float, float]] = []  # (total, router) seconds of each timed repetition
     for attempt in range(1 + repeats):  # the first one warms up
-        weigher = TimedRouterWeigher(ensemble.router) if uses_router else None
         if fixed_rows:
             weigher = FixedRowsWeigher(ensemble.router, len(prompts), ensemble.num_experts)
+        else:
+            weigher = TimedRouterWeigher(ensemble.router) if uses_router else None
         start = time.perf_counter()
         generation = generate_text(ensemble, prompts, max_new_tokens=new_tokens, temperature=0.0, seed=0,
                                    stop_at_eos=False, weigher=weigher, **options)

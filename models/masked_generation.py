@@ -6,7 +6,6 @@ one in training), else after ``length`` tokens.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 from dfm.errors import DfmError
 from dfm.masked_sampler import euler_sample
 from dfm.routing import Routing
+from dfm.sampling import check_sampling
 from models.generation import encode_prompts
 from models.masked_ensemble import MaskedEnsemble, masked_routing
 
@@ -54,8 +54,7 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
     if tokenizer is None or tokenizer.eos_token_id is None:
         raise DfmError("the masked ensemble needs the run's tokenizer with an EOS token: load it with "
                        "MaskedEnsemble.from_run")
-    if not 0 <= temperature < math.inf:
-        raise DfmError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    check_sampling(temperature, top_k=0, top_p=1.0)
     if length < 1:
         raise DfmError(f"--max-new-tokens must be at least 1, got {length}")
     context = ensemble.context

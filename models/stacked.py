@@ -60,8 +60,8 @@ class _GroupedLinear:
         self.single = experts[0] if counts[experts[0]] == len(experts) else None
         self.even = len(set(counts)) == 1
         self.rows = max(counts) * width  # rows of one expert's slot block
-        self.row_experts = torch.tensor(experts, device=device).repeat_interleave(width)
         if self.single is None and not self.even:
+            self.row_experts = torch.tensor(experts, device=device).repeat_interleave(width)
             slots, seen = [], [0] * num_experts
             for e in experts:
                 slots.append(e * max(counts) + seen[e])
@@ -97,9 +97,7 @@ def _normalized(x: Tensor, eps: float) -> Tensor:
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Llama's RMSNorm: normalised in float32, scaled in the input dtype."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+    return _normalized(x, eps) * weight
 
 
 def _rotate_half(x: Tensor) -> Tensor:
