@@ -65,9 +65,9 @@ def decode_step(
     if len(selection.active) == 1:  # every row gives the one active expert weight 1: nothing to mix
         mixed = expert_log_probs[:, 0]
     elif sparse and bool((used.sum(-1) == 1).all()):  # one expert per row: the one finite term of the logsumexp
-        chosen = used.long().argmax(-1).view(-1, 1, 1)
-        terms = expert_log_probs + log_weights.unsqueeze(-1)  # the dtype mix_log_probs sums in
-        mixed = terms.gather(1, chosen.expand(-1, 1, terms.shape[-1])).squeeze(1)
+        chosen = used.long().argmax(-1, keepdim=True)  # (B, 1)
+        picked = expert_log_probs.gather(1, chosen.unsqueeze(-1).expand(-1, 1, expert_log_probs.shape[-1])).squeeze(1)
+        mixed = picked + log_weights.gather(1, chosen)  # in the dtype mix_log_probs sums in
     else:
         mixed = mix_log_probs(expert_log_probs, log_weights)
     token = sample_tokens(mixed, generator, config.temperature, config.top_k, config.top_p)

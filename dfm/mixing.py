@@ -16,9 +16,13 @@ from dfm.errors import DfmError
 def normalize_log_weights(log_weights: Tensor) -> Tensor:
     """Renormalise log-weights over experts (last dim)."""
     total = torch.logsumexp(log_weights, dim=-1, keepdim=True)
+    _check_some_weight(total)
+    return log_weights - total
+
+
+def _check_some_weight(total: Tensor) -> None:
     if not torch.isfinite(total).all():
         raise DfmError("every expert has zero weight: nothing to mix (check --exclude-expert)")
-    return log_weights - total
 
 
 def mix_log_probs(expert_log_probs: Tensor, log_weights: Tensor) -> Tensor:
@@ -39,6 +43,10 @@ def top_k_log_weights(log_weights: Tensor, k: int) -> Tensor:
         raise DfmError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
     if k == num_experts:
         return normalize_log_weights(log_weights)
+    if k == 1:  # the one weight kept renormalises to exactly log 1 = 0
+        best = log_weights.topk(1, dim=-1)
+        _check_some_weight(best.values)
+        return torch.full_like(log_weights, float("-inf")).scatter_(-1, best.indices, 0.0)
     kept = log_weights.topk(k, dim=-1).indices
     masked = torch.full_like(log_weights, float("-inf")).scatter(-1, kept, log_weights.gather(-1, kept))
     return normalize_log_weights(masked)

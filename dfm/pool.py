@@ -25,6 +25,7 @@ class ExpertPool(Protocol):
 
         ``rows`` (B, len(experts)) bool, when given, marks the (row, expert) pairs the caller
         mixes with a non-zero weight; a pool may skip the others and return any finite values there.
+        The result may be a view of the pool's own buffer: read it before the next call.
         """
         ...
 

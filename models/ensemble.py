@@ -34,12 +34,11 @@ from models.stacked import supports as supports_stacking
 
 
 class _ExpertState:
-    """One expert's generic KV cache, how many columns it has consumed, and its latest next-token log-probs."""
+    """One expert's generic KV cache and how many columns it has consumed."""
 
     def __init__(self) -> None:
         self.cache: DynamicCache | None = None
         self.seen = 0
-        self.last: Tensor | None = None
 
 
 class Ensemble:
@@ -82,6 +81,7 @@ class Ensemble:
     def reset(self) -> None:
         """Forget all caches and counters: the next call starts a new batch of sequences."""
         self._states = [_ExpertState() for _ in self.experts]
+        self._last: Tensor | None = None  # (K, B, V) every expert's latest next-token log-probs
         self._batch_size: int | None = None
         self._longest = 0  # columns of the longest token batch seen since reset
         self._ragged = False  # row routing ran: the stacked path must go on pair by pair
@@ -98,7 +98,9 @@ class Ensemble:
         else:
             for group in self._groups(experts, tokens):
                 self._advance(group, tokens, attention_mask)
-        return torch.stack([self._states[e].last for e in experts], dim=1)
+        if list(experts) == list(range(self.num_experts)):
+            return self._last.transpose(0, 1)  # a view: valid until the next call
+        return self._last[list(experts)].transpose(0, 1)
 
     @torch.inference_mode()
     def prefix_log_likelihood(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int]) -> Tensor:
@@ -111,6 +113,7 @@ class Ensemble:
     def _start_batch(self, tokens: Tensor) -> None:
         if self._batch_size is None:
             self._batch_size = tokens.shape[0]
+            self._last = torch.zeros(self.num_experts, self._batch_size, self.vocab_size, device=tokens.device)
             if self.engine is not None:
                 self.engine.reset(self._batch_size)
         if tokens.shape[1] < self._longest:
@@ -142,9 +145,9 @@ class Ensemble:
             else:
                 logits = self._hf_forward(group[0], new, attention_mask, seen, score).unsqueeze(0)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (E, B, T', V)
-        for i, e in enumerate(group):
-            state = self._states[e]
-            state.last, state.seen = log_probs[i, :, -1], length
+        self._last[group.start:group.stop] = log_probs[:, :, -1]
+        for e in group:
+            self._states[e].seen = length
             self.forward_passes[e] += 1
             self.tokens_processed[e] += new.numel()
         if not score:
@@ -167,8 +170,6 @@ class Ensemble:
         wanted = rows.tolist() if rows is not None else [[True] * len(experts)] * batch
         groups: dict[int, list[tuple[int, int]]] = {-1: []}  # -1: the newest column only; e: expert e catching up
         for i, e in sorted(enumerate(experts), key=lambda pair: pair[1]):
-            if self._states[e].last is None:
-                self._states[e].last = torch.zeros(batch, self.vocab_size, device=tokens.device)
             if not any(wanted[r][i] for r in range(batch)):
                 continue
             filled = self.engine.filled[e]
@@ -194,9 +195,8 @@ class Ensemble:
                     self._advance(group, tokens, attention_mask)
                     continue
                 logits = self.engine.forward_pairs(pair_experts, pair_rows, tokens, attention_mask)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            for i, (e, r) in enumerate(pairs):
-                self._states[e].last[r] = log_probs[i]
+            self._last[list(pair_experts), list(pair_rows)] = torch.log_softmax(logits.float(), dim=-1)
+            for e in pair_experts:
                 self.tokens_processed[e] += new
             for e in sorted(set(pair_experts)):
                 self.forward_passes[e] += 1

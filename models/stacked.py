@@ -61,21 +61,12 @@ class _GroupedLinear:
         self.even = len(set(counts)) == 1
         self.rows = max(counts) * width  # rows of one expert's slot block
         if self.single is None and not self.even:
-            self.row_experts = torch.tensor(experts, device=device).repeat_interleave(width)
             slots, seen = [], [0] * num_experts
             for e in experts:
                 slots.append(e * max(counts) + seen[e])
                 seen[e] += 1
             slot = torch.tensor(slots, device=device)
             self.index = (slot.unsqueeze(1) * width + torch.arange(width, device=device)).flatten()
-
-    def scale(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x (P * width, d) times each pair's expert's vector of the stack ``weight`` (K, 1, d)."""
-        if self.single is not None:
-            return x * weight[self.single]
-        if self.even:
-            return (x.view(weight.shape[0], self.rows, -1) * weight).flatten(0, 1)
-        return x * weight[self.row_experts, 0]
 
     def __call__(self, x: Tensor, weight: Tensor) -> Tensor:
         """x (P * width, in) -> (P * width, out) with ``weight`` (K, in, out)."""
@@ -88,21 +79,50 @@ class _GroupedLinear:
         return torch.bmm(padded.view(count, self.rows, -1), weight).flatten(0, 1).index_select(0, self.index)
 
 
+class _PairCache:
+    """Keys and values of a fixed list of (expert, row) pairs, one contiguous (P, kv_heads,
+    context, head_dim) buffer per layer, valid up to ``filled`` columns. Columns written here
+    reach the engine's per-expert caches only in ``write_back``, which must run before anything
+    else reads those."""
+
+    def __init__(self, pairs: tuple, flat: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
+                 filled: int) -> None:
+        self.pairs, self.flat, self.filled, self.built = pairs, flat, filled, filled
+        self.keys = [self._gather(k, flat, filled) for k in keys]
+        self.values = [self._gather(v, flat, filled) for v in values]
+
+    def write_back(self, keys: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+        """Copy the columns computed since the build into the engine's caches ``keys``/``values``."""
+        columns = slice(self.built, self.filled)
+        for mine, theirs in zip(self.keys + self.values, list(keys) + list(values)):
+            theirs.flatten(0, 1)[self.flat, :, columns] = mine[:, :, columns]
+
+    @staticmethod
+    def _gather(cache: Tensor, flat: Tensor, filled: int) -> Tensor:
+        buffer = cache.new_empty(len(flat), *cache.shape[2:])
+        buffer[:, :, :filled] = cache.flatten(0, 1)[flat, :, :filled]
+        return buffer
+
+    def append(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write the new columns of layer ``layer`` at ``start``; views of every column so far."""
+        end = start + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
 def _normalized(x: Tensor, eps: float) -> Tensor:
-    """RMSNorm without its weight, in float32 (``_rms_norm`` = this times the weight)."""
+    """Llama's RMSNorm without its weight (folded into the next matmul), computed in float32."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), eps=eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama's RMSNorm: normalised in float32, scaled in the input dtype."""
-    return _normalized(x, eps) * weight
-
-
-def _rotate_half(x: Tensor) -> Tensor:
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x (..., heads, head_dim): x cos + rotate_half(x) sin."""
     first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class StackedLlama:
@@ -119,23 +139,25 @@ class StackedLlama:
         def stack(get) -> Tensor:
             return torch.stack([get(e).detach() for e in experts])
 
-        def stack_linear(*gets) -> Tensor:  # (K, in, out) so that x @ W is the layer
-            return torch.cat([stack(g) for g in gets], dim=1).transpose(1, 2).contiguous()
+        def stack_linear(*gets, norm=None) -> Tensor:
+            """(K, in, out) so that x @ W is the layer; an RMSNorm weight before it is folded in:
+            (x / rms(x) * w) @ W = (x / rms(x)) @ (w[:, None] * W)."""
+            weight = torch.cat([stack(g) for g in gets], dim=1).transpose(1, 2)
+            return (weight if norm is None else stack(norm).unsqueeze(2) * weight).contiguous()
 
         self.embed = stack(lambda e: e.get_input_embeddings().weight)
-        self.head = stack_linear(lambda e: e.get_output_embeddings().weight)
-        self.norm = stack(lambda e: e.model.norm.weight).unsqueeze(1)
+        self.head = stack_linear(lambda e: e.get_output_embeddings().weight, norm=lambda e: e.model.norm.weight)
         self.layers = []
         for i in range(config.num_hidden_layers):
             def layer(e, i=i):
                 return e.model.layers[i]
             self.layers.append({
-                "ln1": stack(lambda e: layer(e).input_layernorm.weight).unsqueeze(1),
                 "qkv": stack_linear(lambda e: layer(e).self_attn.q_proj.weight, lambda e: layer(e).self_attn.k_proj.weight,
-                                    lambda e: layer(e).self_attn.v_proj.weight),
+                                    lambda e: layer(e).self_attn.v_proj.weight,
+                                    norm=lambda e: layer(e).input_layernorm.weight),
                 "o": stack_linear(lambda e: layer(e).self_attn.o_proj.weight),
-                "ln2": stack(lambda e: layer(e).post_attention_layernorm.weight).unsqueeze(1),
-                "gate_up": stack_linear(lambda e: layer(e).mlp.gate_proj.weight, lambda e: layer(e).mlp.up_proj.weight),
+                "gate_up": stack_linear(lambda e: layer(e).mlp.gate_proj.weight, lambda e: layer(e).mlp.up_proj.weight,
+                                        norm=lambda e: layer(e).post_attention_layernorm.weight),
                 "down": stack_linear(lambda e: layer(e).mlp.down_proj.weight),
             })
         theta = config.rope_parameters["rope_theta"]
@@ -148,6 +170,8 @@ class StackedLlama:
         self.values: list[Tensor] = []
         self.filled: list[list[int]] = []  # [expert][row]: columns that pair has consumed
         self._views: dict[tuple[int, int], dict] = {}  # weights and caches of a group of experts
+        self._last_pairs: tuple | None = None  # the pairs of the previous forward_pairs call
+        self._pair_cache: _PairCache | None = None
 
     def reset(self, batch_size: int) -> None:
         """Empty every expert's cache for a new batch of ``batch_size`` sequences."""
@@ -156,6 +180,7 @@ class StackedLlama:
         self.values = [self.embed.new_zeros(shape) for _ in self.layers]
         self.filled = [[0] * batch_size for _ in range(self.num_experts)]
         self._views = {}
+        self._last_pairs, self._pair_cache = None, None
 
     def _group(self, experts: slice) -> dict:
         """Views of the weights and caches of a contiguous group of experts, made once per batch:
@@ -163,7 +188,7 @@ class StackedLlama:
         key = (experts.start, experts.stop)
         if key not in self._views:
             self._views[key] = {
-                "embed": self.embed[experts], "norm": self.norm[experts].unsqueeze(1), "head": self.head[experts],
+                "embed": self.embed[experts], "head": self.head[experts],
                 "layers": [{name: weight[experts] for name, weight in layer.items()} for layer in self.layers],
                 "keys": [k[experts] for k in self.keys], "values": [v[experts] for v in self.values],
             }
@@ -175,6 +200,7 @@ class StackedLlama:
 
         Returns logits (E, B, T, V), or (E, B, 1, V) for the last position unless ``all_logits``.
         """
+        self._drop_pair_cache()  # this reads the per-expert caches
         count = experts.stop - experts.start
         group = self._group(experts)
         start = self.filled[experts.start][0]
@@ -183,30 +209,25 @@ class StackedLlama:
         if end > self.context:
             raise DfmError(f"sequence of {end} tokens exceeds the experts' context of {self.context}")
         positions = positions_from_mask(attention_mask)[:, start:end]
-        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)  # (B, 1, T, hd)
-        if count > 1:
-            cos, sin = cos.repeat(count, 1, 1, 1), sin.repeat(count, 1, 1, 1)
+        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)  # (B, T, 1, hd)
         mask = self._attention_mask(attention_mask[:, :end], start, count)
 
         x = group["embed"][:, input_ids].reshape(count, batch * new, -1)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, keys, values in zip(group["layers"], group["keys"], group["values"]):
-            q, k, v = torch.bmm(_rms_norm(x, layer["ln1"], self.eps), layer["qkv"]).split([q_width, kv_width, kv_width], -1)
-            q = q.reshape(count * batch, new, self.heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(count * batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = torch.bmm(_normalized(x, self.eps), layer["qkv"])
+            q, k = self._query_key(qkv, (count, batch), new, cos, sin)
+            v = qkv[..., q_width + kv_width:]
             keys[:, :, :, start:end] = k.reshape(count, batch, self.kv_heads, new, self.head_dim)
             values[:, :, :, start:end] = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
             attended = self._attend(q, keys[:, :, :, :end].flatten(0, 1), values[:, :, :, :end].flatten(0, 1), mask)
             x = x + torch.bmm(attended.transpose(1, 2).reshape(count, batch * new, q_width), layer["o"])
-            gate, up = torch.bmm(_rms_norm(x, layer["ln2"], self.eps), layer["gate_up"]).chunk(2, -1)
+            gate, up = torch.bmm(_normalized(x, self.eps), layer["gate_up"]).chunk(2, -1)
             x = x + torch.bmm(F.silu(gate) * up, layer["down"])
         x = x.reshape(count, batch, new, -1)
         if not all_logits:
             x = x[:, :, -1:]
-        x = _rms_norm(x, group["norm"], self.eps)
-        logits = torch.bmm(x.flatten(1, 2), group["head"]).reshape(count, batch, x.shape[2], -1)
+        logits = torch.bmm(_normalized(x, self.eps).flatten(1, 2), group["head"]).reshape(count, batch, x.shape[2], -1)
         for e in range(experts.start, experts.stop):
             self.filled[e] = [end] * batch
         return logits
@@ -232,29 +253,61 @@ class StackedLlama:
 
         ids = input_ids[row_ids, start:]
         positions = positions_from_mask(attention_mask)[row_ids, start:]
-        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)  # (P, 1, T, hd)
+        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)  # (P, T, 1, hd)
         mask = self._attention_mask(attention_mask[row_ids], start, 1)
         x = self.embed[expert_ids.unsqueeze(1), ids].flatten(0, 1)  # (P * T, hidden), pair by pair
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            q, k, v = linear(linear.scale(_normalized(x, self.eps), layer["ln1"]), layer["qkv"]).split(
-                [q_width, kv_width, kv_width], -1)
-            q = q.reshape(count, new, self.heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            flat_keys, flat_values = keys.flatten(0, 1), values.flatten(0, 1)
-            flat_keys[flat, :, start:length] = k
-            flat_values[flat, :, start:length] = v.reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            attended = self._attend(q, flat_keys[flat, :, :length], flat_values[flat, :, :length], mask)
+        pair_cache = self._steady_pairs((tuple(experts), tuple(rows)), flat, start)
+        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
+            qkv = linear(_normalized(x, self.eps), layer["qkv"])
+            q, k = self._query_key(qkv, (count,), new, cos, sin)
+            v = qkv[:, q_width + kv_width:].reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            if pair_cache is None:
+                flat_keys, flat_values = keys.flatten(0, 1), values.flatten(0, 1)
+                flat_keys[flat, :, start:length] = k
+                flat_values[flat, :, start:length] = v
+                attended = self._attend(q, flat_keys[flat, :, :length], flat_values[flat, :, :length], mask)
+            else:
+                attended = self._attend(q, *pair_cache.append(i, k, v, start), mask)
             x = x + linear(attended.transpose(1, 2).reshape(count * new, q_width), layer["o"])
-            gate, up = linear(linear.scale(_normalized(x, self.eps), layer["ln2"]), layer["gate_up"]).chunk(2, -1)
+            gate, up = linear(_normalized(x, self.eps), layer["gate_up"]).chunk(2, -1)
             x = x + linear(F.silu(gate) * up, layer["down"])
         for e, r in zip(experts, rows):
             self.filled[e][r] = length
+        if pair_cache is not None:
+            pair_cache.filled = length
         head = _GroupedLinear(experts, self.num_experts, 1, device)
-        last = head.scale(_normalized(x.view(count, new, -1)[:, -1], self.eps), self.norm)
-        return head(last, self.head)
+        return head(_normalized(x.view(count, new, -1)[:, -1], self.eps), self.head)
+
+    def _drop_pair_cache(self) -> None:
+        """Write the pair cache's new columns back to the per-expert caches and forget it."""
+        if self._pair_cache is not None:
+            self._pair_cache.write_back(self.keys, self.values)
+            self._pair_cache = None
+
+    def _query_key(self, qkv: Tensor, lead: tuple[int, ...], new: int, cos: Tensor,
+                   sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries (S, heads, T, hd) and keys (S, kv_heads, T, hd) of the fused projection ``qkv``
+        (..., q + k + v widths) of S = prod(``lead``) sequences, rotated together in one pass
+        (``cos``/``sin`` broadcast over the leading dimensions they lack)."""
+        heads, width = self.heads + self.kv_heads, (self.heads + self.kv_heads) * self.head_dim
+        qk = _rotary(qkv[..., :width].reshape(*lead, new, heads, self.head_dim), cos, sin)
+        qk = qk.reshape(-1, new, heads, self.head_dim)
+        return qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+
+    def _steady_pairs(self, pairs: tuple, flat: Tensor, start: int) -> _PairCache | None:
+        """The contiguous caches of ``pairs`` when the same pairs advance again from where they all
+        stopped (a router that settled): built on their second call in a row, then extended in place,
+        so attention reads views instead of gathering every pair's cache on every token."""
+        cache = self._pair_cache
+        settled = all(self.filled[e][r] == start for e, r in zip(*pairs))
+        if cache is not None and (cache.pairs != pairs or cache.filled != start or not settled):
+            self._drop_pair_cache()
+            cache = None
+        if cache is None and settled and pairs == self._last_pairs:
+            cache = self._pair_cache = _PairCache(pairs, flat, self.keys, self.values, start)
+        self._last_pairs = pairs
+        return cache
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
         if self.kv_heads != self.heads:  # grouped-query attention (written out: torch 2.4 has no enable_gqa)

@@ -104,6 +104,7 @@ class OracleWeigher:
         if bad:
             raise DfmError(f"oracle clusters {bad} are not experts of this ensemble (0..{num_experts - 1})")
         self.num_experts = num_experts
+        self._decoding: Tensor | None = None  # the same weights at every token: built once
 
     def _one_hot(self, rows: int) -> Tensor:
         if rows != len(self.clusters):
@@ -114,7 +115,9 @@ class OracleWeigher:
         return one_hot
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        return self._one_hot(tokens.shape[0]).to(tokens.device)
+        if self._decoding is None or self._decoding.shape[0] != tokens.shape[0]:
+            self._decoding = self._one_hot(tokens.shape[0]).to(tokens.device)
+        return self._decoding
 
     def documents(self, docs: Docs, expert_log_probs: Sequence[Tensor], scoring: Scoring) -> list[Tensor]:
         one_hot = self._one_hot(len(docs))

@@ -241,6 +241,45 @@ def test_row_routing_runs_each_expert_on_its_own_rows(routing, k):
         assert theirs.tokens_processed == [5 * (prompt_columns + 19)] * 3
 
 
+
+class _ScheduledRows:
+    """Oracle routing whose per-row experts change at given steps: settle, switch, settle again."""
+
+    def __init__(self, schedule):
+        self.schedule, self.calls = schedule, 0  # [(first step, clusters of every row)]
+
+    def __call__(self, tokens, attention_mask):
+        clusters = [c for first, c in self.schedule if first <= self.calls][-1]
+        self.calls += 1
+        return OracleWeigher(clusters, K)(tokens, attention_mask)
+
+
+def test_row_routing_that_settles_switches_and_settles_again():
+    """Pairs that keep their expert read contiguous caches built on their second step in a row; a
+    change of expert drops them and later rebuilds them: tokens and log-probs stay those of the
+    generic path throughout."""
+    experts = [tiny_expert(s) for s in range(K)]
+    stacked, generic = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(),
+                                 engine=engine) for engine in ("auto", "hf"))
+    schedule = [(0, [0, 1, 2, 0, 1]), (6, [2, 1, 0, 0, 2]), (9, [1, 1, 1, 2, 0]), (10, [0, 1, 2, 0, 1])]
+    built = []
+    original = stacked.engine._steady_pairs
+
+    def watch(*args):
+        cache = original(*args)
+        built.append(cache is not None)
+        return cache
+
+    stacked.engine._steady_pairs = watch
+    options = dict(routing="oracle", max_new_tokens=20, seed=5, stop_at_eos=False)
+    ours = generate_text(stacked, ROW_PROMPTS, weigher=_ScheduledRows(schedule), **options)
+    theirs = generate_text(generic, ROW_PROMPTS, weigher=_ScheduledRows(schedule), **options)
+    assert ours.token_ids == theirs.token_ids
+    for a, b in zip(ours.token_log_probs, theirs.token_log_probs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert True in built and False in built[built.index(True):]  # used, dropped, ...
+    assert built[-1]  # ... and rebuilt once the rows settled again
+
 def test_token_prompts_streaming_and_json():
     ens = tiny_ensemble()
     streamed = []
