@@ -9,7 +9,8 @@ to show it; ``top1_route_on_prompt`` is the no-flip case). Everything runs on th
 ``torch.set_num_threads`` set to the usable cores.
 
 Each figure is the median of several timed repetitions after warm-up, and every ratio is taken
-between figures of the same process run. Generation never stops at EOS, so every run produces
+between figures of the same process run; a decoding mode's ratio to transformers ``generate`` is
+the median over repetitions of its speed over that of a reference run timed just before it. Generation never stops at EOS, so every run produces
 exactly the requested tokens (transformers: ``eos_token_id=None``; dfm: ``stop_at_eos=False``),
 and decoding is greedy on both sides (switch routing still samples its expert).
 """
@@ -326,30 +327,33 @@ class FixedRowsWeigher(TimedRouterWeigher):
         return self.fixed(tokens, attention_mask)
 
 
-def _reference_tokens_per_second(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
-                                 repeats: int) -> float:
-    """One expert through transformers ``generate`` (KV cache, greedy, no EOS stop)."""
+def _reference(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> Callable[[], float]:
+    """One expert through transformers ``generate`` (KV cache, greedy, no EOS stop): a function
+    that runs it once and returns its tokens/s."""
     ids = torch.tensor([[BOS, *p] for p in prompts])
-    produced = []
 
-    def run() -> None:
+    def run() -> float:
+        start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=BOS)
-        produced.append(out[:, ids.shape[1]:].numel())
+        return out[:, ids.shape[1]:].numel() / (time.perf_counter() - start)
 
-    seconds = _median_seconds(run, repeats)
-    return produced[-1] / seconds
+    return run
 
 
 def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
-                  options: dict[str, Any], fixed_rows: bool = False) -> dict:
-    """Tokens/s of one routing mode, its router share, and the experts' work per generated token.
+                  options: dict[str, Any], reference: Callable[[], float], fixed_rows: bool = False) -> dict:
+    """Tokens/s of one routing mode, its router share, the experts' work per generated token, and
+    its speed relative to ``reference`` (transformers ``generate``), timed right before every
+    repetition so that both see the same machine: this VM's speed drifts by 20% within minutes.
     Greedy decoding and a fixed seed make every repetition produce the same tokens. ``fixed_rows``:
     row i keeps expert i mod K throughout (what a trained router settles into after a few tokens)
     instead of the random-init router, which changes its choice almost every token."""
     uses_router = options["routing"] != "bayes"
     runs: list[tuple[float, float]] = []  # (total, router) seconds of each timed repetition
+    references: list[float] = []  # tokens/s of the reference run before each timed repetition
     for attempt in range(1 + repeats):  # the first one warms up
+        reference_rate = reference()
         if fixed_rows:
             weigher = FixedRowsWeigher(ensemble.router, len(prompts), ensemble.num_experts)
         else:
@@ -359,10 +363,13 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
                                    stop_at_eos=False, weigher=weigher, **options)
         if attempt:
             runs.append((time.perf_counter() - start, weigher.seconds if weigher else 0.0))
+            references.append(reference_rate)
     seconds = statistics.median(total for total, _ in runs)
     produced = sum(len(ids) for ids in generation.token_ids)
     figures = {
         "tokens_per_second": produced / seconds,
+        "vs_reference": statistics.median(produced / total / rate for (total, _), rate in zip(runs, references)),
+        "reference_tokens_per_second": statistics.median(references),
         "forward_passes_per_step": sum(generation.forward_passes) / new_tokens,
         # expert token-forwards (prompt prefill and catch-up included) per generated token
         "expert_tokens_per_token": sum(generation.tokens_processed) / produced,
@@ -373,42 +380,41 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
 
 
 def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
-    """Per batch size: one expert through transformers ``generate``, then every routing mode."""
+    """Per batch size, every routing mode against one expert through transformers ``generate``
+    (the reference: the median of its runs, each timed before a repetition of a mode)."""
     ensemble = bench_ensemble(settings.num_experts, tokenizer)
     out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
-                           "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy"}
+                           "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy",
+                           "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)"}
     for batch in settings.batches:
         prompts = _prompts(batch)
-        reference = _reference_tokens_per_second(ensemble.experts[0], prompts, settings.new_tokens, settings.repeats)
-        row: dict[str, Any] = {"reference_generate": {"tokens_per_second": reference}}
-        say(f"generation batch {batch}: reference generate {reference:.0f} tok/s")
+        reference = _reference(ensemble.experts[0], prompts, settings.new_tokens)
+        row: dict[str, Any] = {}
         for name, options in MODES.items():
             fixed = name == "top1_fixed_rows"
-            figures = _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options, fixed_rows=fixed)
-            figures["vs_reference"] = figures["tokens_per_second"] / reference
-            row[name] = figures
+            row[name] = figures = _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options,
+                                                reference, fixed_rows=fixed)
             say(f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
-                f"({figures['vs_reference']:.2f}x)")
-        out[f"batch_{batch}"] = row
+                f"({figures['vs_reference']:.2f}x generate at {figures['reference_tokens_per_second']:.0f})")
+        rates = [figures["reference_tokens_per_second"] for figures in row.values()]
+        out[f"batch_{batch}"] = {"reference_generate": {"tokens_per_second": statistics.median(rates)}, **row}
     return out
 
 
 def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None]) -> dict:
-    """Batch-1 decoding for several K: top1 should stay flat, mixture grows with K. The reference
-    (and K of the generation section) are taken from ``generation``, measured in the same run."""
+    """Batch-1 decoding for several K: top1 should stay flat, mixture grows with K. The K of the
+    generation section is taken from ``generation``, measured in the same run."""
     prompts = _prompts(1)
     batch_1 = generation["batch_1"]
-    reference = batch_1["reference_generate"]["tokens_per_second"]
-    out: dict[str, Any] = {"reference_generate": {"tokens_per_second": reference}}
+    out: dict[str, Any] = {"reference_generate": batch_1["reference_generate"]}
     for k in settings.scaling:
         if k == generation["num_experts"]:
             row = {name: batch_1[name] for name in ("top1", "mixture")}
         else:
             ensemble = bench_ensemble(k, tokenizer)
-            row = {name: _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name])
+            reference = _reference(ensemble.experts[0], prompts, settings.new_tokens)
+            row = {name: _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
                    for name in ("top1", "mixture")}
-            for figures in row.values():
-                figures["vs_reference"] = figures["tokens_per_second"] / reference
         out[f"k_{k}"] = row
         say(f"scaling K={k}: top1 {row['top1']['tokens_per_second']:.0f}, "
             f"mixture {row['mixture']['tokens_per_second']:.0f} tok/s")
@@ -554,13 +560,12 @@ def _ratios(results: dict) -> dict[str, float | None]:
     training, gen = results["training"], results["generation"]["batch_1"]
     trainer = training["trainer"]["tokens_per_second"]
     hf = training["hf_trainer"].get("tokens_per_second")
-    reference = gen["reference_generate"]["tokens_per_second"]
     ratios = {
         "trainer_vs_hf_trainer": trainer / hf if hf else None,
         "trainer_vs_plain_loop": trainer / training["plain_loop"]["tokens_per_second"],
-        "top1_vs_generate": gen["top1"]["tokens_per_second"] / reference,
-        "switch_vs_generate": gen["switch"]["tokens_per_second"] / reference,
-        "mixture_vs_generate": gen["mixture"]["tokens_per_second"] / reference,
+        "top1_vs_generate": gen["top1"]["vs_reference"],
+        "switch_vs_generate": gen["switch"]["vs_reference"],
+        "mixture_vs_generate": gen["mixture"]["vs_reference"],
         "router_share": gen["top1"]["router_share"],
     }
     largest = max((key for key in results["generation"] if key.startswith("batch_")), key=lambda key: int(key[6:]))

@@ -84,9 +84,9 @@ def test_ratios_are_taken_between_figures_of_the_results():
         "training": {"trainer": {"tokens_per_second": 300.0}, "plain_loop": {"tokens_per_second": 400.0},
                      "hf_trainer": {"tokens_per_second": 200.0}},
         "generation": {"batch_1": {"reference_generate": {"tokens_per_second": 100.0},
-                                   "top1": {"tokens_per_second": 90.0, "router_share": 0.25},
-                                   "switch": {"tokens_per_second": 80.0},
-                                   "mixture": {"tokens_per_second": 50.0}}},
+                                   "top1": {"vs_reference": 0.9, "router_share": 0.25},
+                                   "switch": {"vs_reference": 0.8},
+                                   "mixture": {"vs_reference": 0.5}}},
     }
     assert bench._ratios(results) == {"trainer_vs_hf_trainer": 1.5, "trainer_vs_plain_loop": 0.75,
                                       "top1_vs_generate": 0.9, "switch_vs_generate": 0.8,
