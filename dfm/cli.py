@@ -377,8 +377,8 @@ def _load_generator(args: argparse.Namespace):
         raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
                        f"{', '.join(name for name, p in paths.items() if p)}")
     model = load_expert(resolve_inside(args.run, paths[args.model]), device)
-    for relative in (manifest.tokenizer, paths[args.model]):
-        manifest.verify(args.run, relative)
+    manifest.verify(args.run, manifest.tokenizer)
+    manifest.verify_model(args.run, paths[args.model])
     return single_model(model, tokenizer, name=args.model)
 
 

@@ -26,7 +26,7 @@ from dfm.progress import progress
 from dfm.routing import Routing, parse_mode
 from eval.equivalence import equivalence
 from eval.perplexity import summarize_totals
-from eval.report import MASKED_MODES, check_modes, compute_section, held_out
+from eval.report import MASKED_MODES, check_modes, compute_section, held_out, verify_baseline
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import clean_logits, load_masked_expert
 from models.masked_scoring import draw_nats, elbo_masks
@@ -106,6 +106,7 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
     baseline = load_masked_expert(layout.baseline, device) if layout.baseline.is_dir() else None
+    verify_baseline(run_dir, baseline is not None)
     totals = masked_nats(ensemble, baseline, docs, clusters, eos_id=ensemble.tokenizer.eos_token_id,
                          block_size=config["expert"]["block_size"], modes=modes, samples=samples,
                          batch_size=batch_size, seed=seed)

@@ -17,6 +17,7 @@ from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, 
 from eval.router_quality import compute_accounting, router_quality
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
+from models.manifest import Manifest
 from models.scoring import expert_token_log_probs, token_log_probs
 from models.weighers import BayesWeigher, Scoring, mode_log_weights
 from training.config import is_masked, read_run_config, scoring_context
@@ -81,6 +82,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
 
     log_probs: dict[str, list[Tensor]] = {}
     baseline = load_expert(layout.baseline, device) if layout.baseline.is_dir() else None
+    verify_baseline(run_dir, baseline is not None)
     if baseline is None:
         warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
                       f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)
@@ -136,6 +138,13 @@ def held_out(layout: RunLayout, config: dict, split: str,
         raise DfmError(f"the {split} split is empty: nothing to evaluate")
     return (list(data["input_ids"]), list(data["cluster"]), list(data["num_bytes"]),
             list(data[config["data"]["text_column"]]))
+
+
+def verify_baseline(run_dir: str | Path, loaded: bool) -> None:
+    """Refuse a loaded baseline whose files differ from those `dfm assemble` recorded."""
+    manifest = Manifest.load(run_dir)
+    if loaded and manifest.baseline is not None:
+        manifest.verify_model(run_dir, manifest.baseline)
 
 
 def compute_section(layout: RunLayout, ensemble, baseline) -> dict:

@@ -290,7 +290,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
     for index, entry in enumerate(manifest.experts):
         try:
             expert = loader(resolve_inside(run_dir, entry.path), device)
-            manifest.verify(run_dir, entry.path)
+            manifest.verify_model(run_dir, entry.path)
         except DfmError as err:
             if not allow_missing:
                 raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
+from models.adapters import base_directory, is_adapter
 
 FORMAT_VERSION = 2
 #: Versions this dfm reads: 1 has no sha256 of the artifacts (nothing is verified), 2 has them.
@@ -104,6 +105,23 @@ class Manifest:
             if path.is_file() and file_sha256(path) != expected:
                 raise DfmError(f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
                                f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended")
+
+
+    def verify_model(self, run_dir: str | os.PathLike, relative: str) -> None:
+        """``verify`` the model directory ``relative`` and, for a LoRA adapter, its base model in the run."""
+        for directory in model_directories(run_dir, relative):
+            self.verify(run_dir, directory)
+
+
+def model_directories(run_dir: str | os.PathLike, relative: str) -> list[str]:
+    """The run-relative directories a saved model is read from: its own and, for a LoRA adapter, that
+    of its base model (the run's seed) when the base lies inside the run."""
+    path = resolve_inside(run_dir, relative)
+    base = base_directory(path) if is_adapter(path) else None
+    root = Path(run_dir).resolve()
+    if base is None or not base.resolve().is_relative_to(root):
+        return [relative]
+    return [relative, os.path.relpath(base.resolve(), root)]
 
 
 def file_sha256(path: Path) -> str:

@@ -586,6 +586,21 @@ def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
         assert call(copy, ["generate", "--max-new-tokens", "3"]) == 0
 
 
+
+def test_a_changed_baseline_is_refused_by_eval(copy, capsys):
+    """dfm eval verifies the baseline it compares against, as generate does (the last byte of its
+    weights flipped: still loadable, but not the model `dfm assemble` recorded)."""
+    manifest, weights = copy / "ensemble.json", copy / "baseline" / "model.safetensors"
+    with damaging(copy, manifest, weights):
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        for argv in (["eval", "--modes", "mixture"], ["generate", "--model", "baseline", "--max-new-tokens", "3"]):
+            assert call(copy, argv) == 2
+            assert f"{weights.resolve()} differs from the file" in one_error_line(capsys.readouterr().err)
+        assert call(copy, ["assemble"]) == 0  # the change recorded as intended
+        assert call(copy, ["generate", "--model", "baseline", "--max-new-tokens", "3"]) == 0
+
 def test_a_manifest_of_format_version_1_loads_without_verifying(copy, capsys):
     manifest, weights = copy / "ensemble.json", copy / "experts" / "expert-1" / "model.safetensors"
     with damaging(copy, manifest, weights):

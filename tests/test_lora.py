@@ -82,3 +82,18 @@ def test_a_missing_seed_is_named_when_loading_an_adapter(lora_run, tmp_path):
     shutil.rmtree(copy_run / "seed")
     with pytest.raises(DfmError, match="seed/"):
         Ensemble.from_run(copy_run)
+
+
+def test_a_changed_seed_is_refused_under_lora_experts(lora_run, tmp_path):
+    """A LoRA expert is its adapter plus the seed: `dfm assemble` records the seed's files too, so a
+    seed replaced after assembling (here retrained-looking: one weight changed) is refused."""
+    copy_run = tmp_path / "run"
+    shutil.copytree(lora_run, copy_run)
+    recorded = json.loads((copy_run / "ensemble.json").read_text())["sha256"]
+    assert "seed/model.safetensors" in recorded
+    weights = copy_run / "seed" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DfmError, match="seed/model.safetensors differs from the file `dfm assemble` recorded"):
+        Ensemble.from_run(copy_run)

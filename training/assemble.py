@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
 from models.expert import saved_config
-from models.manifest import ExpertEntry, Manifest, artifact_hashes, tokenizer_fingerprint
+from models.manifest import ExpertEntry, Manifest, artifact_hashes, model_directories, tokenizer_fingerprint
 from training.config import read_run_config
 from training.layout import RunLayout
 
@@ -51,7 +51,8 @@ def assemble(run_dir: str | Path) -> Manifest:
     tokenizer_dir = str(layout.tokenizer.relative_to(run_dir))
     models = [*(e.path for e in experts), *(p for p in (router, baseline) if p is not None)]
     _check_weights(run_dir, models)
-    listed = [tokenizer_dir, *models]
+    # a LoRA expert is read with its base (the seed): a changed seed changes every such expert
+    listed = list(dict.fromkeys([tokenizer_dir, *(d for m in models for d in model_directories(run_dir, m))]))
     manifest = Manifest(
         experts=experts,
         tokenizer=tokenizer_dir,
