@@ -89,6 +89,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     parser.add_argument("--allow-missing", action="store_true",
                         help="score without missing or corrupt experts (router weights renormalised) instead of failing")
     _add_device_flag(parser)
+    _add_dtype_flag(parser)
     parser.add_argument("--elbo-samples", type=int,
                         help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise")
     parser.add_argument("--margin", type=float, default=0.02,
@@ -99,11 +100,24 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
 
+def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto",
+                        help="precision of the weights at inference: auto (bfloat16 on CUDA, float32 on the CPU), "
+                             "float32 or bfloat16")
+
+
 def _device(args: argparse.Namespace):
     """The torch device --device names (checked: a CUDA device this machine lacks is refused)."""
     from dfm.tensors import resolve_device
 
     return resolve_device(args.device)
+
+
+def _dtype(args: argparse.Namespace, device):
+    """The inference dtype --dtype names for ``device``."""
+    from dfm.tensors import inference_dtype
+
+    return inference_dtype(args.dtype, device)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -219,6 +233,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     run_dir = args.out
     device = _device(args)  # checked before any work
+    dtype = _dtype(args, device)
     timings_path = Path(run_dir) / "logs" / "timings.json"
     # seconds per stage, written after every stage; a resumed run adds to what the interrupted ones spent
     timings: dict[str, float] = {}
@@ -274,11 +289,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     from eval.report import markdown, write_report
     from training.layout import RunLayout
 
-    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes, device=device))
+    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes, device=device, dtype=dtype))
     write_report(report, RunLayout.of(run_dir).eval)
     write_plots(report, RunLayout.of(run_dir).eval)
     print(markdown(report))
-    print(f"Sample (mixture routing, 60 tokens max):\n  {_sample_text(run_dir, config['seed'], is_masked(config), device)}\n")
+    sample = _sample_text(run_dir, config["seed"], is_masked(config), device, dtype)
+    print(f"Sample (mixture routing, 60 tokens max):\n  {sample}\n")
     _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
          + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
     _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
@@ -303,17 +319,19 @@ def _evaluate(run_dir: str, **options) -> dict:
     return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or ENSEMBLE_MODES})
 
 
-def _sample_text(run_dir: str, seed: int, masked: bool, device) -> str:
+def _sample_text(run_dir: str, seed: int, masked: bool, device, dtype) -> str:
     """60 tokens of the mixture-routed ensemble from an empty prompt (64 steps on the masked path)."""
     if masked:
         from models.masked_ensemble import MaskedEnsemble
         from models.masked_generation import generate_masked_text
 
-        return generate_masked_text(MaskedEnsemble.from_run(run_dir, device), "", length=60, steps=64, seed=seed).texts[0]
+        ensemble = MaskedEnsemble.from_run(run_dir, device, dtype=dtype)
+        return generate_masked_text(ensemble, "", length=60, steps=64, seed=seed).texts[0]
     from models.ensemble import Ensemble
     from models.generation import generate_text
 
-    return generate_text(Ensemble.from_run(run_dir, device), "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
+    ensemble = Ensemble.from_run(run_dir, device, dtype=dtype)
+    return generate_text(ensemble, "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -325,7 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
     report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
                        stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=_device(args))
+                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=_device(args),
+                       dtype=_dtype(args, _device(args)))
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)
@@ -366,17 +385,19 @@ def _load_generator(args: argparse.Namespace):
     from models.manifest import Manifest, resolve_inside
 
     device = _device(args)
+    dtype = _dtype(args, device)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
         needs_router = args.routing not in ("bayes", "centroid")
-        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing, load_router=needs_router)
+        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing, load_router=needs_router,
+                                 dtype=dtype)
     manifest = Manifest.load(args.run)
     tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
     paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}
     if paths.get(args.model) is None:
         raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
                        f"{', '.join(name for name, p in paths.items() if p)}")
-    model = load_expert(resolve_inside(args.run, paths[args.model]), device)
+    model = load_expert(resolve_inside(args.run, paths[args.model]), device).to(dtype)
     manifest.verify(args.run, manifest.tokenizer)
     manifest.verify_model(args.run, paths[args.model])
     return single_model(model, tokenizer, name=args.model)
@@ -522,8 +543,10 @@ def _generate_masked(args: argparse.Namespace) -> None:
         raise DfmError(f"the masked sampler takes one prompt; --prompt-file {args.prompt_file} holds {len(prompts)}: "
                        f"give one line, or --prompt")
     prompt = prompts[0]
-    ensemble = MaskedEnsemble.from_run(args.run, device=_device(args), allow_missing=args.allow_missing,
-                                       load_router=routing.value in ("mixture", "topk", "switch"))
+    device = _device(args)
+    ensemble = MaskedEnsemble.from_run(args.run, device=device, allow_missing=args.allow_missing,
+                                       load_router=routing.value in ("mixture", "topk", "switch"),
+                                       dtype=_dtype(args, device))
     if args.model != "ensemble":
         if args.model not in ensemble.names:
             raise DfmError(f"--model {args.model} is not an expert of {args.run}: choose ensemble or one of "
@@ -622,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
                         "all); masked runs: mixture top1 top2 switch oracle")
     _add_device_flag(p)
+    _add_dtype_flag(p)
     _add_config_flags(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
@@ -696,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_device_flag(p)
+    _add_dtype_flag(p)
     p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
                            "the source vs the number of steps N and the router's error eps", cmd_convergence)
     p.add_argument("--out", default="convergence.json", help="write the study as JSON here (default: convergence.json)")

@@ -36,6 +36,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+#: --dtype names: the precision of inference weights (training keeps float32 weights under autocast)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` (bfloat16 on CUDA, whose tensor cores run it at full speed; float32 on the CPU), or a
+    name of DTYPES."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise DfmError(f"--dtype {name!r}: pass auto, {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def autocast_for(device: torch.device) -> AbstractContextManager:
     """bf16 autocast on CUDA, nothing on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

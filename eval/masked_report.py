@@ -93,7 +93,7 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
                         max_documents: int | None = None, batch_size: int = 8, margin: float = 0.02,
                         samples: int = 8, resamples: int = 2000, seed: int = 0,
                         device: torch.device | str | None = None,
-                        allow_missing: bool = False) -> dict:
+                        allow_missing: bool = False, dtype: torch.dtype | None = None) -> dict:
     """The masked counterpart of ``eval.report.evaluate_run``: the same report keys, bits per byte from the ELBO."""
     modes = list(MASKED_MODES if modes is None else modes)
     check_modes(modes, masked=True)
@@ -101,12 +101,13 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
     config = read_run_config(run_dir)
     docs, clusters, num_bytes, _ = held_out(layout, config, split, max_documents)
     ensemble = MaskedEnsemble.from_run(run_dir, device=device, allow_missing=allow_missing,
-                                       load_router=any(m != "oracle" for m in modes))
+                                       load_router=any(m != "oracle" for m in modes), dtype=dtype)
     if "oracle" in modes and ensemble.clusters != list(range(config["partition"]["num_clusters"])):
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
     baseline = load_masked_expert(layout.baseline, device) if layout.baseline.is_dir() else None
     verify_baseline(run_dir, baseline is not None)
+    baseline = baseline.to(dtype) if baseline is not None and dtype is not None else baseline
     totals = masked_nats(ensemble, baseline, docs, clusters, eos_id=ensemble.tokenizer.eos_token_id,
                          block_size=config["expert"]["block_size"], modes=modes, samples=samples,
                          batch_size=batch_size, seed=seed)

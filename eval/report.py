@@ -60,8 +60,10 @@ def _weighers(ensemble: Ensemble, modes: Sequence[str], docs: Sequence[Sequence[
 def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[str] = ENSEMBLE_MODES,
                  max_documents: int | None = None, stride: int | None = None, batch_size: int = 8,
                  margin: float = 0.02, centroid_temperature: float = 0.1, resamples: int = 2000,
-                 seed: int = 0, device: torch.device | str | None = None, allow_missing: bool = False) -> dict:
-    """Everything `report.json` holds; see README for the keys."""
+                 seed: int = 0, device: torch.device | str | None = None, allow_missing: bool = False,
+                 dtype: torch.dtype | None = None) -> dict:
+    """Everything `report.json` holds; see README for the keys. ``dtype``: of every scored model's
+    weights (default: as saved, float32)."""
     check_modes(modes, masked=False)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
@@ -69,7 +71,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         raise DfmError(f"{run_dir} is a masked run: score it with eval.masked_report.evaluate_masked_run (dfm eval does)")
     docs, clusters, num_bytes, texts = held_out(layout, config, split, max_documents)
 
-    ensemble = Ensemble.from_run(run_dir, device=device, allow_missing=allow_missing)
+    ensemble = Ensemble.from_run(run_dir, device=device, allow_missing=allow_missing, dtype=dtype)
     if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
@@ -83,6 +85,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     log_probs: dict[str, list[Tensor]] = {}
     baseline = load_expert(layout.baseline, device) if layout.baseline.is_dir() else None
     verify_baseline(run_dir, baseline is not None)
+    baseline = baseline.to(dtype) if baseline is not None and dtype is not None else baseline
     if baseline is None:
         warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
                       f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)

@@ -245,14 +245,15 @@ class Ensemble:
     # --- loading --------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                 allow_missing: bool = False, load_router: bool = True) -> Ensemble:
-        """Load experts, router, priors and tokenizer named by ``RUN/ensemble.json``.
+                 allow_missing: bool = False, load_router: bool = True, dtype: torch.dtype | None = None) -> Ensemble:
+        """Load experts (in ``dtype`` if given; the router stays float32), router, priors and
+        tokenizer named by ``RUN/ensemble.json``.
 
         A missing or unreadable expert is an error naming it, unless ``allow_missing``: then it
         is left out with a warning and the priors (and router weights) of the rest renormalised.
         """
         members = load_members(run_dir, load_expert, device=device, allow_missing=allow_missing,
-                               load_router=load_router)
+                               load_router=load_router, dtype=dtype)
         return cls(members.experts, members.log_prior, router=members.router, tokenizer=members.tokenizer,
                    names=members.names, clusters=members.clusters)
 
@@ -272,8 +273,9 @@ class Members:
 
 def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedModel], *,
                  device: torch.device | str | None = None, allow_missing: bool = False, load_router: bool = True,
-                 kind: str = "ar") -> Members:
-    """Load the members of a run's ensemble with ``loader(path, device)``, refusing a run of
+                 kind: str = "ar", dtype: torch.dtype | None = None) -> Members:
+    """Load the members of a run's ensemble with ``loader(path, device)`` (cast to ``dtype`` if
+    given), refusing a run of
     another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask) and any
     file whose sha256 differs from the one ``dfm assemble`` recorded."""
     manifest = Manifest.load(run_dir)
@@ -297,7 +299,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
             warnings.warn(f"{entry.name} left out: {err}", stacklevel=3)
             continue
         check_expert_tokenizer(expert, entry.name, fingerprint, manifest.vocab_size + extra_symbols)
-        experts.append(expert)
+        experts.append(expert if dtype is None else expert.to(dtype))
         kept.append(index)
     if not experts:
         raise DfmError(f"no expert of {run_dir} could be loaded: train them with `dfm train-expert`")

@@ -115,7 +115,9 @@ def generate_text(
                           max_new_tokens=max_new_tokens, route_on=route_on, exclude=tuple(exclude),
                           eos_id=eos_id if stop_at_eos else None, pad_id=pad_id)
     ensemble.reset()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # on the models' device, so that sampling needs no copy to the host at every token (a CUDA
+    # generator draws other numbers than the CPU's: the same seed repeats per device)
+    generator = torch.Generator(device=ensemble.device).manual_seed(seed)
 
     def on_step(step: int, token: Tensor) -> None:
         if on_token is not None:

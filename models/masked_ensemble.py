@@ -62,10 +62,12 @@ class MaskedEnsemble:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                 allow_missing: bool = False, load_router: bool = True) -> MaskedEnsemble:
-        """Load the masked experts, noisy-state router, priors, tokenizer and path of a masked run."""
+                 allow_missing: bool = False, load_router: bool = True,
+                 dtype: torch.dtype | None = None) -> MaskedEnsemble:
+        """Load the masked experts (in ``dtype`` if given), noisy-state router, priors, tokenizer and
+        path of a masked run."""
         members = load_members(run_dir, load_masked_expert, device=device, allow_missing=allow_missing,
-                               load_router=load_router, kind="masked")
+                               load_router=load_router, kind="masked", dtype=dtype)
         path = MaskedPath(len(members.tokenizer), scheduler(members.manifest.extra["path"]["scheduler"]))
         return cls(members.experts, members.router, log_prior=members.log_prior, tokenizer=members.tokenizer,
                    names=members.names, clusters=members.clusters, path=path)

@@ -165,13 +165,15 @@ class StackedLlama:
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
         freqs = torch.arange(self.context, dtype=torch.float, device=device).unsqueeze(1) * inv_freq
         angles = torch.cat([freqs, freqs], dim=-1)  # (context, head_dim), as transformers builds them
-        self.cos_table, self.sin_table = angles.cos(), angles.sin()
+        # in the weights' dtype, as transformers casts them (computed in float32)
+        self.cos_table, self.sin_table = angles.cos().to(self.embed.dtype), angles.sin().to(self.embed.dtype)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.filled: list[list[int]] = []  # [expert][row]: columns that pair has consumed
         self._views: dict[tuple[int, int], dict] = {}  # weights and caches of a group of experts
         self._last_pairs: tuple | None = None  # the pairs of the previous forward_pairs call
         self._pair_cache: _PairCache | None = None
+        self._has_padding: bool | None = None  # of the current batch, once known
 
     def reset(self, batch_size: int) -> None:
         """Empty every expert's cache for a new batch of ``batch_size`` sequences."""
@@ -181,6 +183,7 @@ class StackedLlama:
         self.filled = [[0] * batch_size for _ in range(self.num_experts)]
         self._views = {}
         self._last_pairs, self._pair_cache = None, None
+        self._has_padding: bool | None = None
 
     def _group(self, experts: slice) -> dict:
         """Views of the weights and caches of a contiguous group of experts, made once per batch:
@@ -210,7 +213,7 @@ class StackedLlama:
             raise DfmError(f"sequence of {end} tokens exceeds the experts' context of {self.context}")
         positions = positions_from_mask(attention_mask)[:, start:end]
         cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)  # (B, T, 1, hd)
-        mask = self._attention_mask(attention_mask[:, :end], start, count)
+        mask = self._attention_mask(attention_mask[:, :end], start, count, self._padded(attention_mask))
 
         x = group["embed"][:, input_ids].reshape(count, batch * new, -1)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -254,7 +257,7 @@ class StackedLlama:
         ids = input_ids[row_ids, start:]
         positions = positions_from_mask(attention_mask)[row_ids, start:]
         cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)  # (P, T, 1, hd)
-        mask = self._attention_mask(attention_mask[row_ids], start, 1)
+        mask = self._attention_mask(attention_mask[row_ids], start, 1, self._padded(attention_mask))
         x = self.embed[expert_ids.unsqueeze(1), ids].flatten(0, 1)  # (P * T, hidden), pair by pair
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         pair_cache = self._steady_pairs((tuple(experts), tuple(rows)), flat, start)
@@ -315,14 +318,27 @@ class StackedLlama:
             keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
+    def _padded(self, attention_mask: Tensor) -> bool:
+        """Whether the batch has padding: decided on its first call (padding only precedes the
+        prompts), so that decoding does not wait for the device at every token to ask again."""
+        if self._has_padding is None:
+            self._has_padding = not bool(attention_mask.all())
+        return self._has_padding
+
     @staticmethod
-    def _attention_mask(attention_mask: Tensor, start: int, count: int) -> Tensor | None:
+    def _attention_mask(attention_mask: Tensor, start: int, count: int, padded: bool) -> Tensor | None:
         """Boolean (E*B, 1, T, S) mask: causal, padding keys hidden, every query sees itself
-        (a padded query would otherwise see nothing and turn into NaN; its output is unused)."""
+        (a padded query would otherwise see nothing and turn into NaN; its output is unused).
+        One new token needs no mask in a batch without padding (SDPA's fused kernels apply), and
+        only its row's padding keys hidden in one with padding."""
         batch, total = attention_mask.shape
         new = total - start
-        if new == 1 and bool(attention_mask.all()):
-            return None  # one new token, no padding: it may see everything cached
+        if new == 1:
+            if not padded:
+                return None
+            allowed = attention_mask.to(torch.bool, copy=True)
+            allowed[:, -1] = True
+            return allowed.view(batch, 1, 1, total).repeat(count, 1, 1, 1)
         query = torch.arange(start, total, device=attention_mask.device).unsqueeze(1)
         key = torch.arange(total, device=attention_mask.device).unsqueeze(0)
         allowed = (key <= query) & attention_mask.bool().unsqueeze(1)

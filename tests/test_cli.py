@@ -118,6 +118,7 @@ BAD_INPUTS = [
     ("ELBO draws on an autoregressive run", ["eval", "--run", "{run}", "--elbo-samples", "2"], "masked runs"),
     ("top1 with another k", ["generate", "--run", "{run}", "--routing", "top1", "--k", "2"], "already says k = 1"),
     ("a device this machine lacks", ["run", "--out", "{tmp}/r2", "--device", "cuda:7"], "CUDA"),
+    ("an inference dtype dfm does not run", ["generate", "--run", "{run}", "--dtype", "float16"], "--dtype"),
     ("train on something that is no device", ["train-expert", "--run", "{run}", "--expert", "0", "--resume",
                                               "--device", "banana"], "not a device"),
     ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
@@ -393,6 +394,20 @@ def test_cpu_and_auto_devices_give_the_same_text_on_this_machine(run, capsys):
         assert outputs[0] == outputs[1]
     assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--device", "cpu"]) == 0
 
+
+
+def test_bfloat16_inference_runs_on_the_cpu_too(run, capsys):
+    """--dtype bfloat16 (auto's choice on CUDA) works on any device: the experts' and the baseline's
+    weights in bf16, the router in float32; greedy text close to float32's (rounding may flip a
+    near-tie late in the text, so only the first tokens are compared)."""
+    texts = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["generate", "--run", str(run), "--max-new-tokens", "8", "--temperature", "0", "--json",
+                     "--dtype", dtype]) == 0
+        texts[dtype] = json.loads(capsys.readouterr().out)["token_ids"][0]
+    assert texts["bfloat16"][:2] == texts["float32"][:2]
+    assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--dtype", "bfloat16"]) == 0
+    assert "Equivalence" in capsys.readouterr().out
 
 def test_long_prompt_is_truncated_with_a_warning(run, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "ka " * 200, "--max-new-tokens", "4", "--json"]) == 0

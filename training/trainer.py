@@ -165,6 +165,8 @@ def _fetch(data: datasets.Dataset, indices: list[int], device: torch.device) -> 
     if lengths is not None:
         width = int(lengths.max())
         batch = {name: value[:, :width] if value.ndim >= 2 else value for name, value in batch.items()}
+    if device.type == "cuda":  # page-locked, so the copy runs asynchronously beside the GPU's work
+        batch = {name: value.pin_memory() for name, value in batch.items()}
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
