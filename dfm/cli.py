@@ -606,7 +606,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         return results
     from eval.bench import format_table, run_bench
 
-    results = run_bench(quick=args.quick, out=Path(args.out))
+    results = run_bench(quick=args.quick, out=Path(args.out), device=_device(args))
     print(format_table(results))
     _say(f"wrote {args.out} in {results['seconds']:.0f}s")
     return results
@@ -735,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", type=int, nargs="+", metavar="N",
                    help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
                         "each (e.g. 10000 100000 1000000), every run in a fresh process")
+    _add_device_flag(p)
     return parser
 
 

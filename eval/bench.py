@@ -5,8 +5,10 @@ vocabulary, a default router), so no trained run is needed: speed does not depen
 weights, with one exception worth knowing: a random router flips its top-1 choice often, so in
 sparse modes lagging experts catch up on the tokens they missed far more than behind a trained
 router (each mode reports expert forward passes per step and expert tokens per generated token
-to show it; ``top1_route_on_prompt`` is the no-flip case). Everything runs on the CPU with
-``torch.set_num_threads`` set to the usable cores.
+to show it; ``top1_route_on_prompt`` is the no-flip case). Everything runs on one device
+(``--device``: the CPU with ``torch.set_num_threads`` set to the usable cores, or a CUDA GPU, where
+inference weights are bf16 and training runs under bf16 autocast, every timed region ending in a
+``torch.cuda.synchronize``); the memory section measures CPU processes either way.
 
 Each figure is the median of several timed repetitions after warm-up, and every ratio is taken
 between figures of the same process run; a decoding mode's ratio to transformers ``generate`` is
@@ -42,6 +44,7 @@ from dfm.errors import DfmError
 from dfm.masked_path import MaskedPath
 from dfm.progress import progress as progress_bar
 from dfm.schedulers import scheduler
+from dfm.tensors import autocast_for, inference_dtype
 from eval.perplexity import mixed_token_log_probs
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from models.ensemble import Ensemble, uniform_log_prior
@@ -140,12 +143,23 @@ def bench_expert(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTraine
     return build_expert(config, seed=seed)
 
 
-def bench_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast) -> Ensemble:
-    """K random default experts, a random default router and uniform priors."""
-    experts = [bench_expert(tokenizer, seed=k).eval() for k in range(num_experts)]
+CPU = torch.device("cpu")
+
+
+def bench_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast, device: torch.device = CPU) -> Ensemble:
+    """K random default experts (in the inference dtype of ``device``), a random default router and
+    uniform priors, on ``device``."""
+    dtype = inference_dtype("auto", device)
+    experts = [bench_expert(tokenizer, seed=k).eval().to(device, dtype) for k in range(num_experts)]
     torch.manual_seed(10_000 + num_experts)
-    router = Router(RouterConfig(vocab_size=len(tokenizer), num_experts=num_experts)).eval()
+    router = Router(RouterConfig(vocab_size=len(tokenizer), num_experts=num_experts)).eval().to(device)
     return Ensemble(experts, uniform_log_prior(num_experts), router=router, tokenizer=tokenizer)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _prompts(batch: int, seed: int = 0) -> list[list[int]]:
@@ -163,15 +177,20 @@ def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def measure_peak(size: int, repeats: int) -> dict[str, float | None]:
-    """Matmul FLOP/s (2 n^3 / median seconds) in fp32 and, where it runs, bf16."""
+def measure_peak(size: int, repeats: int, device: torch.device = CPU) -> dict[str, float | None]:
+    """Matmul FLOP/s (2 n^3 / median seconds) on ``device`` in fp32 and, where it runs, bf16."""
     out: dict[str, float | None] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=g).to(dtype)
-        b = torch.randn(size, size, generator=g).to(dtype)
+        a = torch.randn(size, size, generator=g).to(device, dtype)
+        b = torch.randn(size, size, generator=g).to(device, dtype)
+
+        def multiply() -> None:
+            torch.mm(a, b)
+            _sync(device)
+
         try:
-            seconds = _median_seconds(lambda: torch.mm(a, b), repeats, warmup=2)
+            seconds = _median_seconds(multiply, repeats, warmup=2)
         except RuntimeError:
             out[name] = None
             continue
@@ -186,7 +205,8 @@ def _train_data(rows: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def _project_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings) -> float:
+def _project_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
+                                      device: torch.device) -> float:
     """Steady-state seconds per step of ``training.trainer.train``: two runs of different lengths,
     timed whole, differenced; setup, the final checkpoint and the save cancel out."""
 
@@ -198,7 +218,8 @@ def _project_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, setting
         with tempfile.TemporaryDirectory() as tmp, redirect_stderr(io.StringIO()):
             start = time.perf_counter()
             train(model, data, lm_loss, config, save_fn=save_expert, out_dir=Path(tmp) / "out",
-                  checkpoint_dir=Path(tmp) / "checkpoints", log_path=Path(tmp) / "log.jsonl", desc="bench trainer")
+                  checkpoint_dir=Path(tmp) / "checkpoints", log_path=Path(tmp) / "log.jsonl", desc="bench trainer",
+                  device=device)
             return time.perf_counter() - start
 
     short, long = settings.train_steps
@@ -217,24 +238,29 @@ def _chunk_seconds(times: Sequence[float], warmup: int, chunk: int) -> float:
     return statistics.median(chunks)
 
 
-def _plain_loop_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings) -> float:
-    """A minimal loop: forward with labels, backward, AdamW step, zero_grad."""
-    model = bench_expert(tokenizer).train()
+def _plain_loop_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
+                                 device: torch.device) -> float:
+    """A minimal loop: forward with labels (under the trainer's autocast), backward, AdamW step, zero_grad."""
+    model = bench_expert(tokenizer).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.tensor(data["input_ids"])
+    ids = torch.tensor(data["input_ids"], device=device)
     steps = settings.train_warmup + settings.repeats * settings.train_chunk
     times = [time.perf_counter()]
     for step in range(steps):
-        rows = torch.arange(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH) % len(ids)
+        rows = torch.arange(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH, device=device) % len(ids)
         batch = ids[rows]
-        model(input_ids=batch, labels=batch).loss.backward()
+        with autocast_for(device):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _sync(device)
         times.append(time.perf_counter())
     return _chunk_seconds(times, settings.train_warmup, settings.train_chunk)
 
 
-def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings) -> tuple[float, str] | None:
+def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
+                                 device: torch.device) -> tuple[float, str] | None:
     """``transformers.Trainer`` with the same model, batch and precision, and the optimizer it picked;
     a callback stamps every step. None when ``accelerate`` (which Trainer needs) is missing."""
     try:
@@ -251,6 +277,7 @@ def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Se
             self.times.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
             self.times.append(time.perf_counter())
 
     steps = settings.train_warmup + settings.repeats * settings.train_chunk
@@ -260,15 +287,18 @@ def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Se
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=TRAIN_BATCH, learning_rate=LR,
             weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=1, lr_scheduler_type="cosine",
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True, seed=0)
+            dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda", seed=0)
         trainer = Trainer(model=bench_expert(tokenizer), args=args, train_dataset=data, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training summary
         trainer.train()
     return _chunk_seconds(clock.times, settings.train_warmup, settings.train_chunk), str(args.optim.value)
 
 
-def bench_training(tokenizer, settings: Settings, peak_fp32: float, say: Callable[[str], None]) -> dict:
-    """Tokens/s and MFU of the project trainer, a plain PyTorch loop and transformers.Trainer."""
+def bench_training(tokenizer, settings: Settings, peak: float, say: Callable[[str], None],
+                   device: torch.device = CPU) -> dict:
+    """Tokens/s and MFU (against ``peak``: fp32 matmul FLOP/s on the CPU, bf16 on CUDA) of the
+    project trainer, a plain PyTorch loop and transformers.Trainer."""
     params = num_parameters(bench_expert(tokenizer))
     rows = TRAIN_BATCH * max(settings.train_steps[1], settings.train_warmup + settings.repeats * settings.train_chunk)
     data = _train_data(rows)
@@ -277,21 +307,22 @@ def bench_training(tokenizer, settings: Settings, peak_fp32: float, say: Callabl
     def figures(seconds_per_step: float, timing: str, optimizer: str) -> dict:
         tokens_per_second = tokens_per_step / seconds_per_step
         return {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds_per_step,
-                "mfu": 6 * params * tokens_per_second / peak_fp32, "timing": timing, "optimizer": optimizer}
+                "mfu": 6 * params * tokens_per_second / peak, "timing": timing, "optimizer": optimizer}
 
-    out: dict[str, Any] = {"parameters": params, "batch_size": TRAIN_BATCH, "seq_len": SEQ_LEN, "precision": "fp32",
-                           "mfu_formula": "6 * parameters * tokens_per_second / peak fp32"}
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    out: dict[str, Any] = {"parameters": params, "batch_size": TRAIN_BATCH, "seq_len": SEQ_LEN, "precision": precision,
+                           "mfu_formula": f"6 * parameters * tokens_per_second / peak {precision.split()[0]}"}
     say("training: project trainer")
     short, long = settings.train_steps
-    out["trainer"] = figures(_project_trainer_seconds_per_step(tokenizer, data, settings),
+    out["trainer"] = figures(_project_trainer_seconds_per_step(tokenizer, data, settings, device),
                              f"(time of a {long}-step run - time of a {short}-step run) / {long - short}",
                              "training.trainer: AdamW, grad clipping, warmup + cosine schedule")
     say(f"training: trainer {out['trainer']['tokens_per_second']:.0f} tok/s; plain loop")
     chunked = f"per-step clock after {settings.train_warmup} warm-up steps, chunks of {settings.train_chunk} steps"
-    out["plain_loop"] = figures(_plain_loop_seconds_per_step(tokenizer, data, settings), chunked,
+    out["plain_loop"] = figures(_plain_loop_seconds_per_step(tokenizer, data, settings, device), chunked,
                                 "torch.optim.AdamW defaults, no clipping, constant lr")
     say(f"training: plain loop {out['plain_loop']['tokens_per_second']:.0f} tok/s; transformers.Trainer")
-    hf = _hf_trainer_seconds_per_step(tokenizer, data, settings)
+    hf = _hf_trainer_seconds_per_step(tokenizer, data, settings, device)
     out["hf_trainer"] = ({"skipped": "pip install accelerate"} if hf is None else
                          figures(hf[0], chunked + " (TrainerCallback.on_step_end)",
                                  f"{hf[1]}, grad clipping, warmup + cosine schedule"))
@@ -330,12 +361,13 @@ class FixedRowsWeigher(TimedRouterWeigher):
 def _reference(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> Callable[[], float]:
     """One expert through transformers ``generate`` (KV cache, greedy, no EOS stop): a function
     that runs it once and returns its tokens/s."""
-    ids = torch.tensor([[BOS, *p] for p in prompts])
+    ids = torch.tensor([[BOS, *p] for p in prompts], device=model.device)
 
     def run() -> float:
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=BOS)
+        _sync(model.device)
         return out[:, ids.shape[1]:].numel() / (time.perf_counter() - start)
 
     return run
@@ -379,10 +411,10 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
     return figures
 
 
-def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
+def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU) -> dict:
     """Per batch size, every routing mode against one expert through transformers ``generate``
     (the reference: the median of its runs, each timed before a repetition of a mode)."""
-    ensemble = bench_ensemble(settings.num_experts, tokenizer)
+    ensemble = bench_ensemble(settings.num_experts, tokenizer, device)
     out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
                            "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy",
                            "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)"}
@@ -401,7 +433,8 @@ def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None]) 
     return out
 
 
-def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None]) -> dict:
+def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None],
+                  device: torch.device = CPU) -> dict:
     """Batch-1 decoding for several K: top1 should stay flat, mixture grows with K. The K of the
     generation section is taken from ``generation``, measured in the same run."""
     prompts = _prompts(1)
@@ -411,7 +444,7 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
         if k == generation["num_experts"]:
             row = {name: batch_1[name] for name in ("top1", "mixture")}
         else:
-            ensemble = bench_ensemble(k, tokenizer)
+            ensemble = bench_ensemble(k, tokenizer, device)
             reference = _reference(ensemble.experts[0], prompts, settings.new_tokens)
             row = {name: _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
                    for name in ("top1", "mixture")}
@@ -426,22 +459,26 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
 MASKED_STEPS = (16, 64, 256)
 
 
-def bench_masked_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast) -> MaskedEnsemble:
-    """K random default masked experts (ModernBERT) and a random noisy-state router over V + 1 symbols."""
+def bench_masked_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast,
+                          device: torch.device = CPU) -> MaskedEnsemble:
+    """K random default masked experts (ModernBERT, in the inference dtype of ``device``) and a
+    random noisy-state router over V + 1 symbols, on ``device``."""
     config = masked_expert_config(len(tokenizer), eos_token_id=BOS,
                                   tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()))
-    experts = [build_masked_expert(config, seed=k).eval() for k in range(num_experts)]
+    dtype = inference_dtype("auto", device)
+    experts = [build_masked_expert(config, seed=k).eval().to(device, dtype) for k in range(num_experts)]
     torch.manual_seed(20_000 + num_experts)
-    router = Router(RouterConfig(vocab_size=len(tokenizer) + 1, num_experts=num_experts)).eval()
+    router = Router(RouterConfig(vocab_size=len(tokenizer) + 1, num_experts=num_experts)).eval().to(device)
     return MaskedEnsemble(experts, router, tokenizer=tokenizer, path=MaskedPath(len(tokenizer), scheduler("linear")))
 
 
-def bench_masked(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None]) -> dict:
+def bench_masked(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None],
+                 device: torch.device = CPU) -> dict:
     """Tokens/s of the masked sampler filling ``new_tokens`` positions after the bench prompt, for
     N in MASKED_STEPS, mixture and switch, at batch 1; against the autoregressive modes of
     ``generation`` (same run, same prompt, same length). Batch 1 only: every step runs the experts
     on the whole sequence, so N = 256 at batch 8 alone would take minutes per repetition here."""
-    ensemble = bench_masked_ensemble(settings.num_experts, tokenizer)
+    ensemble = bench_masked_ensemble(settings.num_experts, tokenizer, device)
     out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
                            "steps": list(MASKED_STEPS)}
     for batch in settings.batches[:1]:
@@ -463,9 +500,10 @@ def bench_masked(tokenizer, settings: Settings, generation: dict, say: Callable[
 
 
 # --- scoring ----------------------------------------------------------------------------------
-def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
-    """Evaluation tokens/s: the mixture (every expert + router + mixing) vs one expert."""
-    ensemble = bench_ensemble(settings.num_experts, tokenizer)
+def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU) -> dict:
+    """Evaluation tokens/s: the mixture (every expert + router + mixing) vs one expert (the scores
+    come back to the host, which waits for the device)."""
+    ensemble = bench_ensemble(settings.num_experts, tokenizer, device)
     g = torch.Generator().manual_seed(1)
     docs = torch.randint(1, VOCAB_SIZE, (settings.score_docs, settings.score_tokens), generator=g).tolist()
     context = ensemble.experts[0].config.max_position_embeddings
@@ -590,26 +628,27 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def run_bench(quick: bool = False, out: Path | None = None, progress: bool = True) -> dict:
-    """Run every section (see the module doc), write the results atomically as JSON to ``out``."""
+def run_bench(quick: bool = False, out: Path | None = None, progress: bool = True, device: torch.device = CPU) -> dict:
+    """Run every section (see the module doc) on ``device``, write the results atomically as JSON to ``out``."""
     with _quiet_transformers():
-        results = _run_sections(QUICK if quick else FULL, progress)
+        results = _run_sections(QUICK if quick else FULL, progress, device)
     results["quick"] = quick
     if out is not None:
         write_json(out, results)
     return results
 
 
-def machine_info() -> dict[str, Any]:
-    """What the figures of a bench depend on: cores, threads, versions, platform, load at the start."""
-    return {"os_cpu_count": os.cpu_count(), "usable_cores": _usable_cores(), "torch_threads": torch.get_num_threads(),
+def machine_info(device: torch.device = CPU) -> dict[str, Any]:
+    """What the figures of a bench depend on: cores, threads, versions, platform, device, load at the start."""
+    gpu = {"gpu": torch.cuda.get_device_name(device), "cuda_version": torch.version.cuda} if device.type == "cuda" else {}
+    return {**gpu, "os_cpu_count": os.cpu_count(), "usable_cores": _usable_cores(), "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "python_version": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "device": "cpu",
+            "processor": platform.processor() or platform.machine(), "device": str(device),
             "load_average_start": _load_average()}
 
 
-def _run_sections(settings: Settings, progress: bool) -> dict:
+def _run_sections(settings: Settings, progress: bool, device: torch.device) -> dict:
     say = _Progress(progress)
     threads_before = torch.get_num_threads()
     cores = _usable_cores()
@@ -618,18 +657,19 @@ def _run_sections(settings: Settings, progress: bool) -> dict:
     started = time.perf_counter()
 
     say(f"peak matmul FLOP/s (n={settings.peak_size})")
-    peak = measure_peak(settings.peak_size, settings.peak_repeats)
+    peak = measure_peak(settings.peak_size, settings.peak_repeats, device)
     say(f"peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s" + (f", bf16 {peak['bf16'] / 1e9:.0f}" if peak["bf16"] else ""))
     results: dict[str, Any] = {
-        "machine": {**machine_info(), "torch_threads_default": threads_before, "peak_flops": peak},
+        "machine": {**machine_info(device), "torch_threads_default": threads_before, "peak_flops": peak},
         "peak": {"matmul_size": settings.peak_size, "fp32_flops": peak["fp32"], "bf16_flops": peak["bf16"]},
     }
     sections: dict[str, Callable[[], dict]] = {
-        "training": lambda: bench_training(tokenizer, settings, peak["fp32"], say),
-        "generation": lambda: bench_generation(tokenizer, settings, say),
-        "scaling": lambda: bench_scaling(tokenizer, settings, results["generation"], say),
-        "masked": lambda: bench_masked(tokenizer, settings, results["generation"], say),
-        "scoring": lambda: bench_scoring(tokenizer, settings, say),
+        "training": lambda: bench_training(tokenizer, settings, peak["bf16" if device.type == "cuda" else "fp32"], say,
+                                           device),
+        "generation": lambda: bench_generation(tokenizer, settings, say, device),
+        "scaling": lambda: bench_scaling(tokenizer, settings, results["generation"], say, device),
+        "masked": lambda: bench_masked(tokenizer, settings, results["generation"], say, device),
+        "scoring": lambda: bench_scoring(tokenizer, settings, say, device),
         "memory": lambda: bench_memory(tokenizer, settings, say),
     }
     with progress_bar(total=len(sections), desc="bench", unit="section", enabled=progress) as bar:

@@ -119,6 +119,8 @@ BAD_INPUTS = [
     ("top1 with another k", ["generate", "--run", "{run}", "--routing", "top1", "--k", "2"], "already says k = 1"),
     ("a device this machine lacks", ["run", "--out", "{tmp}/r2", "--device", "cuda:7"], "CUDA"),
     ("an inference dtype dfm does not run", ["generate", "--run", "{run}", "--dtype", "float16"], "--dtype"),
+    ("bench on a device this machine lacks", ["bench", "--quick", "--device", "cuda:7", "--out", "{tmp}/b.json"],
+     "CUDA"),
     ("train on something that is no device", ["train-expert", "--run", "{run}", "--expert", "0", "--resume",
                                               "--device", "banana"], "not a device"),
     ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
