@@ -105,9 +105,8 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
     if "oracle" in modes and ensemble.clusters != list(range(config["partition"]["num_clusters"])):
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
-    baseline = load_masked_expert(layout.baseline, device) if layout.baseline.is_dir() else None
+    baseline = load_masked_expert(layout.baseline, device, dtype) if layout.baseline.is_dir() else None
     verify_baseline(run_dir, baseline is not None)
-    baseline = baseline.to(dtype) if baseline is not None and dtype is not None else baseline
     totals = masked_nats(ensemble, baseline, docs, clusters, eos_id=ensemble.tokenizer.eos_token_id,
                          block_size=config["expert"]["block_size"], modes=modes, samples=samples,
                          batch_size=batch_size, seed=seed)

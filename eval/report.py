@@ -83,9 +83,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
     partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
 
     log_probs: dict[str, list[Tensor]] = {}
-    baseline = load_expert(layout.baseline, device) if layout.baseline.is_dir() else None
+    baseline = load_expert(layout.baseline, device, dtype=dtype) if layout.baseline.is_dir() else None
     verify_baseline(run_dir, baseline is not None)
-    baseline = baseline.to(dtype) if baseline is not None and dtype is not None else baseline
     if baseline is None:
         warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
                       f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)

@@ -100,8 +100,9 @@ def base_directory(path: str | os.PathLike) -> Path | None:
     return Path(path) / base if base and (Path(path) / base).is_dir() else None
 
 
-def load_merged(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
-    """The adapter at ``path`` merged into its own copy of its base model, in eval mode."""
+def load_merged(path: str | os.PathLike, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The adapter at ``path`` merged into its own copy of its base model, in eval mode (in ``dtype`` if given)."""
     peft = _peft()
     path = Path(path)
     try:
@@ -120,4 +121,4 @@ def load_merged(path: str | os.PathLike, device: torch.device | str | None = Non
             merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise DfmError(f"cannot load the adapter at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
-    return merged.to(device or "cpu").eval()
+    return merged.to(device or "cpu", dtype).eval()

@@ -274,8 +274,7 @@ class Members:
 def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedModel], *,
                  device: torch.device | str | None = None, allow_missing: bool = False, load_router: bool = True,
                  kind: str = "ar", dtype: torch.dtype | None = None) -> Members:
-    """Load the members of a run's ensemble with ``loader(path, device)`` (cast to ``dtype`` if
-    given), refusing a run of
+    """Load the members of a run's ensemble with ``loader(path, device, dtype=dtype)``, refusing a run of
     another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask) and any
     file whose sha256 differs from the one ``dfm assemble`` recorded."""
     manifest = Manifest.load(run_dir)
@@ -291,7 +290,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
     experts, kept = [], []
     for index, entry in enumerate(manifest.experts):
         try:
-            expert = loader(resolve_inside(run_dir, entry.path), device)
+            expert = loader(resolve_inside(run_dir, entry.path), device, dtype=dtype)
             manifest.verify_model(run_dir, entry.path)
         except DfmError as err:
             if not allow_missing:
@@ -299,7 +298,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
             warnings.warn(f"{entry.name} left out: {err}", stacklevel=3)
             continue
         check_expert_tokenizer(expert, entry.name, fingerprint, manifest.vocab_size + extra_symbols)
-        experts.append(expert if dtype is None else expert.to(dtype))
+        experts.append(expert)
         kept.append(index)
     if not experts:
         raise DfmError(f"no expert of {run_dir} could be loaded: train them with `dfm train-expert`")

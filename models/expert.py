@@ -103,13 +103,13 @@ def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
 
 
 def load_expert(path: str | os.PathLike, device: torch.device | str | None = None,
-                auto_class: type = AutoModelForCausalLM) -> PreTrainedModel:
+                auto_class: type = AutoModelForCausalLM, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a saved model (a causal LM unless ``auto_class`` says otherwise) from a local
-    directory, safetensors only and no remote code, in eval mode. A LoRA adapter (peft) is loaded
-    merged into its base model (``models.adapters``)."""
+    directory, safetensors only and no remote code, in eval mode, on ``device`` in ``dtype`` (as
+    saved if None). A LoRA adapter (peft) is loaded merged into its base model (``models.adapters``)."""
     path = Path(path)
     if is_adapter(path) and auto_class is AutoModelForCausalLM:
-        return load_merged(path, device)
+        return load_merged(path, device, dtype)
     if not (path / "config.json").is_file():
         raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained "
                        f"(or a LoRA adapter's adapter_config.json)")
@@ -117,7 +117,7 @@ def load_expert(path: str | os.PathLike, device: torch.device | str | None = Non
         model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
         raise DfmError(f"cannot load the model at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
-    return model.to(device or "cpu").eval()
+    return model.to(device or "cpu", dtype).eval()
 
 
 def saved_config(path: str | os.PathLike) -> dict | None:

@@ -62,9 +62,10 @@ def build_masked_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedMo
     return AutoModelForMaskedLM.from_config(config)
 
 
-def load_masked_expert(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
-    """Load a saved masked LM from a local directory (safetensors only, no remote code)."""
-    return load_expert(path, device, auto_class=AutoModelForMaskedLM)
+def load_masked_expert(path: str | os.PathLike, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a saved masked LM from a local directory (safetensors only, no remote code), in ``dtype`` if given."""
+    return load_expert(path, device, auto_class=AutoModelForMaskedLM, dtype=dtype)
 
 
 def clean_logits(model: PreTrainedModel, xt: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -183,7 +183,7 @@ class StackedLlama:
         self.filled = [[0] * batch_size for _ in range(self.num_experts)]
         self._views = {}
         self._last_pairs, self._pair_cache = None, None
-        self._has_padding: bool | None = None
+        self._has_padding = None
 
     def _group(self, experts: slice) -> dict:
         """Views of the weights and caches of a contiguous group of experts, made once per batch:
