@@ -341,10 +341,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from training.layout import RunLayout
 
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
+    device = _device(args)
     report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
                        stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=_device(args),
-                       dtype=_dtype(args, _device(args)))
+                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=device,
+                       dtype=_dtype(args, device))
     out = RunLayout.of(args.run).eval
     write_report(report, out)
     plots = write_plots(report, out)

@@ -12,9 +12,10 @@ inference weights are bf16 and training runs under bf16 autocast, every timed re
 
 Each figure is the median of several timed repetitions after warm-up, and every ratio is taken
 between figures of the same process run; a decoding mode's ratio to transformers ``generate`` is
-the median over repetitions of its speed over that of a reference run timed just before it. Generation never stops at EOS, so every run produces
-exactly the requested tokens (transformers: ``eos_token_id=None``; dfm: ``stop_at_eos=False``),
-and decoding is greedy on both sides (switch routing still samples its expert).
+the median over repetitions of its speed over that of a reference run timed just before it.
+Generation never stops at EOS, so every run produces exactly the requested tokens (transformers:
+``eos_token_id=None``; dfm: ``stop_at_eos=False``), and decoding is greedy on both sides (switch
+routing still samples its expert).
 """
 
 from __future__ import annotations
@@ -413,7 +414,7 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
 
 def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU) -> dict:
     """Per batch size, every routing mode against one expert through transformers ``generate``
-    (the reference: the median of its runs, each timed before a repetition of a mode)."""
+    (the reference figure: the median over modes of the median of its runs paired with each mode)."""
     ensemble = bench_ensemble(settings.num_experts, tokenizer, device)
     out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
                            "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy",
