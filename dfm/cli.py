@@ -96,6 +96,12 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
                         help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
 
 
+def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the stacked engine's one-token decoding step (Llama experts): seconds of "
+                             "compiling per new shape; meant for GPUs, slower on a CPU (README, Performance)")
+
+
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
@@ -424,6 +430,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from models.manifest import Manifest
 
     if Manifest.load(args.run).path_kind == "masked":
+        if args.compile:
+            raise DfmError("--compile compiles the autoregressive decoding step; drop it for this masked run")
         return _generate_masked(args)
     if args.steps is not None or args.show_steps:
         raise DfmError("--steps and --show-steps are for runs on the masked path; this run is autoregressive "
@@ -439,6 +447,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise DfmError(f"--show-routing shows one prompt's tokens; --prompt-file holds {len(prompts)} prompts: "
                        f"use --json for every prompt's routing weights")
     model = _load_generator(args)
+    if args.compile:
+        model.compile()
     partition = None
     if args.routing == "centroid":
         from models.manifest import Manifest, resolve_inside
@@ -607,7 +617,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         return results
     from eval.bench import format_table, run_bench
 
-    results = run_bench(quick=args.quick, out=Path(args.out), device=_device(args))
+    results = run_bench(quick=args.quick, out=Path(args.out), device=_device(args), compiled=args.compile)
     print(format_table(results))
     _say(f"wrote {args.out} in {results['seconds']:.0f}s")
     return results
@@ -720,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_compile_flag(p)
     _add_device_flag(p)
     _add_dtype_flag(p)
     p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
@@ -736,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", type=int, nargs="+", metavar="N",
                    help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
                         "each (e.g. 10000 100000 1000000), every run in a fresh process")
+    _add_compile_flag(p)
     _add_device_flag(p)
     return parser
 

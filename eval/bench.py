@@ -412,11 +412,15 @@ def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int,
     return figures
 
 
-def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU) -> dict:
+def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU,
+                     compiled: bool = False) -> dict:
     """Per batch size, every routing mode against one expert through transformers ``generate``
-    (the reference figure: the median over modes of the median of its runs paired with each mode)."""
+    (the reference figure: the median over modes of the median of its runs paired with each mode);
+    ``compiled``: the ensemble decodes with its compiled step (compiling happens in the warm-up runs)."""
     ensemble = bench_ensemble(settings.num_experts, tokenizer, device)
-    out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
+    if compiled:
+        ensemble.compile()
+    out: dict[str, Any] = {"compiled": compiled, "num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
                            "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy",
                            "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)"}
     for batch in settings.batches:
@@ -629,10 +633,12 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def run_bench(quick: bool = False, out: Path | None = None, progress: bool = True, device: torch.device = CPU) -> dict:
-    """Run every section (see the module doc) on ``device``, write the results atomically as JSON to ``out``."""
+def run_bench(quick: bool = False, out: Path | None = None, progress: bool = True, device: torch.device = CPU,
+              compiled: bool = False) -> dict:
+    """Run every section (see the module doc) on ``device``, write the results atomically as JSON to ``out``;
+    ``compiled``: the generation section decodes with the engine's compiled step (``Ensemble.compile``)."""
     with _quiet_transformers():
-        results = _run_sections(QUICK if quick else FULL, progress, device)
+        results = _run_sections(QUICK if quick else FULL, progress, device, compiled)
     results["quick"] = quick
     if out is not None:
         write_json(out, results)
@@ -649,7 +655,7 @@ def machine_info(device: torch.device = CPU) -> dict[str, Any]:
             "load_average_start": _load_average()}
 
 
-def _run_sections(settings: Settings, progress: bool, device: torch.device) -> dict:
+def _run_sections(settings: Settings, progress: bool, device: torch.device, compiled: bool) -> dict:
     say = _Progress(progress)
     threads_before = torch.get_num_threads()
     cores = _usable_cores()
@@ -667,7 +673,7 @@ def _run_sections(settings: Settings, progress: bool, device: torch.device) -> d
     sections: dict[str, Callable[[], dict]] = {
         "training": lambda: bench_training(tokenizer, settings, peak["bf16" if device.type == "cuda" else "fp32"], say,
                                            device),
-        "generation": lambda: bench_generation(tokenizer, settings, say, device),
+        "generation": lambda: bench_generation(tokenizer, settings, say, device, compiled),
         "scaling": lambda: bench_scaling(tokenizer, settings, results["generation"], say, device),
         "masked": lambda: bench_masked(tokenizer, settings, results["generation"], say, device),
         "scoring": lambda: bench_scoring(tokenizer, settings, say, device),
@@ -730,7 +736,9 @@ def format_table(results: dict) -> str:
                     f"{figures['expert_tokens_per_token']:.2f} expert tok/token")
             if "router_share" in figures:
                 note += f", router {figures['router_share']:.0%}"
-            row(f"generate b={batch} K={generation['num_experts']}: {name}", _rate(figures["tokens_per_second"]), note)
+            step = ", compiled" if generation["compiled"] else ""
+            row(f"generate b={batch} K={generation['num_experts']}: {name}{step}", _rate(figures["tokens_per_second"]),
+                note)
     for key, modes in results["scaling"].items():
         if key.startswith("k_"):
             for name, figures in modes.items():

@@ -78,6 +78,12 @@ class Ensemble:
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def compile(self) -> None:
+        """Compile the stacked engine's one-token decoding step (``StackedLlama.compile``)."""
+        if self.engine is None:
+            raise DfmError("--compile works on the stacked engine only: Llama experts that share one configuration")
+        self.engine.compile()
+
     def reset(self) -> None:
         """Forget all caches and counters: the next call starts a new batch of sequences."""
         self._states = [_ExpertState() for _ in self.experts]

@@ -18,7 +18,7 @@ embeddings, attention over each pair's own cache, activations) runs once for all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,33 +50,37 @@ def supports(experts: Sequence[PreTrainedModel]) -> bool:
 
 class _GroupedLinear:
     """Each pair's rows times its own expert's weight, for pairs sorted by expert, in one batched
-    matmul over the stack (K, in, out): one expert is a plain matmul; equal groups of all K
-    experts are a view; otherwise every expert's rows are placed in a zero-padded slot block."""
+    matmul over a stack of weights (G, in, out): when every pair has one expert, the caller passes
+    that expert's slice (1, in, out) and it is a plain matmul; equal groups of all K experts are a
+    view; otherwise every expert's rows are placed in a zero-padded slot block. Calls read no Python
+    number (only flags and tensors), so that a compiled caller does not specialise on them."""
 
     def __init__(self, experts: Sequence[int], num_experts: int, width: int, device: torch.device) -> None:
         counts = [0] * num_experts
         for e in experts:
             counts[e] += 1
-        self.single = experts[0] if counts[experts[0]] == len(experts) else None
+        self.expert = experts[0] if counts[experts[0]] == len(experts) else None  # the only expert, if one
+        self.single = self.expert is not None
         self.even = len(set(counts)) == 1
-        self.rows = max(counts) * width  # rows of one expert's slot block
-        if self.single is None and not self.even:
+        if not self.single and not self.even:
             slots, seen = [], [0] * num_experts
             for e in experts:
                 slots.append(e * max(counts) + seen[e])
                 seen[e] += 1
             slot = torch.tensor(slots, device=device)
             self.index = (slot.unsqueeze(1) * width + torch.arange(width, device=device)).flatten()
+            # zero columns: its length, the padded row count, is read as a size (not a Python constant)
+            self.padded_rows = torch.empty(num_experts * max(counts) * width, 0, device=device)
 
     def __call__(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x (P * width, in) -> (P * width, out) with ``weight`` (K, in, out)."""
-        if self.single is not None:
-            return x @ weight[self.single]
+        """x (P * width, in) -> (P * width, out)."""
+        if self.single:
+            return x @ weight[0]
         count = weight.shape[0]
         if self.even:
-            return torch.bmm(x.reshape(count, self.rows, -1), weight).flatten(0, 1)
-        padded = x.new_zeros(count * self.rows, x.shape[1]).index_copy_(0, self.index, x)
-        return torch.bmm(padded.view(count, self.rows, -1), weight).flatten(0, 1).index_select(0, self.index)
+            return torch.bmm(x.reshape(count, x.shape[0] // count, -1), weight).flatten(0, 1)
+        padded = x.new_zeros(self.padded_rows.shape[0], x.shape[1]).index_copy_(0, self.index, x)
+        return torch.bmm(padded.view(count, -1, x.shape[1]), weight).flatten(0, 1).index_select(0, self.index)
 
 
 class _PairCache:
@@ -174,6 +178,21 @@ class StackedLlama:
         self._last_pairs: tuple | None = None  # the pairs of the previous forward_pairs call
         self._pair_cache: _PairCache | None = None
         self._has_padding: bool | None = None  # of the current batch, once known
+        self._compiled: tuple[Callable, Callable] | None = None  # see compile()
+
+    def compile(self) -> None:
+        """Run each layer's arithmetic around attention (RMSNorm, projections, rotary embeddings,
+        the MLP) of one-token decoding steps through ``torch.compile`` with dynamic shapes; caches,
+        attention and prompt prefill stay eager. Compiling takes seconds per new shape, and what it
+        gains depends on the device: on a CPU it is slower (the README's Performance section)."""
+        self._compiled = (torch.compile(self._block_input, dynamic=True),
+                          torch.compile(self._block_output, dynamic=True))
+
+    def _blocks(self, new: int) -> tuple[Callable, Callable]:
+        """The per-layer functions for a step of ``new`` tokens: compiled for one token after ``compile``."""
+        if new == 1 and self._compiled is not None:
+            return self._compiled
+        return self._block_input, self._block_output
 
     def reset(self, batch_size: int) -> None:
         """Empty every expert's cache for a new batch of ``batch_size`` sequences."""
@@ -216,17 +235,13 @@ class StackedLlama:
         mask = self._attention_mask(attention_mask[:, :end], start, count, self._padded(attention_mask))
 
         x = group["embed"][:, input_ids].reshape(count, batch * new, -1)
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        block_input, block_output = self._blocks(new)
         for layer, keys, values in zip(group["layers"], group["keys"], group["values"]):
-            qkv = torch.bmm(_normalized(x, self.eps), layer["qkv"])
-            q, k = self._query_key(qkv, (count, batch), new, cos, sin)
-            v = qkv[..., q_width + kv_width:]
+            q, k, v = block_input(x, layer["qkv"], torch.bmm, (count, batch), new, cos, sin)
             keys[:, :, :, start:end] = k.reshape(count, batch, self.kv_heads, new, self.head_dim)
-            values[:, :, :, start:end] = v.reshape(count, batch, new, self.kv_heads, self.head_dim).transpose(2, 3)
+            values[:, :, :, start:end] = v.reshape(count, batch, self.kv_heads, new, self.head_dim)
             attended = self._attend(q, keys[:, :, :, :end].flatten(0, 1), values[:, :, :, :end].flatten(0, 1), mask)
-            x = x + torch.bmm(attended.transpose(1, 2).reshape(count, batch * new, q_width), layer["o"])
-            gate, up = torch.bmm(_normalized(x, self.eps), layer["gate_up"]).chunk(2, -1)
-            x = x + torch.bmm(F.silu(gate) * up, layer["down"])
+            x = block_output(x, attended, layer, torch.bmm)
         x = x.reshape(count, batch, new, -1)
         if not all_logits:
             x = x[:, :, -1:]
@@ -253,18 +268,18 @@ class StackedLlama:
         row_ids = torch.tensor(rows, device=device)
         flat = expert_ids * len(self.filled[0]) + row_ids  # index into caches viewed as (K * B, ...)
         linear = _GroupedLinear(experts, self.num_experts, new, device)
+        weights = (self._group(slice(linear.expert, linear.expert + 1)) if linear.single
+                   else {"layers": self.layers, "head": self.head})
+        block_input, block_output = self._blocks(new)
 
         ids = input_ids[row_ids, start:]
         positions = positions_from_mask(attention_mask)[row_ids, start:]
         cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)  # (P, T, 1, hd)
         mask = self._attention_mask(attention_mask[row_ids], start, 1, self._padded(attention_mask))
         x = self.embed[expert_ids.unsqueeze(1), ids].flatten(0, 1)  # (P * T, hidden), pair by pair
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         pair_cache = self._steady_pairs((tuple(experts), tuple(rows)), flat, start)
-        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
-            qkv = linear(_normalized(x, self.eps), layer["qkv"])
-            q, k = self._query_key(qkv, (count,), new, cos, sin)
-            v = qkv[:, q_width + kv_width:].reshape(count, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        for i, (layer, keys, values) in enumerate(zip(weights["layers"], self.keys, self.values)):
+            q, k, v = block_input(x, layer["qkv"], linear, (count,), new, cos, sin)
             if pair_cache is None:
                 flat_keys, flat_values = keys.flatten(0, 1), values.flatten(0, 1)
                 flat_keys[flat, :, start:length] = k
@@ -272,15 +287,13 @@ class StackedLlama:
                 attended = self._attend(q, flat_keys[flat, :, :length], flat_values[flat, :, :length], mask)
             else:
                 attended = self._attend(q, *pair_cache.append(i, k, v, start), mask)
-            x = x + linear(attended.transpose(1, 2).reshape(count * new, q_width), layer["o"])
-            gate, up = linear(_normalized(x, self.eps), layer["gate_up"]).chunk(2, -1)
-            x = x + linear(F.silu(gate) * up, layer["down"])
+            x = block_output(x, attended, layer, linear)
         for e, r in zip(experts, rows):
             self.filled[e][r] = length
         if pair_cache is not None:
             pair_cache.filled = length
         head = _GroupedLinear(experts, self.num_experts, 1, device)
-        return head(_normalized(x.view(count, new, -1)[:, -1], self.eps), self.head)
+        return head(_normalized(x.view(count, new, -1)[:, -1], self.eps), weights["head"])
 
     def _drop_pair_cache(self) -> None:
         """Write the pair cache's new columns back to the per-expert caches and forget it."""
@@ -288,15 +301,26 @@ class StackedLlama:
             self._pair_cache.write_back(self.keys, self.values)
             self._pair_cache = None
 
-    def _query_key(self, qkv: Tensor, lead: tuple[int, ...], new: int, cos: Tensor,
-                   sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries (S, heads, T, hd) and keys (S, kv_heads, T, hd) of the fused projection ``qkv``
-        (..., q + k + v widths) of S = prod(``lead``) sequences, rotated together in one pass
-        (``cos``/``sin`` broadcast over the leading dimensions they lack)."""
+    def _block_input(self, x: Tensor, weight: Tensor, linear: Callable[[Tensor, Tensor], Tensor],
+                     lead: tuple[int, ...], new: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (S, heads, T, hd), keys and values (S, kv_heads, T, hd) of the S = prod(``lead``)
+        sequences of T = ``new`` tokens whose residual stream is ``x``: RMSNorm, the fused q/k/v
+        projection ``linear(x, weight)``, queries and keys rotated together in one pass (``cos``/``sin``
+        broadcast over the leading dimensions they lack)."""
+        qkv = linear(_normalized(x, self.eps), weight)
         heads, width = self.heads + self.kv_heads, (self.heads + self.kv_heads) * self.head_dim
         qk = _rotary(qkv[..., :width].reshape(*lead, new, heads, self.head_dim), cos, sin)
         qk = qk.reshape(-1, new, heads, self.head_dim)
-        return qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+        v = qkv[..., width:].reshape(-1, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        return qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2), v
+
+    def _block_output(self, x: Tensor, attended: Tensor, layer: dict[str, Tensor],
+                      linear: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """The residual stream ``x`` after the attention output ``attended`` (S, heads, T, hd) went
+        through its projection and the SiLU-gated MLP."""
+        x = x + linear(attended.transpose(1, 2).reshape(*x.shape[:-1], -1), layer["o"])
+        gate, up = linear(_normalized(x, self.eps), layer["gate_up"]).chunk(2, -1)
+        return x + linear(F.silu(gate) * up, layer["down"])
 
     def _steady_pairs(self, pairs: tuple, flat: Tensor, start: int) -> _PairCache | None:
         """The contiguous caches of ``pairs`` when the same pairs advance again from where they all

@@ -38,6 +38,19 @@ def test_float32_decoding_on_the_gpu_gives_the_cpu_tokens(routing, k):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_decoding_step_on_the_gpu_gives_the_eager_tokens():
+    """``Ensemble.compile`` on the GPU (Triton kernels): the eager GPU tokens, log-probs within 1e-3."""
+    eager, compiled = ensemble(GPU), ensemble(GPU)
+    compiled.compile()
+    for routing, k in (("mixture", None), ("topk", 1)):
+        options = dict(routing=routing, k=k, max_new_tokens=16, temperature=0, stop_at_eos=False)
+        ours, theirs = generate_text(compiled, ROW_PROMPTS, **options), generate_text(eager, ROW_PROMPTS, **options)
+        assert ours.token_ids == theirs.token_ids
+        for a, b in zip(ours.token_log_probs, theirs.token_log_probs):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-3, rtol=0)
+
+
 def test_bfloat16_stacked_engine_on_the_gpu_errs_like_transformers_bfloat16():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 40, (3, 10), generator=g)

@@ -373,3 +373,26 @@ def test_centroid_weigher_matches_the_partition():
                                atol=1e-6, rtol=0)  # an empty prefix is equally far from every centre
     with pytest.raises(DfmError, match="temperature"):
         CentroidWeigher(partition, temperature=0)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_gives_the_eager_tokens():
+    """``Ensemble.compile``: one-token steps run the engine's layers through torch.compile (mixture:
+    all experts stacked; top1/top2: rows of different experts, padded prompts, pair caches). Same
+    tokens as eager decoding; log-probs within 1e-4, since fused kernels sum in another order."""
+    from torch._dynamo.utils import counters
+
+    experts = [tiny_expert(s) for s in range(K)]
+    eager, compiled = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer())
+                       for _ in range(2))
+    compiled.compile()
+    graphs = counters["stats"]["unique_graphs"]
+    for routing, k in (("mixture", None), ("topk", 1), ("topk", 2)):
+        options = dict(routing=routing, k=k, max_new_tokens=12, temperature=0, stop_at_eos=False)
+        ours, theirs = generate_text(compiled, ROW_PROMPTS, **options), generate_text(eager, ROW_PROMPTS, **options)
+        assert ours.token_ids == theirs.token_ids
+        for a, b in zip(ours.token_log_probs, theirs.token_log_probs):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step really ran
+    with pytest.raises(DfmError, match="stacked engine"):
+        Ensemble(experts, uniform_log_prior(K), engine="hf").compile()

@@ -125,6 +125,7 @@ MASKED_BAD_INPUTS = [
     (["generate", "--temperature", "-1"], "--temperature"),
     (["generate", "--temperature", "inf"], "--temperature"),
     (["generate", "--routing", "top1", "--k", "2"], "already says k = 1"),
+    (["generate", "--compile"], "drop it for this masked run"),
 ]
 
 
