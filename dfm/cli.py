@@ -608,11 +608,22 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
 
     check_writable(Path(args.out).parent)  # before minutes of measuring, not after
+    if args.prepare and args.run is not None:
+        raise DfmError("--prepare and --run are two different benchmarks: pass one of them")
     if args.prepare:
         from eval.prepare_bench import bench_prepare, format_prepare_table
 
         results = bench_prepare(args.prepare, Path(args.out), say=_say)
         print(format_prepare_table(results))
+        _say(f"wrote {args.out} in {results['seconds']:.0f}s")
+        return results
+    if args.run is not None:
+        from eval.run_bench import bench_run, format_run_table
+
+        quick = dict(batches=(1, 2), prompt_tokens=16, new_tokens=32, repeats=1) if args.quick else {}
+        results = bench_run(args.run, device=_device(args), compiled=args.compile, out=Path(args.out), say=_say,
+                            **quick)
+        print(format_run_table(results))
         _say(f"wrote {args.out} in {results['seconds']:.0f}s")
         return results
     from eval.bench import format_table, run_bench
@@ -747,6 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", type=int, nargs="+", metavar="N",
                    help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
                         "each (e.g. 10000 100000 1000000), every run in a fresh process")
+    p.add_argument("--run", help="instead: decoding speed of this trained run on prompts from its test split, every "
+                                 "routing mode against its baseline's transformers generate (batch 1 and 8)")
     _add_compile_flag(p)
     _add_device_flag(p)
     return parser

@@ -99,7 +99,7 @@ MODES: dict[str, dict[str, Any]] = {
     "mixture": {"routing": "mixture"},
     "bayes": {"routing": "bayes"},
     "top1_route_on_prompt": {"routing": "topk", "k": 1, "route_on": "prompt"},
-    # rows of a batch on different experts that keep them (see _mode_figures): row routing's case
+    # rows of a batch on different experts that keep them (see mode_figures): row routing's case
     "top1_fixed_rows": {"routing": "topk", "k": 1},
 }
 
@@ -359,22 +359,23 @@ class FixedRowsWeigher(TimedRouterWeigher):
         return self.fixed(tokens, attention_mask)
 
 
-def _reference(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> Callable[[], float]:
-    """One expert through transformers ``generate`` (KV cache, greedy, no EOS stop): a function
-    that runs it once and returns its tokens/s."""
-    ids = torch.tensor([[BOS, *p] for p in prompts], device=model.device)
+def generate_reference(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
+                       bos: int = BOS) -> Callable[[], float]:
+    """One model through transformers ``generate`` (KV cache, greedy, no EOS stop) on ``prompts``
+    of equal length after ``bos``: a function that runs it once and returns its tokens/s."""
+    ids = torch.tensor([[bos, *p] for p in prompts], device=model.device)
 
     def run() -> float:
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=BOS)
+                             eos_token_id=None, pad_token_id=bos)
         _sync(model.device)
         return out[:, ids.shape[1]:].numel() / (time.perf_counter() - start)
 
     return run
 
 
-def _mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
+def mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
                   options: dict[str, Any], reference: Callable[[], float], fixed_rows: bool = False) -> dict:
     """Tokens/s of one routing mode, its router share, the experts' work per generated token, and
     its speed relative to ``reference`` (transformers ``generate``), timed right before every
@@ -425,11 +426,11 @@ def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], 
                            "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)"}
     for batch in settings.batches:
         prompts = _prompts(batch)
-        reference = _reference(ensemble.experts[0], prompts, settings.new_tokens)
+        reference = generate_reference(ensemble.experts[0], prompts, settings.new_tokens)
         row: dict[str, Any] = {}
         for name, options in MODES.items():
             fixed = name == "top1_fixed_rows"
-            row[name] = figures = _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options,
+            row[name] = figures = mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options,
                                                 reference, fixed_rows=fixed)
             say(f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
                 f"({figures['vs_reference']:.2f}x generate at {figures['reference_tokens_per_second']:.0f})")
@@ -450,8 +451,8 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
             row = {name: batch_1[name] for name in ("top1", "mixture")}
         else:
             ensemble = bench_ensemble(k, tokenizer, device)
-            reference = _reference(ensemble.experts[0], prompts, settings.new_tokens)
-            row = {name: _mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
+            reference = generate_reference(ensemble.experts[0], prompts, settings.new_tokens)
+            row = {name: mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
                    for name in ("top1", "mixture")}
         out[f"k_{k}"] = row
         say(f"scaling K={k}: top1 {row['top1']['tokens_per_second']:.0f}, "

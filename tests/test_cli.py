@@ -178,6 +178,11 @@ BAD_INPUTS = [
     ("bench output inside a file", ["bench", "--prepare", "100", "--out", "{run}/config.json/bench.json"],
      "is a file, not a directory"),
     ("bench corpus too small", ["bench", "--prepare", "10", "--out", "{tmp}/bench.json"], "at least 100 documents"),
+    ("bench of a corpus and a run at once", ["bench", "--prepare", "100", "--run", "{run}", "--out", "{tmp}/b.json"],
+     "two different benchmarks"),
+    ("bench of a missing run", ["bench", "--run", "{tmp}/nope", "--out", "{tmp}/b.json"], "not found"),
+    ("bench of a run whose context is too short", ["bench", "--run", "{run}", "--out", "{tmp}/b.json"],
+     "exceed the experts' context of 64"),
     ("convergence with zero steps", ["convergence", "--steps", "0", "--out", "{tmp}/c.json"], "steps >= 1"),
     ("convergence with a NaN router error", ["convergence", "--eps", "nan", "--out", "{tmp}/c.json"],
      "eps must be in [0, 1]"),
@@ -229,6 +234,22 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     report = json.loads((copy / "eval" / "report.json").read_text())
     assert "expert-1" not in report["models"] and "oracle" not in report["models"]
     assert report["models"]["mixture"]["bpb"] > 0 and report["models"]["centroid"]["bpb"] > 0
+
+
+def test_bench_of_a_run_times_every_mode_against_its_baseline(run, tmp_path, capsys):
+    from eval.run_bench import RUN_MODES
+
+    out = tmp_path / "run-bench.json"
+    assert main(["bench", "--run", str(run), "--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["reference"] == "the run's baseline through generate" and results["prompt_tokens"] == 16
+    for batch in ("batch_1", "batch_2"):
+        assert set(results[batch]) == set(RUN_MODES)
+        assert all(f["tokens_per_second"] > 0 and f["vs_reference"] > 0 for f in results[batch].values())
+    # routed once on the prompt, one expert reads BOS + 16 prompt tokens, then 31 of the 32 it generates
+    assert results["batch_1"]["top1_route_on_prompt"]["expert_tokens_per_token"] == (1 + 16 + 31) / 32
+    assert results["batch_1"]["mixture"]["expert_tokens_per_token"] == 3 * (1 + 16 + 31) / 32  # K = 3
+    assert "top1_route_on_prompt" in capsys.readouterr().out
 
 
 def test_missing_baseline_is_named(run, tmp_path, capsys):
