@@ -5,7 +5,8 @@ vocabulary, a default router), so no trained run is needed: speed does not depen
 weights, with one exception worth knowing: a random router flips its top-1 choice often, so in
 sparse modes lagging experts catch up on the tokens they missed far more than behind a trained
 router (each mode reports expert forward passes per step and expert tokens per generated token
-to show it; ``top1_route_on_prompt`` is the no-flip case). Everything runs on one device
+to show it; ``top1_route_on_prompt`` is the no-flip case; eval/run_bench.py times a trained run,
+its own router included). Everything runs on one device
 (``--device``: the CPU with ``torch.set_num_threads`` set to the usable cores, or a CUDA GPU, where
 inference weights are bf16 and training runs under bf16 autocast, every timed region ending in a
 ``torch.cuda.synchronize``); the memory section measures CPU processes either way.
@@ -376,7 +377,7 @@ def generate_reference(model: PreTrainedModel, prompts: list[list[int]], new_tok
 
 
 def mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
-                  options: dict[str, Any], reference: Callable[[], float], fixed_rows: bool = False) -> dict:
+                 options: dict[str, Any], reference: Callable[[], float], fixed_rows: bool = False) -> dict:
     """Tokens/s of one routing mode, its router share, the experts' work per generated token, and
     its speed relative to ``reference`` (transformers ``generate``), timed right before every
     repetition so that both see the same machine: this VM's speed drifts by 20% within minutes.
@@ -431,7 +432,7 @@ def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], 
         for name, options in MODES.items():
             fixed = name == "top1_fixed_rows"
             row[name] = figures = mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options,
-                                                reference, fixed_rows=fixed)
+                                               reference, fixed_rows=fixed)
             say(f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
                 f"({figures['vs_reference']:.2f}x generate at {figures['reference_tokens_per_second']:.0f})")
         rates = [figures["reference_tokens_per_second"] for figures in row.values()]
