@@ -404,9 +404,8 @@ def _load_generator(args: argparse.Namespace):
     if paths.get(args.model) is None:
         raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
                        f"{', '.join(name for name, p in paths.items() if p)}")
-    model = load_expert(resolve_inside(args.run, paths[args.model]), device, dtype=dtype)
+    model = manifest.load_model(args.run, paths[args.model], load_expert, device, dtype)
     manifest.verify(args.run, manifest.tokenizer)
-    manifest.verify_model(args.run, paths[args.model])
     return single_model(model, tokenizer, name=args.model)
 
 

@@ -23,7 +23,7 @@ from eval.bench import MODES, generate_reference, machine_info, mode_figures
 from eval.report import held_out
 from models.ensemble import Ensemble
 from models.expert import load_expert
-from models.manifest import Manifest, resolve_inside
+from models.manifest import Manifest
 from training.config import is_masked, read_run_config
 from training.layout import RunLayout
 
@@ -65,8 +65,7 @@ def bench_run(run_dir: str | Path, *, batches: Sequence[int] = (1, 8), new_token
     prompts = run_prompts(run_dir, max(batches), prompt_tokens)
     if compiled:
         ensemble.compile()
-    baseline = load_expert(resolve_inside(run_dir, manifest.baseline), device, dtype=dtype)
-    manifest.verify_model(run_dir, manifest.baseline)
+    baseline = manifest.load_model(run_dir, manifest.baseline, load_expert, device, dtype)
     bos = ensemble.tokenizer.eos_token_id
     results: dict[str, Any] = {"run": str(run_dir), "machine": machine_info(device), "compiled": compiled,
                                "num_experts": ensemble.num_experts, "new_tokens": new_tokens,

@@ -296,8 +296,7 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
     experts, kept = [], []
     for index, entry in enumerate(manifest.experts):
         try:
-            expert = loader(resolve_inside(run_dir, entry.path), device, dtype=dtype)
-            manifest.verify_model(run_dir, entry.path)
+            expert = manifest.load_model(run_dir, entry.path, loader, device, dtype)
         except DfmError as err:
             if not allow_missing:
                 raise DfmError(f"{entry.name}: {err} (or pass --allow-missing to generate without it)") from err

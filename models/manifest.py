@@ -7,12 +7,18 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from models.adapters import base_directory, is_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 FORMAT_VERSION = 2
 #: Versions this dfm reads: 1 has no sha256 of the artifacts (nothing is verified), 2 has them.
@@ -106,11 +112,18 @@ class Manifest:
                 raise DfmError(f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
                                f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended")
 
-
     def verify_model(self, run_dir: str | os.PathLike, relative: str) -> None:
         """``verify`` the model directory ``relative`` and, for a LoRA adapter, its base model in the run."""
         for directory in model_directories(run_dir, relative):
             self.verify(run_dir, directory)
+
+    def load_model(self, run_dir: str | os.PathLike, relative: str, loader: Callable[..., PreTrainedModel],
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """The model listed at ``relative``, loaded with ``loader(path, device, dtype=dtype)`` and then
+        verified (``verify_model``): the loader's own error names a missing or unreadable model first."""
+        model = loader(resolve_inside(run_dir, relative), device, dtype=dtype)
+        self.verify_model(run_dir, relative)
+        return model
 
 
 def model_directories(run_dir: str | os.PathLike, relative: str) -> list[str]:
