@@ -1,6 +1,6 @@
 """dfm core: discrete flow matching paths (autoregressive and masked), their losses and samplers, mixing and routing.
 
-Tensors in, tensors out; depends on torch and einops only.
+Tensors in, tensors out; depends on torch only.
 """
 
 from dfm.decode import DecodeConfig, DecodeResult, StepOutput, decode_step, generate

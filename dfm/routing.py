@@ -1,4 +1,4 @@
-"""Routing modes (DESIGN.md section 2) and the choice of experts that run for one token."""
+"""Routing modes (README, "Design: routing modes") and the choice of experts that run for one token."""
 
 from __future__ import annotations
 

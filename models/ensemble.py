@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTraine
 from dfm.errors import DfmError
 from dfm.routing import Routing, parse_mode
 from dfm.tensors import autocast_for, positions_from_mask
+from models.cache_argument import cache_kwargs
 from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.partition import Partition
@@ -215,7 +216,7 @@ class Ensemble:
             input_ids=new,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask)[:, seen:],
-            past_key_values=state.cache,
+            **cache_kwargs(self.experts[e], state.cache),
             use_cache=True,
             logits_to_keep=0 if score else 1,
         ).logits

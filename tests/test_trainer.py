@@ -291,7 +291,13 @@ def test_fsdp_resumes_from_a_gathered_checkpoint_bit_identically(tmp_path: Path)
 
 def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Path) -> None:
     """Experts train through dfm.loss on the AR path; on packed blocks with per-document positions
-    and a padded last block, the weights match transformers' own label loss bit for bit."""
+    and a padded last block, the weights match transformers' own label loss bit for bit.
+
+    The two losses are the same mean cross-entropy reduced in different orders (transformers'
+    fused kernel and dfm's log-softmax gather), so their float32 values may differ in the last
+    bits: the summed rounding error of a mean over n terms is bounded by about n * eps relative,
+    and what is logged here agrees within 8 eps relative, a few float32 ulps (the weights come out
+    exactly equal)."""
     from training.data import pack_blocks
     from training.experts import lm_loss as dfm_path_loss
 
@@ -310,4 +316,4 @@ def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Pa
     ra = run(tmp_path / "a", a, blocks, config, loss_fn=dfm_path_loss)
     rb = run(tmp_path / "b", b, blocks, config, loss_fn=transformers_loss)
     assert_same_weights(a, b)
-    assert ra.final_loss == rb.final_loss
+    assert abs(ra.final_loss - rb.final_loss) <= 8 * torch.finfo(torch.float32).eps * abs(rb.final_loss)

@@ -24,7 +24,7 @@ from training.trainer import TrainConfig
 #: Every key a run understands; a config file or override may only set these.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    # the probability path of every model in the run (DESIGN.md): "ar" (next token, causal experts)
+    # the probability path of every model in the run (README, "How it works"): "ar" (next token, causal experts)
     # or "masked" (any-order absorbing path, bidirectional experts, an N-step sampler)
     "path": {"kind": "ar", "scheduler": "linear"},
     "num_proc": None,  # worker processes for Dataset.map (None = in process)
@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     # (null: all of them); every document is then tokenized and assigned in one streaming pass
     "tokenizer": {"path": None, "vocab_size": 2048, "sample_documents": 100_000},
     "partition": {"num_clusters": 4, "balance": 1.2, "svd_dim": None, "iterations": 30, "sample_documents": 50_000},
-    # every expert and the baseline branch from one seed model (DESIGN.md, "Seeds"): a public
+    # every expert and the baseline branch from one seed model (README, "Seeds"): a public
     # pretrained causal LM (init_from), and/or one trained centrally on the shareable documents
     "seed_model": {
         "init_from": None,  # hub name or local directory of a Hugging Face causal LM (its tokenizer is used)

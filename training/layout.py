@@ -1,4 +1,4 @@
-"""Where every artifact of a run lives (DESIGN.md section 4)."""
+"""Where every artifact of a run lives (README, "Run directory")."""
 
 from __future__ import annotations
 
