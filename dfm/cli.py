@@ -343,7 +343,7 @@ def _sample_text(run_dir: str, seed: int, masked: bool, device, dtype) -> str:
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
     from eval.plots import write_plots
-    from eval.report import markdown, write_report
+    from eval.report import markdown, require_baseline, write_report
     from training.layout import RunLayout
 
     check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
@@ -357,6 +357,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     plots = write_plots(report, out)
     print(markdown(report))
     _say(f"wrote {out}/report.json, report.md and {', '.join(p.name for p in plots)}")
+    if not args.no_baseline:
+        require_baseline(report, args.run)  # the scores are kept; a report without a verdict is not a success
     return report
 
 
@@ -450,15 +452,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model.compile()
     partition = None
     if args.routing == "centroid":
-        from models.manifest import Manifest, resolve_inside
-        from models.partition import Partition
+        from models.manifest import Manifest
 
         manifest = Manifest.load(args.run)
         if manifest.partition is None:
             raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
         if args.model != "ensemble":
             raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
-        partition = Partition.load(resolve_inside(args.run, manifest.partition))
+        partition = manifest.load_partition(args.run)  # verified against its sha256
 
     def weigher_for(batch: list[str]):
         """A fresh weigher per batch for centroid and oracle routing (None: the mode's default)."""
@@ -609,10 +610,13 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     check_writable(Path(args.out).parent)  # before minutes of measuring, not after
     if args.prepare and args.run is not None:
         raise DfmError("--prepare and --run are two different benchmarks: pass one of them")
+    if not args.prepare and (args.prepare_vocab is not None or args.prepare_source is not None):
+        raise DfmError("--prepare-vocab and --prepare-source modify --prepare N [N ...]: give the corpus sizes too")
     if args.prepare:
         from eval.prepare_bench import bench_prepare, format_prepare_table
 
-        results = bench_prepare(args.prepare, Path(args.out), say=_say)
+        results = bench_prepare(args.prepare, Path(args.out), say=_say, vocab=args.prepare_vocab,
+                                source=args.prepare_source)
         print(format_prepare_table(results))
         _say(f"wrote {args.out} in {results['seconds']:.0f}s")
         return results
@@ -706,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p = add("eval", "perplexity-equivalence report: baseline vs experts vs every routing mode", cmd_eval)
     _add_eval_flags(p)
+    p.add_argument("--no-baseline", action="store_true",
+                   help="accept a run without a baseline: report the scores with no equivalence verdict and exit 0 "
+                        "(without it, a missing baseline exits non-zero after writing the report)")
     p = add("generate", "generate text with the routed ensemble, streaming tokens to stdout", cmd_generate)
     p.add_argument("--run", required=True, help="run directory")
     source = p.add_mutually_exclusive_group()
@@ -757,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", type=int, nargs="+", metavar="N",
                    help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
                         "each (e.g. 10000 100000 1000000), every run in a fresh process")
+    p.add_argument("--prepare-vocab", type=int, metavar="V",
+                   help="with --prepare: the partition alone (fit on N synthetic token-id documents, then assign and "
+                        "centroid-weigh 1000) at a V-token vocabulary, e.g. 150000, in fresh processes")
+    p.add_argument("--prepare-source", metavar="DIR",
+                   help="with --prepare: import dfm from the checkout at DIR in the measured processes (e.g. "
+                        "`git worktree add DIR COMMIT` for figures before a change; default: this one)")
     p.add_argument("--run", help="instead: decoding speed of this trained run on prompts from its test split, every "
                                  "routing mode against its baseline's transformers generate (batch 1 and 8)")
     _add_compile_flag(p)

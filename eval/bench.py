@@ -576,7 +576,7 @@ def write_bench_run(run_dir: Path, num_experts: int, tokenizer: PreTrainedTokeni
         entries.append(ExpertEntry(f"expert-{k}", f"experts/expert-{k}", 1 / num_experts))
     ensemble.router.save_pretrained(run_dir / "router")
     Manifest(experts=entries, tokenizer="tokenizer", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
-             vocab_size=len(tokenizer), router="router").save(run_dir)
+             vocab_size=len(tokenizer), router="router").with_hashes(run_dir).save(run_dir)
 
 
 def _child_max_rss_mb(script: str, *args: str) -> float:

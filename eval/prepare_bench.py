@@ -1,7 +1,9 @@
 """`dfm bench --prepare N [N ...]`: documents per second and peak resident memory of `dfm prepare`
 on synthetic corpora of N documents, each run in a fresh process reading a JSONL file. Peak RSS
 is reported whole (VmHWM) and as its allocated (anonymous) part, which is what a streaming
-prepare keeps flat; the rest is memory-mapped Arrow files.
+prepare keeps flat; the rest is memory-mapped Arrow files. With ``--prepare-vocab V`` it measures
+the partition alone at a V-token vocabulary instead (eval/partition_bench.py); ``--prepare-source
+DIR`` runs either against the dfm checkout at DIR (e.g. an older commit, for before/after figures).
 
 The corpus is the embedded synthetic generator's (4 domains, documents of about 100 words),
 written to disk first so the measured process reads it as a user's files are read, through
@@ -23,6 +25,8 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.progress import progress
 from eval.bench import PEAK_RSS_KIB, machine_info
+from eval.partition_bench import (ASSIGN_BATCH, HERE, check_source, format_partition_table, measure_partition,
+                                  source_env, source_version)
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 #: Documents the corpus writer samples at a time (its memory, not the measured process's).
@@ -41,12 +45,13 @@ def sample_anon():
         peak_anon[0] = max(peak_anon[0], anon)
         time.sleep(0.02)
 threading.Thread(target=sample_anon, daemon=True).start()
-from dfm.cli import main
+import dfm.cli
 start = time.perf_counter()
-code = main(sys.argv[1:])
+code = dfm.cli.main(sys.argv[1:])
 print(time.perf_counter() - start)
 print(peak_rss_kib())
 print(peak_anon[0])
+print(dfm.cli.__file__)
 sys.exit(code)
 """
 
@@ -61,18 +66,22 @@ def write_corpus(path: Path, num_documents: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def measure_prepare(num_documents: int, workdir: Path) -> dict:
-    """One fresh `dfm prepare` on ``num_documents`` documents: wall seconds, documents/s, peak RSS."""
+def measure_prepare(num_documents: int, workdir: Path, root: Path = HERE) -> dict:
+    """One fresh `dfm prepare` (dfm imported from ``root``) on ``num_documents`` documents: wall
+    seconds, documents/s, peak RSS."""
     corpus = workdir / "corpus.jsonl"
     size = write_corpus(corpus, num_documents)
-    env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
+    env = {**source_env(root), "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
     argv = ["prepare", "--out", str(workdir / "run"), "--dataset", "json", "--data-files", str(corpus),
             "--label-column", "domain"]
     done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, *argv], capture_output=True, text=True, env=env,
-                          check=False)
+                          cwd=root, check=False)
     if done.returncode:
         raise DfmError(f"dfm prepare on {num_documents} documents failed: {done.stderr.strip().splitlines()[-1:]}")
-    seconds, peak_kib, anon_kib = done.stdout.strip().splitlines()[-3:]
+    seconds, peak_kib, anon_kib, module = done.stdout.strip().splitlines()[-4:]
+    if not Path(module).resolve().is_relative_to(root):
+        raise DfmError(f"the measured prepare imported {module}, not the checkout {root}: "
+                       "unset PYTHONPATH entries or installs that shadow it")
     summary = json.loads((workdir / "run" / "partition" / "stats.json").read_text())
     return {"documents": num_documents, "corpus_mb": size / 1e6, "seconds": float(seconds),
             "documents_per_second": num_documents / float(seconds), "peak_rss_mb": int(peak_kib) / 1024,
@@ -80,22 +89,48 @@ def measure_prepare(num_documents: int, workdir: Path) -> dict:
             "cluster_sizes": summary["sizes"], "purity": summary["purity"]}
 
 
-def bench_prepare(sizes: Sequence[int], out: Path | None = None,
-                  say: Callable[[str], None] = lambda message: None) -> dict:
-    """``measure_prepare`` at every size; the growth of peak RSS from each size to the next; JSON to ``out``."""
-    if not sizes or any(n < 100 for n in sizes):
-        raise DfmError(f"--prepare needs corpus sizes of at least 100 documents, got {list(sizes)}")
-    started, runs, machine = time.perf_counter(), [], machine_info()
+def _prepare_runs(sizes: Sequence[int], root: Path, say: Callable[[str], None]) -> list[dict]:
+    """``measure_prepare`` at every size, smallest first, with the growth of peak RSS from each size to the next."""
+    runs = []
     for n in progress(sorted(sizes), desc="bench --prepare", unit="corpus"):
         say(f"prepare on {n} documents")
         with tempfile.TemporaryDirectory(prefix="dfm-prepare-bench-") as tmp:
-            runs.append(measure_prepare(n, Path(tmp)))
+            runs.append(measure_prepare(n, Path(tmp), root))
         say(f"  {runs[-1]['documents_per_second']:.0f} documents/s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB "
             f"(allocated: {runs[-1]['peak_anonymous_mb']:.0f} MB)")
     for before, after in zip(runs, runs[1:]):
         after["rss_growth_vs_previous"] = after["peak_rss_mb"] / before["peak_rss_mb"]
         after["anonymous_growth_vs_previous"] = after["peak_anonymous_mb"] / before["peak_anonymous_mb"]
-    results = {"machine": machine, "prepare": runs, "seconds": time.perf_counter() - started}
+    return runs
+
+
+def _partition_runs(sizes: Sequence[int], vocab: int, root: Path, say: Callable[[str], None]) -> list[dict]:
+    """``measure_partition`` at every size, smallest first."""
+    runs = []
+    for n in progress(sorted(sizes), desc="bench --prepare-vocab", unit="corpus"):
+        say(f"partition of {n} documents at a {vocab}-token vocabulary")
+        with tempfile.TemporaryDirectory(prefix="dfm-partition-bench-") as tmp:
+            runs.append(measure_partition(n, vocab, Path(tmp), root))
+        say(f"  fit {runs[-1]['fit']['seconds']:.1f}s, peak RSS {runs[-1]['fit']['peak_rss_mb']:.0f} MB; "
+            f"{ASSIGN_BATCH} documents assigned and weighed at peak RSS {runs[-1]['batch']['peak_rss_mb']:.0f} MB")
+    return runs
+
+
+def bench_prepare(sizes: Sequence[int], out: Path | None = None, say: Callable[[str], None] = lambda message: None,
+                  vocab: int | None = None, source: str | os.PathLike | None = None) -> dict:
+    """Whole `dfm prepare` runs at every corpus size (``"prepare"``), or with ``vocab`` the
+    partition alone at that vocabulary (``"partition"``), dfm imported from the checkout
+    ``source`` (default: this one); JSON to ``out``."""
+    if not sizes or any(n < 100 for n in sizes):
+        raise DfmError(f"--prepare needs corpus sizes of at least 100 documents, got {list(sizes)}")
+    root = check_source(source)
+    started = time.perf_counter()
+    results: dict = {"machine": {**machine_info(), "source": str(root), "source_version": source_version(root)}}
+    if vocab is None:
+        results["prepare"] = _prepare_runs(sizes, root, say)
+    else:
+        results["partition"] = _partition_runs(sizes, vocab, root, say)
+    results["seconds"] = time.perf_counter() - started
     if out is not None:
         write_json(out, results)
     return results
@@ -103,6 +138,8 @@ def bench_prepare(sizes: Sequence[int], out: Path | None = None,
 
 def format_prepare_table(results: dict) -> str:
     """Markdown table of ``bench_prepare``'s results."""
+    if "partition" in results:
+        return format_partition_table(results["partition"])
     lines = ["| documents | corpus MB | seconds | documents/s | peak RSS MB (growth) | of it allocated, MB (growth) |",
              "|---|---|---|---|---|---|"]
 

@@ -14,14 +14,15 @@ from dfm.atomic import write_json, write_text
 from dfm.errors import DfmError
 from eval.equivalence import equivalence
 from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
-from eval.router_quality import compute_accounting, router_quality
+from eval.router_quality import inference_accounting, router_quality
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
 from models.manifest import Manifest
-from models.scoring import expert_token_log_probs, token_log_probs
+from models.scoring import document_bos, expert_token_log_probs, token_log_probs
 from models.weighers import BayesWeigher, Scoring, mode_log_weights
 from training.config import is_masked, read_run_config, scoring_context
 from training.data import load_saved
+from training.experts import compute_matching
 from training.layout import RunLayout
 from models.partition import Partition
 
@@ -77,18 +78,16 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         modes = [m for m in modes if m != "oracle"]
     context = scoring_context(config, ensemble.experts[0].config.max_position_embeddings)
     stride = max(1, context // 2) if stride is None else stride  # documents longer than the context keep half a window of history
-    scoring = Scoring(ensemble.tokenizer.eos_token_id, context, stride, batch_size)
-    score = {"bos_id": scoring.bos_id, "context": context, "stride": stride, "batch_size": batch_size}
+    scoring = Scoring(document_bos(ensemble.tokenizer), context, stride, batch_size)
+    score = {"bos_id": scoring.bos_id, "eos_id": ensemble.tokenizer.eos_token_id, "context": context, "stride": stride,
+             "batch_size": batch_size}
     expert_lps = expert_token_log_probs(ensemble.experts, docs, **score, desc=f"eval: {ensemble.num_experts} experts")
-    partition = Partition.load(layout.partition) if "centroid" in modes and layout.partition.is_dir() else None
+    partition = Manifest.load(run_dir).load_partition(run_dir) if "centroid" in modes else None  # verified
 
     log_probs: dict[str, list[Tensor]] = {}
     baseline = load_expert(layout.baseline, device, dtype=dtype) if layout.baseline.is_dir() else None
     verify_baseline(run_dir, baseline is not None)
-    if baseline is None:
-        warnings.warn(f"no baseline at {layout.baseline}: the report has no equivalence verdict; "
-                      f"train one with `dfm train-baseline --run {run_dir}`", stacklevel=2)
-    else:
+    if baseline is not None:
         log_probs["baseline"] = token_log_probs(baseline, docs, **score, desc="eval: baseline")
     for k, name in enumerate(ensemble.names):
         log_probs[name] = [lp[k] for lp in expert_lps]
@@ -142,6 +141,15 @@ def held_out(layout: RunLayout, config: dict, split: str,
             list(data[config["data"]["text_column"]]))
 
 
+def require_baseline(report: dict, run_dir: str | Path) -> None:
+    """Refuse a report without a baseline (scores, but no equivalence verdict): what `dfm eval`
+    does after writing it, unless --no-baseline accepts that."""
+    if "baseline" not in report["models"]:
+        raise DfmError(f"no baseline at {RunLayout.of(run_dir).baseline} to compare with: report.json has the scores "
+                       f"but no equivalence verdict; train one with `dfm train-baseline --run {run_dir}`, or pass "
+                       f"--no-baseline to accept a report without a verdict")
+
+
 def verify_baseline(run_dir: str | Path, loaded: bool) -> None:
     """Refuse a loaded baseline whose files differ from those `dfm assemble` recorded."""
     manifest = Manifest.load(run_dir)
@@ -150,27 +158,15 @@ def verify_baseline(run_dir: str | Path, loaded: bool) -> None:
 
 
 def compute_section(layout: RunLayout, ensemble, baseline) -> dict:
-    """FLOP accounting from the parameter counts and the token counts the trainers logged, and
-    the compute matching of the baseline: its training FLOPs against the experts' plus the
-    router's (training, and the experts scoring its documents); the seed is shared by both."""
-    summaries = {name: layout.read_summary(name) or {} for name in [*ensemble.names, "router", "baseline", "seed"]}
-
-    def tokens(name: str) -> int:
-        return summaries[name].get("tokens", 0)
-
-    decentralized = sum(summaries[name].get("flops", 0) for name in [*ensemble.names, "router"])
-    central = summaries["baseline"].get("flops", 0)
-    matching = {"seed_flops": summaries["seed"].get("flops", 0),
-                "seed_from": summaries[ensemble.names[0]].get("branched_from"),
-                "decentralized_flops": decentralized, "router_scoring_flops": summaries["router"].get("scoring_flops", 0),
-                "baseline_flops": central, "baseline_over_decentralized": central / decentralized if decentralized else None}
+    """``matching``: the run's one training-FLOP account (``training.experts.compute_matching``:
+    every expert, the router's training and the experts' scoring of its documents, against the
+    baseline; the seed shared by both), and the inference FLOPs per token of every mode."""
     router_params = ensemble.router.num_parameters if ensemble.router is not None else 0
-    return {"matching": matching, **compute_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],
-                              expert_tokens=[tokens(name) for name in ensemble.names],
-                              router_params=router_params, router_tokens=tokens("router"),
-                              baseline_params=num_parameters(baseline) if baseline is not None else 0,
-                              baseline_tokens=tokens("baseline"),
-                              top_k=[k for k in (1, 2) if k <= ensemble.num_experts])}
+    return {"matching": compute_matching(layout.root, ensemble.names),
+            **inference_accounting(expert_params=[num_parameters(e) for e in ensemble.experts],
+                                   router_params=router_params,
+                                   baseline_params=num_parameters(baseline) if baseline is not None else 0,
+                                   top_k=[k for k in (1, 2) if k <= ensemble.num_experts])}
 
 
 def markdown(report: dict) -> str:
@@ -190,6 +186,8 @@ def markdown(report: dict) -> str:
                       "upper bound on the NLL; all models are scored on the same draws."]
     if floor is not None:
         lines += ["", f"True entropy floor of the synthetic source: {floor:.4f} bits/byte."]
+    if base is None:
+        lines += ["", "No baseline in this run: no equivalence verdict (train one with `dfm train-baseline`)."]
     if "equivalence" in report:
         eq = report["equivalence"]
         lines += ["", f"Equivalence (mixture - baseline): delta {eq['delta_bpb']:+.4f} bpb, 95% CI "
@@ -197,9 +195,10 @@ def markdown(report: dict) -> str:
     matching = report.get("compute", {}).get("matching", {})
     if matching.get("baseline_over_decentralized"):
         lines += ["", f"Compute: baseline {matching['baseline_flops']:.3g} training FLOPs = "
-                      f"{matching['baseline_over_decentralized']:.3f}x the experts' and router's "
-                      f"{matching['decentralized_flops']:.3g} (router scoring {matching['router_scoring_flops']:.3g}); "
-                      f"both start from {matching['seed_from'] or 'scratch'}"
+                      f"{matching['baseline_over_decentralized']:.3f}x the decentralized side's "
+                      f"{matching['decentralized_flops']:.3g} (experts {matching['experts_flops']:.3g}, router "
+                      f"{matching['router_training_flops']:.3g}, experts scoring the router's documents "
+                      f"{matching['router_scoring_flops']:.3g}); both start from {matching['seed_from'] or 'scratch'}"
                       + (f" (seed phase {matching['seed_flops']:.3g})" if matching["seed_flops"] else "")]
     if "router" in report:
         acc = report["router"]["accuracy_by_prefix"]

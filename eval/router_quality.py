@@ -1,4 +1,4 @@
-"""How good is the router? Accuracy by prefix length, KL to the Bayes posterior, calibration; and compute.
+"""How good is the router? Accuracy by prefix length, KL to the Bayes posterior, calibration; and inference compute.
 
 Inputs are the per-document (n + 1, K) log-weight tensors of eval.perplexity (row j: the prefix
 of BOS plus the first j document tokens), so nothing here runs a model.
@@ -77,33 +77,26 @@ def router_quality(router_log_weights: Sequence[Tensor], bayes_log_weights: Sequ
             "ece": expected_calibration_error(router_log_weights, clusters, bins)}
 
 
-def compute_accounting(*, expert_params: Sequence[int], expert_tokens: Sequence[int], router_params: int = 0,
-                       router_tokens: int = 0, baseline_params: int = 0, baseline_tokens: int = 0,
-                       top_k: Sequence[int] = (1, 2)) -> dict:
-    """Training FLOPs (6 x params x tokens) and inference FLOPs per token (2 x params of the
-    networks run) of every routing mode.
+def inference_accounting(*, expert_params: Sequence[int], router_params: int = 0, baseline_params: int = 0,
+                         top_k: Sequence[int] = (1, 2)) -> dict:
+    """Inference FLOPs per token (2 x params of the networks run) of every routing mode, and the
+    parameter counts; training FLOPs are compute matching's (``training.experts.compute_matching``).
 
     Per token: mixture/bayes/centroid run all K experts, ``top{k}`` k experts (k x the mean
     expert size), switch and oracle one; mixture, top-k and switch also run the router (bayes,
     centroid and oracle need none; centroid's tf-idf cost is not counted).
     """
-    if len(expert_params) != len(expert_tokens) or not expert_params:
-        raise DfmError(f"give one parameter count and one token count per expert "
-                       f"(got {len(expert_params)} and {len(expert_tokens)})")
+    if not expert_params:
+        raise DfmError("give one parameter count per expert (got none)")
     num_experts = len(expert_params)
     bad = [k for k in top_k if not 1 <= k <= num_experts]
     if bad:
         raise DfmError(f"top-k must be between 1 and the number of experts ({num_experts}), got {bad}")
-    experts_train = sum(6 * p * t for p, t in zip(expert_params, expert_tokens))
-    router_train = 6 * router_params * router_tokens
     all_experts = sum(expert_params)
     mean_expert = all_experts / num_experts
     router = 2 * router_params
     inference = {"mixture": 2 * all_experts + router, "bayes": 2 * all_experts, "centroid": 2 * all_experts}
     inference.update({f"top{k}": 2 * k * mean_expert + router for k in top_k})
     inference.update({"switch": 2 * mean_expert + router, "oracle": 2 * mean_expert, "baseline": 2 * baseline_params})
-    return {"training_flops": {"experts": experts_train, "router": router_train,
-                               "decentralized": experts_train + router_train,
-                               "baseline": 6 * baseline_params * baseline_tokens},
-            "inference_flops_per_token": inference,
+    return {"inference_flops_per_token": inference,
             "parameters": {"experts": all_experts, "router": router_params, "baseline": baseline_params}}

@@ -24,6 +24,7 @@ from eval.report import held_out
 from models.ensemble import Ensemble
 from models.expert import load_expert
 from models.manifest import Manifest
+from models.scoring import document_bos
 from training.config import is_masked, read_run_config
 from training.layout import RunLayout
 
@@ -66,7 +67,7 @@ def bench_run(run_dir: str | Path, *, batches: Sequence[int] = (1, 8), new_token
     if compiled:
         ensemble.compile()
     baseline = manifest.load_model(run_dir, manifest.baseline, load_expert, device, dtype)
-    bos = ensemble.tokenizer.eos_token_id
+    bos = document_bos(ensemble.tokenizer)
     results: dict[str, Any] = {"run": str(run_dir), "machine": machine_info(device), "compiled": compiled,
                                "num_experts": ensemble.num_experts, "new_tokens": new_tokens,
                                "prompt_tokens": prompt_tokens, "reference": "the run's baseline through generate"}

@@ -27,6 +27,7 @@ from models.expert import load_expert
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.partition import Partition
 from models.router import Router
+from models.scoring import document_bos
 from models.weighers import (
     DEFAULT_TEMPERATURE, AnyWeigher, BayesWeigher, CentroidWeigher, OracleWeigher, PriorWeigher, RouterWeigher,
 )
@@ -241,7 +242,7 @@ class Ensemble:
         if routing is Routing.CENTROID:
             if partition is None:
                 raise DfmError("centroid routing needs the partition (RUN/partition): run `dfm prepare`, or drop the mode")
-            bos_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+            bos_id = document_bos(self.tokenizer) if self.tokenizer is not None else None
             return CentroidWeigher(partition, centroid_temperature, bos_id=bos_id, clusters=self.clusters)
         if routing is Routing.ORACLE:
             if oracle is None:

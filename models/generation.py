@@ -22,6 +22,7 @@ from dfm.mixing import exclude_log_weights
 from dfm.pool import Weigher
 from dfm.routing import Routing, parse_routing
 from models.ensemble import Ensemble
+from models.scoring import document_bos
 from models.weighers import RouterWeigher
 
 _ROUTER_MODES = (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
@@ -78,7 +79,8 @@ def generate_text(
     """Continue every prompt with the routed ensemble.
 
     ``prompts`` is one string, a list of strings, or a list of token-id lists (used as given);
-    each is BOS-prefixed. ``routing`` is a mode of DESIGN.md section 2: mixture, topk and switch
+    each is BOS-prefixed (``models.scoring.document_bos``, as training and scoring read a
+    document). ``routing`` is a mode of DESIGN.md section 2: mixture, topk and switch
     use the ensemble's router, bayes its priors; centroid and oracle need ``weigher``
     (``models.weighers.CentroidWeigher`` or ``OracleWeigher``), which may also replace the
     router in the router modes. A weigher must be fresh (not used on another batch).
@@ -91,9 +93,9 @@ def generate_text(
     if tokenizer is None:
         raise DfmError("the ensemble has no tokenizer: load it with Ensemble.from_run or build it with tokenizer=")
     if tokenizer.eos_token_id is None:
-        raise DfmError("the tokenizer has no EOS token (dfm uses it as BOS, EOS and pad): "
-                       "rebuild the tokenizer with `dfm prepare`")
-    eos_id = tokenizer.eos_token_id
+        raise DfmError("the tokenizer has no EOS token (dfm ends every document with it, and pads with it "
+                       "when there is no pad token): rebuild the tokenizer with `dfm prepare`")
+    eos_id, bos_id = tokenizer.eos_token_id, document_bos(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     num_experts = ensemble.num_experts
     _check_k(mode, k, num_experts)
@@ -107,7 +109,7 @@ def generate_text(
     rows, truncated = [], []
     for ids in encode_prompts(prompts, tokenizer, ensemble.vocab_size):
         ids, cut = _fit(ids, context, max_new_tokens)
-        rows.append([eos_id] + ids)
+        rows.append([bos_id] + ids)
         truncated.append(cut)
     tokens, mask = _left_pad(rows, pad_id, ensemble.device)
 

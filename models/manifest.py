@@ -1,5 +1,6 @@
-"""ensemble.json: which experts, priors, router and tokenizer make up an ensemble, and the sha256 of
-every file of those artifacts (format version 2; version 1 manifests, without them, still load)."""
+"""ensemble.json: which experts, priors, router, partition and tokenizer make up an ensemble, and the
+sha256 of every file of those artifacts (format version 2; version 1 manifests, without them, still
+load, with a warning that nothing is verified)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from models.adapters import base_directory, is_adapter
+from models.partition import Partition
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +85,9 @@ class Manifest:
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
             raise DfmError(f"{path} is corrupt ({err}); re-run `dfm assemble --run {run_dir}`") from err
         manifest._check(path, run_dir)
+        if manifest.format_version < 2:  # stacklevel 1: one warning a run, however often a command loads it
+            warnings.warn(f"{path} has format version 1, without the sha256 of its artifacts: nothing it names is "
+                          f"verified; run `dfm assemble --run {run_dir}` to record them", stacklevel=1)
         return manifest
 
     def _check(self, path: Path, run_dir: str | os.PathLike) -> None:
@@ -89,6 +95,9 @@ class Manifest:
         fix = f"re-run `dfm assemble --run {run_dir}`"
         if not isinstance(self.sha256, dict) or not all(isinstance(v, str) for v in self.sha256.values()):
             raise DfmError(f"{path}: sha256 must map file names to hex digests; {fix}")
+        if self.format_version >= 2 and not self.sha256:
+            raise DfmError(f"{path} has format version {self.format_version} but records no sha256 of its artifacts, "
+                           f"so nothing it names could be verified; {fix}")
         for entry in self.experts:
             prior = entry.prior
             if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (math.isfinite(prior) and 0 < prior <= 1):
@@ -101,14 +110,22 @@ class Manifest:
                 raise DfmError(f"{path} lists the expert {what} {twice[0]} more than once: {fix}")
 
     def verify(self, run_dir: str | os.PathLike, relative: str) -> None:
-        """Refuse a file of the artifact directory ``relative`` whose bytes are not those `dfm assemble`
-        recorded (an expert's weights swapped for another's, say); files absent now are left to the loader."""
+        """Refuse the artifact directory ``relative`` unless every file `dfm assemble` recorded of it is
+        there with the bytes it had (not another expert's weights, say); a directory of which nothing
+        is recorded is refused too. A version 1 manifest records nothing and verifies nothing."""
+        if self.format_version < 2:
+            return
         prefix = os.path.normpath(relative) + os.sep
-        for name, expected in self.sha256.items():
-            if not name.startswith(prefix):
-                continue
+        recorded = {name: expected for name, expected in self.sha256.items() if name.startswith(prefix)}
+        if not recorded:
+            raise DfmError(f"{MANIFEST} records no sha256 of {relative}, so it cannot be verified: "
+                           f"re-run `dfm assemble --run {run_dir}`")
+        for name, expected in recorded.items():
             path = resolve_inside(run_dir, name)
-            if path.is_file() and file_sha256(path) != expected:
+            if not path.is_file():
+                raise DfmError(f"{path} is listed in {MANIFEST} but missing: restore it, or re-run "
+                               f"`dfm assemble --run {run_dir}` if it was removed on purpose")
+            if file_sha256(path) != expected:
                 raise DfmError(f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
                                f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended")
 
@@ -124,6 +141,25 @@ class Manifest:
         model = loader(resolve_inside(run_dir, relative), device, dtype=dtype)
         self.verify_model(run_dir, relative)
         return model
+
+    def load_partition(self, run_dir: str | os.PathLike) -> Partition:
+        """The partition the manifest lists (centroid routing reads it), verified, then loaded."""
+        if self.partition is None:
+            raise DfmError(f"{Path(run_dir) / MANIFEST} lists no partition: run `dfm prepare` and "
+                           f"`dfm assemble --run {run_dir}` again")
+        self.verify(run_dir, self.partition)
+        return Partition.load(resolve_inside(run_dir, self.partition))
+
+    def directories(self, run_dir: str | os.PathLike) -> list[str]:
+        """The run-relative directories of every artifact listed: tokenizer, experts (and a LoRA
+        expert's base), router, baseline and partition."""
+        models = [*(e.path for e in self.experts), *(p for p in (self.router, self.baseline) if p is not None)]
+        listed = [self.tokenizer, *(d for m in models for d in model_directories(run_dir, m)), self.partition]
+        return list(dict.fromkeys(d for d in listed if d is not None))
+
+    def with_hashes(self, run_dir: str | os.PathLike) -> Manifest:
+        """This manifest with the sha256 of every file of its artifacts as they are now in ``run_dir``."""
+        return replace(self, sha256=artifact_hashes(run_dir, self.directories(run_dir)))
 
 
 def model_directories(run_dir: str | os.PathLike, relative: str) -> list[str]:

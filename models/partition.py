@@ -5,6 +5,11 @@ A :class:`Partition` holds the fitted idf weights, an optional truncated-SVD pro
 L2-normalised centre per cluster and the cluster of every training document. It also scores new
 text against the centres, which is what the ``centroid`` routing mode uses: expert k gets weight
 softmax(-d_k^2 / T), d_k the distance of the prefix's normalised tf-idf vector to centre k.
+
+Features stay sparse: scikit-learn's ``TfidfTransformer`` weighs a scipy CSR count matrix, and
+distances come from sparse @ dense centres, (N, K), never from an (N, V) dense matrix.
+scikit-learn is imported where tf-idf is computed, not with this module: it costs about 1.5 s
+and 170 MB of RSS to import, and every process that loads an ensemble imports ``Partition``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -23,6 +30,8 @@ from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
 
 Docs = Sequence[Sequence[int]]
+#: Feature rows: sparse (N, V) tf-idf, or dense (N, D) when the partition projects them.
+Features = sp.csr_matrix | np.ndarray
 
 _TENSORS_FILE = "centres.safetensors"
 _META_FILE = "partition.json"
@@ -52,13 +61,19 @@ class Partition:
     def sizes(self) -> list[int]:
         return torch.bincount(self.assignments, minlength=self.num_clusters).tolist()
 
-    def features(self, docs: Docs) -> torch.Tensor:
-        """(N, D) dense L2-normalised tf-idf vectors (zero rows for empty documents)."""
-        return _densify(project_features(tfidf_matrix(term_counts(docs, self.vocab_size), self.idf), self.projection))
+    def features(self, docs: Docs) -> Features:
+        """(N, V) sparse L2-normalised tf-idf rows (empty documents: empty rows), or, with a
+        projection, their (N, D) dense projections, re-normalised."""
+        return project(tfidf(term_counts(docs, self.vocab_size), self.idf), self.projection)
 
     def sq_distances(self, docs: Docs) -> torch.Tensor:
         """(N, K) squared euclidean distances of each document's features to each centre."""
-        return _sq_distances(self.features(docs), self.centres)
+        return sq_distances(self.features(docs), self.centres)
+
+    def centre(self, docs: Docs) -> torch.Tensor:
+        """(D,) the centre a cluster of exactly these documents gets: their features' normalised sum."""
+        features = self.features(docs)
+        return torch.from_numpy(cluster_means(features, np.zeros(features.shape[0], dtype=np.int64), 1)[0])
 
     def log_weights(self, docs: Docs, temperature: float) -> torch.Tensor:
         """(N, K) log softmax(-d^2 / temperature) over clusters (centroid routing)."""
@@ -148,69 +163,64 @@ def _check_loaded(meta: object, tensors: dict[str, torch.Tensor]) -> str | None:
 # --- tf-idf -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Counts:
-    """Sparse term counts: entry i says token ``tokens[i]`` occurs ``counts[i]`` times in ``docs[i]``."""
-
-    num_docs: int
-    vocab_size: int
-    docs: torch.Tensor
-    tokens: torch.Tensor
-    counts: torch.Tensor
-
-
-def term_counts(docs: Docs, vocab_size: int) -> _Counts:
-    """Count every distinct token id of every document (lists or 1-d tensors of ids)."""
-    pieces = [
-        d.reshape(-1).long() if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=torch.long) for d in docs
-    ]
-    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+def term_counts(docs: Docs, vocab_size: int) -> sp.csr_matrix:
+    """(N, V) float32 sparse count of every token id in every document (lists or 1-d tensors of ids)."""
+    pieces = [np.asarray(d.reshape(-1) if isinstance(d, torch.Tensor) else d, dtype=np.int64) for d in docs]
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
         raise DfmError(
             f"token ids must lie in [0, {vocab_size}), found {int(flat.min())}..{int(flat.max())}: "
             "use the tokenizer the partition was fitted with"
         )
-    doc_ids = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
-    keys, counts = torch.unique(doc_ids * vocab_size + flat, sorted=True, return_counts=True)
-    return _Counts(len(pieces), vocab_size, keys // vocab_size, keys % vocab_size, counts)
+    indptr = np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)])
+    counts = sp.csr_matrix((np.ones(len(flat), dtype=np.float32), flat, indptr), shape=(len(pieces), vocab_size))
+    counts.sum_duplicates()
+    return counts
 
 
-def smooth_idf(counts: _Counts) -> torch.Tensor:
-    """log((1 + N) / (1 + df)) + 1 for every token id."""
-    df = torch.bincount(counts.tokens, minlength=counts.vocab_size).double()
-    return (torch.log((1 + counts.num_docs) / (1 + df)) + 1).float()
+def fit_idf(counts: sp.csr_matrix) -> torch.Tensor:
+    """(V,) float32 smooth idf of every token id, log((1 + N) / (1 + df)) + 1 (computed in float64)."""
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    return torch.from_numpy(TfidfTransformer(smooth_idf=True).fit(counts.astype(np.float64)).idf_.astype(np.float32))
 
 
-def tfidf_matrix(counts: _Counts, idf: torch.Tensor) -> torch.Tensor:
-    """(N, V) sparse COO matrix of sublinear tf (1 + log count) times idf, rows L2-normalised."""
-    values = (1 + torch.log(counts.counts.float())) * idf[counts.tokens]
-    norms = torch.zeros(counts.num_docs).index_add_(0, counts.docs, values.square()).sqrt()
-    values = values / norms[counts.docs]
-    return torch.sparse_coo_tensor(
-        torch.stack([counts.docs, counts.tokens]),
-        values,
-        (counts.num_docs, counts.vocab_size),
-        is_coalesced=True,
-        check_invariants=False,
-    )
+def tfidf(counts: sp.csr_matrix, idf: torch.Tensor) -> sp.csr_matrix:
+    """(N, V) float32 sparse sublinear tf (1 + log count) times ``idf``, rows L2-normalised."""
+    if counts.shape[0] == 0:  # scikit-learn refuses an empty batch; its tf-idf is the empty matrix
+        return counts
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    transformer = TfidfTransformer(norm="l2", sublinear_tf=True)
+    transformer.idf_ = idf.numpy()
+    return transformer.transform(counts).astype(np.float32, copy=False)
 
 
-def normalise_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm; zero rows stay zero."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def project(x: sp.csr_matrix, projection: torch.Tensor | None) -> Features:
+    """Sparse tf-idf as is, or projected onto ``projection`` (V, D), dense (N, D), re-normalised."""
+    return x if projection is None else normalise_rows(x @ projection.numpy())
 
 
-def project_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """Sparse tf-idf as is, or projected (dense) and re-normalised."""
-    return x if projection is None else normalise_rows(x @ projection)
+def cluster_means(x: Features, assignments: np.ndarray, num_clusters: int) -> np.ndarray:
+    """(K, D) L2-normalised sums of the rows of ``x`` in each cluster (zero for an empty cluster)."""
+    n = x.shape[0]
+    indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (assignments, np.arange(n))), shape=(num_clusters, n))
+    sums = indicator @ x
+    return normalise_rows(sums.toarray() if sp.issparse(sums) else sums)
 
 
-def _densify(x: torch.Tensor) -> torch.Tensor:
-    return x.to_dense() if x.is_sparse else x
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of a dense matrix scaled to unit L2 norm; zero rows stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
 
 
-def _sq_distances(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(N, K) squared distances between dense feature rows and centres."""
-    sq = features.square().sum(-1, keepdim=True) + centres.square().sum(-1) - 2 * (features @ centres.T)
-    return sq.clamp_min(0)
+def _row_sq_norms(x: Features) -> np.ndarray:
+    """(N,) squared L2 norm of every row of a sparse or dense matrix."""
+    return np.asarray(x.multiply(x).sum(axis=1)).ravel() if sp.issparse(x) else np.square(x).sum(axis=1)
+
+
+def sq_distances(x: Features, centres: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 squared distances |x|^2 + |c|^2 - 2 x.c of feature rows to centres, clamped at 0."""
+    c = centres.numpy()
+    sq = _row_sq_norms(x)[:, None] + _row_sq_norms(c)[None, :] - 2 * np.asarray(x @ c.T)
+    return torch.from_numpy(np.maximum(sq, 0).astype(np.float32, copy=False))

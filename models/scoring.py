@@ -1,9 +1,10 @@
 """Per-token log-probabilities of held-out documents under causal LMs and the router, windowed.
 
-**What is scored.** Document d with token ids ``ids`` is read as ``[BOS] + ids + [EOS]`` (dfm has
-one ``<|endoftext|>`` token, so BOS and EOS are the same id, ``bos_id``). Every document token and
-the final EOS is predicted, from the first token on: ``len(ids) + 1`` predictions per document.
-Prediction j (0-based) is the probability of ``s[j + 1]`` given the prefix ``s[:j + 1]``.
+**What is scored.** Document d with token ids ``ids`` is read as ``[BOS] + ids + [EOS]``, as it
+was trained (``document_bos``: the tokenizer's BOS; dfm's own tokenizer has one ``<|endoftext|>``
+token, so there BOS and EOS are the same id). Every document token and the final EOS is
+predicted, from the first token on: ``len(ids) + 1`` predictions per document. Prediction j
+(0-based) is the probability of ``s[j + 1]`` given the prefix ``s[:j + 1]``.
 
 **Long documents.** The model reads ``s[:-1]`` (n + 1 input positions). Window i covers input
 positions ``[i * stride, i * stride + context)`` and scores only the predictions that no earlier
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
 from dfm.progress import progress
@@ -28,6 +30,17 @@ Docs = Sequence[Sequence[int]]
 WindowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: documents done out of all, rate in documents per second (a window of a document cut into w counts 1/w)
 _BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} docs [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+def document_bos(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id every document starts with, in training rows, scoring and generation: the tokenizer's
+    BOS (Llama, Mistral), or its EOS when it has none (dfm's own tokenizer and GPT-2's have one
+    token for both; Qwen's has no BOS)."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    if tokenizer.eos_token_id is None:
+        raise DfmError("the tokenizer has neither a BOS nor an EOS token: dfm needs one to start and end documents")
+    return tokenizer.eos_token_id
 
 
 def windows(num_inputs: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -49,15 +62,16 @@ def windows(num_inputs: int, context: int, stride: int) -> list[tuple[int, int, 
     return out
 
 
-def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, context: int, stride: int | None, batch_size: int,
-              device: torch.device, desc: str) -> list[Tensor]:
+def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, eos_id: int | None, context: int, stride: int | None,
+              batch_size: int, device: torch.device, desc: str) -> list[Tensor]:
     """Run ``fn`` over the windows of every document (batched, right-padded) and return, per
     document, its values at the n + 1 scored positions in order, on the CPU. A progress bar
-    named ``desc`` counts documents (a window of a document cut into w counts 1/w)."""
+    named ``desc`` counts documents (a window of a document cut into w counts 1/w). ``eos_id``
+    None: the same id as ``bos_id``."""
     if batch_size < 1:
         raise DfmError(f"evaluation batch size must be >= 1, got {batch_size}")
     stride = context if stride is None else stride
-    sequences = [[bos_id, *ids, bos_id] for ids in docs]
+    sequences = [[bos_id, *ids, bos_id if eos_id is None else eos_id] for ids in docs]
     items = [(d, w, *span) for d, seq in enumerate(sequences)
              for w, span in enumerate(windows(len(seq) - 1, context, stride))]
     items.sort(key=lambda item: item[3] - item[2], reverse=True)  # similar lengths share a batch
@@ -90,10 +104,10 @@ def _device(module: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, stride: int | None = None,
-                    batch_size: int = 8, desc: str = "scoring") -> list[Tensor]:
+                    batch_size: int = 8, desc: str = "scoring", eos_id: int | None = None) -> list[Tensor]:
     """Per document, the (n + 1,) float64 log p(token) of a Hugging Face causal LM (see module doc).
 
-    ``stride`` defaults to ``context`` (independent windows).
+    ``stride`` defaults to ``context`` (independent windows); ``eos_id`` to ``bos_id`` (one token for both).
     """
 
     def score(inputs: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
@@ -101,13 +115,14 @@ def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, 
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (picked - logits.logsumexp(-1)).double()
 
-    return _windowed(score, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                     device=_device(model), desc=desc)
+    return _windowed(score, docs, bos_id=bos_id, eos_id=eos_id, context=context, stride=stride,
+                     batch_size=batch_size, device=_device(model), desc=desc)
 
 
 @torch.inference_mode()
 def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: int, context: int,
-                           stride: int | None = None, batch_size: int = 8, desc: str = "experts scoring") -> list[Tensor]:
+                           stride: int | None = None, batch_size: int = 8, desc: str = "experts scoring",
+                           eos_id: int | None = None) -> list[Tensor]:
     """Per document, (K, n + 1): each expert's own per-token log-probs.
 
     Llama experts sharing one configuration are scored together on the stacked engine (one
@@ -115,7 +130,8 @@ def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: 
     """
     if not supports_stacking(experts):
         per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                                      desc=f"{desc} ({k + 1}/{len(experts)})") for k, e in enumerate(experts)]
+                                      desc=f"{desc} ({k + 1}/{len(experts)})", eos_id=eos_id)
+                      for k, e in enumerate(experts)]
         return [torch.stack(rows) for rows in zip(*per_expert)]
     engine = StackedLlama(experts)
     everyone = slice(0, len(experts))
@@ -126,8 +142,8 @@ def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: 
         picked = logits.gather(-1, targets.expand(len(experts), -1, -1).unsqueeze(-1)).squeeze(-1)
         return (picked - logits.logsumexp(-1)).permute(1, 2, 0).double()  # (B, T, K)
 
-    scored = _windowed(score, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                       device=_device(experts[0]), desc=desc)
+    scored = _windowed(score, docs, bos_id=bos_id, eos_id=eos_id, context=context, stride=stride,
+                       batch_size=batch_size, device=_device(experts[0]), desc=desc)
     return [values.T for values in scored]
 
 
@@ -142,7 +158,7 @@ def router_log_weights(router: nn.Module, docs: Docs, *, bos_id: int, context: i
     def weigh(inputs: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
         return torch.log_softmax(router(inputs, mask).double(), dim=-1)
 
-    return _windowed(weigh, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                     device=_device(router), desc=desc)
+    return _windowed(weigh, docs, bos_id=bos_id, eos_id=None, context=context, stride=stride,
+                     batch_size=batch_size, device=_device(router), desc=desc)
 
 

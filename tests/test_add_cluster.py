@@ -56,6 +56,7 @@ def snapshot(paths: list[Path]) -> dict[str, tuple[bytes, int]]:
     return {str(f): (f.read_bytes(), f.stat().st_mtime_ns) for p in paths for f in sorted(p.rglob("*")) if f.is_file()}
 
 
+@pytest.mark.slow
 def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run, copy_function=shutil.copy2)
@@ -114,6 +115,7 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     assert snapshot(others) == before  # the other experts, shards and checkpoints: same bytes, same mtime
 
 
+@pytest.mark.slow
 def test_an_interrupted_addition_is_redone_cleanly(prepared, tmp_path) -> None:
     once, twice = tmp_path / "once", tmp_path / "twice"
     shutil.copytree(prepared, once)
@@ -136,6 +138,7 @@ def test_an_interrupted_addition_is_redone_cleanly(prepared, tmp_path) -> None:
         load_saved(twice / "data" / f"expert-{K}", "s")["train"]["input_ids"]
 
 
+@pytest.mark.slow
 def test_texts_from_local_files_and_bad_input(prepared, tmp_path) -> None:
     files = tmp_path / "new.jsonl"
     files.write_text("\n".join(json.dumps({"body": text}) for text in new_texts()[:12]))
@@ -160,6 +163,7 @@ def test_texts_from_local_files_and_bad_input(prepared, tmp_path) -> None:
         read_texts(DataSource(dataset="json", data_files=[str(nulls)], text_column="body"))
 
 
+@pytest.mark.slow
 def test_add_expert_prints_k_alone_on_stdout(prepared, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(prepared, run)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from dfm.errors import DfmError
 from eval import bench
+from eval.partition_bench import ASSIGN_BATCH, CLUSTERS, HERE, TOPIC_IDS
 from models.ensemble import Ensemble, load_tokenizer
 from models.weighers import RouterWeigher
 from models.generation import generate_text
@@ -126,6 +129,7 @@ def test_quick_bench_writes_every_section_and_ratio(tmp_path):
         assert label in table
 
 
+@pytest.mark.slow
 def test_prepare_bench_measures_fresh_processes(tmp_path):
     from eval.prepare_bench import bench_prepare, format_prepare_table
 
@@ -137,5 +141,48 @@ def test_prepare_bench_measures_fresh_processes(tmp_path):
     assert second["rss_growth_vs_previous"] == second["peak_rss_mb"] / first["peak_rss_mb"]
     assert json.loads((tmp_path / "prepare.json").read_text()) == results
     assert len(format_prepare_table(results).splitlines()) == 4
+    assert results["machine"]["source"] == str(HERE)  # the measured dfm is this checkout by default
     with pytest.raises(DfmError, match="at least 100"):
         bench_prepare([50])
+
+
+@pytest.mark.slow
+def test_prepare_vocab_bench_fits_and_assigns_in_fresh_processes(tmp_path):
+    from eval.prepare_bench import bench_prepare, format_prepare_table
+
+    results = bench_prepare([150, 100], tmp_path / "partition.json", vocab=CLUSTERS * TOPIC_IDS)
+    assert json.loads((tmp_path / "partition.json").read_text()) == results
+    assert [run["documents"] for run in results["partition"]] == [100, 150]  # smallest first
+    for run in results["partition"]:
+        fit, batch = run["fit"], run["batch"]
+        # the fit child really partitioned them, within the default balance cap
+        assert sum(fit["sizes"]) == run["documents"] and len(fit["sizes"]) == CLUSTERS
+        assert max(fit["sizes"]) <= math.ceil(1.2 * run["documents"] / CLUSTERS)
+        assert 0 < fit["start_rss_mb"] <= fit["peak_rss_mb"] and 0 < batch["start_rss_mb"] <= batch["peak_rss_mb"]
+        assert batch["documents"] == ASSIGN_BATCH and batch["assign_seconds"] > 0 and batch["log_weights_seconds"] > 0
+        assert 0 <= fit["nmi"] <= 1 and 0 < batch["purity"] <= 1
+        assert Path(run["module"]).is_relative_to(HERE) and run["scikit_learn"] is not None
+    assert len(format_prepare_table(results).splitlines()) == 4
+    with pytest.raises(DfmError, match="vocabulary of at least"):
+        bench_prepare([100], vocab=100)
+
+
+@pytest.mark.slow
+def test_prepare_source_measures_the_checkout_it_is_given(tmp_path):
+    from eval.partition_bench import check_source, measure_partition
+
+    checkout = tmp_path / "checkout"
+    for package in ("dfm", "models", "training"):
+        shutil.copytree(HERE / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
+    run = measure_partition(100, CLUSTERS * TOPIC_IDS, tmp_path / "work", check_source(checkout))
+    assert Path(run["module"]) == (checkout / "training" / "partition.py").resolve()
+    with pytest.raises(DfmError, match="not a dfm checkout"):
+        check_source(tmp_path / "work")
+
+
+def test_prepare_options_need_prepare(tmp_path, capsys):
+    from dfm.cli import main
+
+    assert main(["bench", "--prepare-vocab", "150000", "--out", str(tmp_path / "b.json")]) != 0
+    assert "--prepare-vocab and --prepare-source modify --prepare" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

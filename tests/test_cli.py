@@ -193,6 +193,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,argv,expected", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_is_one_line_and_non_zero(case, argv, expected, run, files, tmp_path, capsys):
     argv = [a.format(run=run, tmp=tmp_path, files=files) for a in argv]
@@ -203,6 +204,7 @@ def test_bad_input_is_one_line_and_non_zero(case, argv, expected, run, files, tm
     assert snapshot(run) == before  # nothing the run holds was lost, changed or added
 
 
+@pytest.mark.slow
 def test_incompatible_manifest_version(run, tmp_path, capsys):
     copy = tmp_path / "old"
     shutil.copytree(run, copy)
@@ -213,6 +215,7 @@ def test_incompatible_manifest_version(run, tmp_path, capsys):
     assert "format version 99" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     copy = tmp_path / "partial"
     shutil.copytree(run, copy)
@@ -236,6 +239,7 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert report["models"]["mixture"]["bpb"] > 0 and report["models"]["centroid"]["bpb"] > 0
 
 
+@pytest.mark.slow
 def test_bench_of_a_run_times_every_mode_against_its_baseline(run, tmp_path, capsys):
     from eval.run_bench import RUN_MODES
 
@@ -252,17 +256,26 @@ def test_bench_of_a_run_times_every_mode_against_its_baseline(run, tmp_path, cap
     assert "top1_route_on_prompt" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_missing_baseline_is_named(run, tmp_path, capsys):
+    """No baseline, no verdict: the scores are written, then one line says so and exits non-zero,
+    unless --no-baseline accepts a report without a verdict."""
     copy = tmp_path / "no-baseline"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "baseline")
-    assert main(["eval", "--run", str(copy), "--modes", "mixture"]) == 0
-    err = capsys.readouterr().err
-    assert "dfm: warning: no baseline at" in err and "dfm train-baseline" in err
+    assert main(["eval", "--run", str(copy), "--modes", "mixture"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "no baseline at" in line and "dfm train-baseline" in line and "--no-baseline" in line
     report = json.loads((copy / "eval" / "report.json").read_text())
-    assert "baseline" not in report["models"] and report["models"]["mixture"]["bpb"] > 0
+    assert "baseline" not in report["models"] and report["models"]["mixture"]["bpb"] > 0 and "equivalence" not in report
+    assert "No baseline in this run: no equivalence verdict" in (copy / "eval" / "report.md").read_text()
+    shutil.rmtree(copy / "eval")
+    assert main(["eval", "--run", str(copy), "--modes", "mixture", "--no-baseline"]) == 0
+    assert "dfm: error" not in capsys.readouterr().err
+    assert json.loads((copy / "eval" / "report.json").read_text())["models"] == report["models"]
 
 
+@pytest.mark.slow
 def test_bayes_and_centroid_generate_without_a_router(run, tmp_path, capsys):
     copy = tmp_path / "no-router"
     shutil.copytree(run, copy)
@@ -274,6 +287,7 @@ def test_bayes_and_centroid_generate_without_a_router(run, tmp_path, capsys):
     assert "router directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [0, 100])
 def test_a_corrupt_expert_is_a_missing_one(run, tmp_path, capsys, size):
     copy = tmp_path / "corrupt"
@@ -289,6 +303,7 @@ def test_a_corrupt_expert_is_a_missing_one(run, tmp_path, capsys, size):
     assert json.loads(captured.out)["names"] == ["expert-0", "expert-2"]
 
 
+@pytest.mark.slow
 def test_threads_option_sets_torch_threads(run, capsys, monkeypatch):
     import os
 
@@ -308,6 +323,7 @@ def test_threads_option_sets_torch_threads(run, capsys, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_eval_checks_its_output_before_scoring(run, tmp_path, capsys):
     copy = tmp_path / "blocked"
     shutil.copytree(run, copy)
@@ -320,6 +336,7 @@ def test_eval_checks_its_output_before_scoring(run, tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_resumed_run_adds_to_the_stage_timings(run, tmp_path):
     copy = tmp_path / "resumed"
     shutil.copytree(run, copy)
@@ -334,6 +351,7 @@ def test_resumed_run_adds_to_the_stage_timings(run, tmp_path):
     assert after["eval"] > before["eval"] and sum(after.values()) > sum(before.values())
 
 
+@pytest.mark.slow
 def test_preparing_again_over_trained_models_needs_overwrite(run, tmp_path, capsys):
     copy = tmp_path / "trained"
     shutil.copytree(run, copy)
@@ -349,6 +367,7 @@ def test_preparing_again_over_trained_models_needs_overwrite(run, tmp_path, caps
     assert sorted(p.name for p in copy.iterdir()) == ["config.json", "data", "partition", "tokenizer"]
 
 
+@pytest.mark.slow
 def test_assemble_refuses_experts_of_another_tokenizer(run, tmp_path, capsys):
     copy = tmp_path / "foreign"
     shutil.copytree(run, copy)
@@ -370,6 +389,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, argv):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_streams_and_reports_json(run, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "", "--max-new-tokens", "5", "--seed", "3"]) == 0
     streamed = capsys.readouterr().out
@@ -380,6 +400,7 @@ def test_generate_streams_and_reports_json(run, capsys):
     assert len(out["weights"][0]) == len(out["token_ids"][0])
 
 
+@pytest.mark.slow
 def test_generate_modes_exclusion_and_baseline(run, capsys):
     for extra in (["--routing", "switch", "--exclude-expert", "1"], ["--routing", "bayes"],
                   ["--routing", "centroid", "--k", "2"], ["--routing", "oracle", "--cluster", "2"],
@@ -390,6 +411,7 @@ def test_generate_modes_exclusion_and_baseline(run, capsys):
             assert all(1 not in step for step in out["experts_ran"])
 
 
+@pytest.mark.slow
 def test_eval_mode_names_work_in_generate(run, capsys):
     """`--routing top2` (a `dfm eval` mode name) is top-k routing with k = 2: the same tokens."""
     outputs = []
@@ -399,6 +421,7 @@ def test_eval_mode_names_work_in_generate(run, capsys):
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,expected", [("banana", "not a device"), ("mps", "dfm runs on"),
                                            ("cuda:99", "CUDA")])
 def test_device_option_is_checked(run, name, expected, capsys):
@@ -408,6 +431,7 @@ def test_device_option_is_checked(run, name, expected, capsys):
         assert len(err) == 1 and expected in err[0], err
 
 
+@pytest.mark.slow
 def test_cpu_and_auto_devices_give_the_same_text_on_this_machine(run, capsys):
     outputs = []
     for device in ("cpu", "auto"):
@@ -419,6 +443,7 @@ def test_cpu_and_auto_devices_give_the_same_text_on_this_machine(run, capsys):
 
 
 
+@pytest.mark.slow
 def test_bfloat16_inference_runs_on_the_cpu_too(run, capsys):
     """--dtype bfloat16 (auto's choice on CUDA) works on any device: the experts' and the baseline's
     weights in bf16, the router in float32; greedy text close to float32's (rounding may flip a
@@ -432,6 +457,7 @@ def test_bfloat16_inference_runs_on_the_cpu_too(run, capsys):
     assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--dtype", "bfloat16"]) == 0
     assert "Equivalence" in capsys.readouterr().out
 
+@pytest.mark.slow
 def test_long_prompt_is_truncated_with_a_warning(run, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "ka " * 200, "--max-new-tokens", "4", "--json"]) == 0
     captured = capsys.readouterr()
@@ -439,6 +465,7 @@ def test_long_prompt_is_truncated_with_a_warning(run, capsys):
     assert json.loads(captured.out)["truncated"] == [True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("piped", "prompt"), [("ka ka", "ka ka"), ("ka ka\n", "ka ka"), ("ka\nka\n\n", "ka\nka\n")])
 def test_prompt_from_stdin(run, capsys, monkeypatch, piped, prompt):
     """A piped prompt loses the one final newline that `echo` adds, nothing else."""
@@ -447,6 +474,7 @@ def test_prompt_from_stdin(run, capsys, monkeypatch, piped, prompt):
     assert json.loads(capsys.readouterr().out)["prompt"] == prompt
 
 
+@pytest.mark.slow
 def test_show_routing_lists_every_token(run, capsys):
     args = ["generate", "--run", str(run), "--max-new-tokens", "6", "--seed", "1"]
     assert main([*args, "--json"]) == 0
@@ -457,6 +485,7 @@ def test_show_routing_lists_every_token(run, capsys):
     assert len(header) == 1 and len(lines) - header[0] - 1 == generated
 
 
+@pytest.mark.slow
 def test_a_prompt_file_is_one_prompt_a_line_decoded_in_batches(run, tmp_path, capsys):
     """Several prompts: one JSON line each, in file order; greedy texts do not depend on the batch
     they were decoded in (each equals the prompt generated alone); blank lines are skipped."""
@@ -476,6 +505,7 @@ def test_a_prompt_file_is_one_prompt_a_line_decoded_in_batches(run, tmp_path, ca
     assert [block.strip("\n") for block in blocks[:3]] == [row["prompt"] + row["text"] for row in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,flag,expected", [("\n\n", [], "holds no prompt"),
                                                    ("a\nb\n", ["--show-routing"], "--json"),
                                                    ("a\n", ["--batch-size", "0"], "--batch-size")])
@@ -486,6 +516,7 @@ def test_prompt_file_mistakes_are_one_line(run, tmp_path, capsys, content, flag,
     assert expected in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_quiet_goes_before_or_after_the_command(run, capsys, where):
     from dfm.progress import quiet
@@ -497,6 +528,7 @@ def test_quiet_goes_before_or_after_the_command(run, capsys, where):
     assert main(command) == 0 and not quiet()  # one command's choice, not the next one's
 
 
+@pytest.mark.slow
 def test_a_binary_prompt_on_stdin_is_refused(run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00binary")))
     assert main(["generate", "--run", str(run), "--max-new-tokens", "2"]) == 2
@@ -544,6 +576,7 @@ def call(root: Path, argv: list[str]) -> int:
     return main([argv[0], "--run", str(root), *argv[1:]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["empty", "cut"])
 @pytest.mark.parametrize("weights,argv,expected", [
     ("router/model.safetensors", ["generate", "--max-new-tokens", "3"], "retrain the router with `dfm train-router`"),
@@ -563,6 +596,7 @@ def test_unreadable_weights_are_named(copy, capsys, weights, argv, expected, siz
         assert expected in line and str(Path(weights).parent) in line, line
 
 
+@pytest.mark.slow
 def test_a_damaged_tokenizer_is_named(copy, capsys):
     tokenizer = copy / "tokenizer" / "tokenizer.json"
     with damaging(copy, tokenizer):
@@ -573,6 +607,7 @@ def test_a_damaged_tokenizer_is_named(copy, capsys):
             assert f"{tokenizer.resolve()} is damaged" in line and f"re-copy {(copy / 'tokenizer').resolve()}" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,expected", [
     (lambda m: m["experts"][0].update(prior="0.25"), "the prior of expert-0 must be a number in (0, 1]"),
     (lambda m: m["experts"].append(dict(m["experts"][1])), "lists the expert name expert-1 more than once"),
@@ -591,6 +626,7 @@ def test_a_manifest_with_a_bad_prior_or_a_repeated_expert_is_refused(copy, capsy
             assert expected in line and f"re-run `dfm assemble --run {copy}`" in line
 
 
+@pytest.mark.slow
 def test_a_router_that_does_not_match_its_config_is_one_line(copy, capsys):
     config = copy / "router" / "config.json"
     with damaging(copy, config):
@@ -603,6 +639,7 @@ def test_a_router_that_does_not_match_its_config_is_one_line(copy, capsys):
         assert "retrain the router with `dfm train-router`" in line
 
 
+@pytest.mark.slow
 def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
     """Another expert's weights (same size, same config) in expert-1's place: refused by its sha256
     wherever it loads, until `dfm assemble` records the change as intended."""
@@ -625,6 +662,7 @@ def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
 
 
 
+@pytest.mark.slow
 def test_a_changed_baseline_is_refused_by_eval(copy, capsys):
     """dfm eval verifies the baseline it compares against, as generate does (the last byte of its
     weights flipped: still loadable, but not the model `dfm assemble` recorded)."""
@@ -639,6 +677,7 @@ def test_a_changed_baseline_is_refused_by_eval(copy, capsys):
         assert call(copy, ["assemble"]) == 0  # the change recorded as intended
         assert call(copy, ["generate", "--model", "baseline", "--max-new-tokens", "3"]) == 0
 
+@pytest.mark.slow
 def test_a_manifest_of_format_version_1_loads_without_verifying(copy, capsys):
     manifest, weights = copy / "ensemble.json", copy / "experts" / "expert-1" / "model.safetensors"
     with damaging(copy, manifest, weights):
@@ -684,6 +723,7 @@ def read_only(root: Path):
         undo()
 
 
+@pytest.mark.slow
 def test_a_read_only_run_is_named(copy, capsys):
     before = snapshot(copy)
     with read_only(copy):

@@ -188,7 +188,7 @@ def write_run(tmp_path, experts, router=None):
     if router is not None:
         router.save_pretrained(tmp_path / "router")
     Manifest(entries, "tokenizer", tokenizer_fingerprint(tok.get_vocab()), VOCAB,
-             router="router" if router else None).save(tmp_path)
+             router="router" if router else None).with_hashes(tmp_path).save(tmp_path)
 
 
 def test_ensemble_round_trip_from_run(tmp_path):

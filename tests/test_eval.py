@@ -11,7 +11,7 @@ from dfm.posterior import bayes_log_posterior
 from eval.equivalence import equivalence
 from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
 from models.weighers import BayesWeigher, CentroidWeigher, OracleWeigher, Scoring, mode_log_weights
-from eval.router_quality import (accuracy_by_prefix_length, compute_accounting, expected_calibration_error, mean_kl,
+from eval.router_quality import (accuracy_by_prefix_length, expected_calibration_error, inference_accounting, mean_kl,
                                  router_quality)
 from models.expert import build_expert, expert_config
 from models.router import Router, RouterConfig
@@ -248,11 +248,10 @@ def test_router_quality_on_hand_made_weights():
     assert mean_kl([lw], [uniform]) == pytest.approx(float((p * (p.log() - math.log(0.5))).sum(-1).mean()))
 
 
-def test_compute_accounting():
-    out = compute_accounting(expert_params=[10, 10, 10], expert_tokens=[100, 200, 300], router_params=2,
-                             router_tokens=50, baseline_params=10, baseline_tokens=600)
-    assert out["training_flops"] == {"experts": 6 * 10 * 600, "router": 6 * 2 * 50,
-                                     "decentralized": 6 * 10 * 600 + 600, "baseline": 6 * 10 * 600}
+def test_inference_accounting():
+    out = inference_accounting(expert_params=[10, 10, 10], router_params=2, baseline_params=10)
+    assert set(out) == {"inference_flops_per_token", "parameters"}  # training FLOPs: compute matching's alone
+    assert out["parameters"] == {"experts": 30, "router": 2, "baseline": 10}
     per_token = out["inference_flops_per_token"]
     assert per_token["mixture"] == 2 * 30 + 4 and per_token["bayes"] == 60 and per_token["top1"] == 24
     assert per_token["top2"] == 44 and per_token["switch"] == 24 and per_token["oracle"] == 20

@@ -27,6 +27,7 @@ def lora_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_experts_and_baseline_are_adapters_that_peft_loads(lora_run):
     layout = RunLayout.of(lora_run)
     for directory in [layout.expert(0), layout.expert(2), layout.baseline]:
@@ -47,6 +48,7 @@ def test_experts_and_baseline_are_adapters_that_peft_loads(lora_run):
     assert (merged - plain_seed).abs().max() > 1e-3  # negative control: the adapter changed the seed's predictions
 
 
+@pytest.mark.slow
 def test_lora_compute_is_counted_per_trained_parameter(lora_run):
     layout = RunLayout.of(lora_run)
     expert = layout.read_summary("expert-0")
@@ -58,6 +60,7 @@ def test_lora_compute_is_counted_per_trained_parameter(lora_run):
     assert report["models"]["mixture"]["bpb"] > 0 and "baseline" in report["models"]
 
 
+@pytest.mark.slow
 def test_a_lora_expert_resumes_bit_identically(lora_run, tmp_path):
     assert resumes_bit_identically(lora_run, tmp_path, 2, "adapter_model.safetensors")
 
@@ -76,6 +79,7 @@ def test_bad_lora_settings_name_the_key(overrides, message):
         resolve_config(None, [parse_override(o) for o in overrides])
 
 
+@pytest.mark.slow
 def test_a_missing_seed_is_named_when_loading_an_adapter(lora_run, tmp_path):
     copy_run = tmp_path / "run"
     shutil.copytree(lora_run, copy_run)
@@ -84,6 +88,7 @@ def test_a_missing_seed_is_named_when_loading_an_adapter(lora_run, tmp_path):
         Ensemble.from_run(copy_run)
 
 
+@pytest.mark.slow
 def test_a_changed_seed_is_refused_under_lora_experts(lora_run, tmp_path):
     """A LoRA expert is its adapter plus the seed: `dfm assemble` records the seed's files too, so a
     seed replaced after assembling (here retrained-looking: one weight changed) is refused."""

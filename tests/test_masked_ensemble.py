@@ -70,6 +70,7 @@ def _pure(samples: torch.Tensor) -> float:
     return sum(pure) / len(pure)
 
 
+@pytest.mark.slow
 def test_router_reads_the_cluster_from_a_noisy_state(ensemble):
     path = MaskedPath(V, scheduler("cosine"))
     x1 = torch.cat([torch.full((50, LENGTH), SETS[k][0]) for k in range(2)])
@@ -81,6 +82,7 @@ def test_router_reads_the_cluster_from_a_noisy_state(ensemble):
     assert float((predicted == truth)[seen].double().mean()) > 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", [Routing.MIXTURE, Routing.SWITCH, Routing.TOPK])
 def test_many_steps_keep_sequences_coherent_one_step_does_not(ensemble, routing):
     """With N = 64 steps the first revealed token fixes the cluster and the rest follow: 0.85-0.88
@@ -97,6 +99,7 @@ def test_many_steps_keep_sequences_coherent_one_step_does_not(ensemble, routing)
     assert _pure(many) > 0.8 and _pure(one) < 0.3, (_pure(many), _pure(one))
 
 
+@pytest.mark.slow
 def test_oracle_routing_and_prompts(ensemble):
     path = MaskedPath(V, scheduler("linear"))
     start = torch.full((40, LENGTH), V)
@@ -109,6 +112,7 @@ def test_oracle_routing_and_prompts(ensemble):
     assert (out[:, 0] == SETS[0][2]).all() and float((out[:, :-1] == SETS[0][2]).double().mean()) > 0.9
 
 
+@pytest.mark.slow
 def test_unsupported_routing_is_named(ensemble):
     with pytest.raises(DfmError, match="not available on the masked path"):
         ensemble.denoiser(Routing.BAYES)

@@ -35,6 +35,7 @@ def masked_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_masked_run_writes_an_elbo_report_for_every_mode(masked_run, capsys):
     report = json.loads((masked_run / "eval" / "report.json").read_text())
     assert report["path"] == "masked" and report["bound"] == "elbo"
@@ -55,6 +56,7 @@ def test_masked_run_writes_an_elbo_report_for_every_mode(masked_run, capsys):
     assert summaries["router"]["targets"] == "cluster (noisy states)" and summaries["router"]["scoring_flops"] == 0
 
 
+@pytest.mark.slow
 def test_eval_scores_all_models_on_the_same_draws(masked_run):
     """One expert alone in the ensemble: mixture, top1, switch and the expert itself see the same
     masked draws, so their ELBOs are equal to the last bit; the oracle of another cluster is not
@@ -75,6 +77,7 @@ def test_eval_scores_all_models_on_the_same_draws(masked_run):
     assert torch.equal(again["oracle"], other["oracle"])  # seeded: the same report twice
 
 
+@pytest.mark.slow
 def test_every_mode_is_scored_on_the_same_draws_whatever_the_others(masked_run):
     """Documents over several rows and batches: mixture's ELBO is the same whether switch (which
     draws experts) is scored beside it or not; an oracle-only score needs no router."""
@@ -93,6 +96,7 @@ def test_every_mode_is_scored_on_the_same_draws_whatever_the_others(masked_run):
         assert oracle["oracle"][k] == oracle[f"expert-{k}"][k]
 
 
+@pytest.mark.slow
 def test_generate_runs_the_n_step_sampler(masked_run, capsys):
     argv = ["generate", "--run", str(masked_run), "--prompt", "the", "--max-new-tokens", "12", "--json"]
     outputs = []
@@ -129,6 +133,7 @@ MASKED_BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,expected", MASKED_BAD_INPUTS, ids=[" ".join(a) for a, _ in MASKED_BAD_INPUTS])
 def test_masked_bad_input_is_one_line(masked_run, argv, expected, capsys):
     assert main([argv[0], "--run", str(masked_run), *argv[1:]]) == 2
@@ -157,6 +162,7 @@ def test_masked_defaults_use_a_bidirectional_expert():
     assert ar["expert"]["arch"]["model_type"] == "llama" and ar["expert"]["train"]["lr"] == 3e-3
 
 
+@pytest.mark.slow
 def test_masked_expert_resumes_bit_identically(masked_run, tmp_path):
     """Interrupted after its step-3 checkpoint, a masked expert resumes to the same weights: the
     masking draws come from the checkpointed generator."""

@@ -1,7 +1,14 @@
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
+from safetensors.torch import save_file
 
 from dfm.errors import DfmError
 from models.partition import Partition
@@ -98,8 +105,8 @@ def test_one_cluster_and_empty_docs():
     part = fit_kmeans(docs, 1, 10)
     assert part.assignments.tolist() == [0, 0, 0, 0]
     feats = part.features(docs)
-    assert torch.equal(feats[1], torch.zeros(10))
-    torch.testing.assert_close(feats[[0, 2]].norm(dim=1), torch.ones(2))
+    assert sp.issparse(feats) and feats.getnnz(axis=1).tolist() == [3, 0, 2, 0]  # empty docs: empty rows
+    torch.testing.assert_close(torch.from_numpy(feats.toarray()).norm(dim=1), torch.tensor([1.0, 0.0, 1.0, 0.0]))
     # a zero vector is at distance 1 from every unit centre (up to float rounding of the norm)
     torch.testing.assert_close(part.sq_distances([[]]), torch.ones(1, 1))
     two = fit_kmeans(docs, 2, 10)  # capacity ceil(1.2 * 4 / 2) = 3
@@ -137,9 +144,92 @@ def test_log_weights_normalised_and_match_assign(corpus, fitted):
 
 def test_sq_distances_match_features(fitted, corpus):
     docs = corpus[0][:20]
-    expected = torch.cdist(fitted.features(docs), fitted.centres).square()
+    expected = torch.cdist(torch.from_numpy(fitted.features(docs).toarray()), fitted.centres).square()
     torch.testing.assert_close(fitted.sq_distances(docs), expected, atol=1e-5, rtol=0)
-    assert torch.equal(fitted.features([torch.tensor(d) for d in docs]), fitted.features(docs))
+    from_tensors = fitted.features([torch.tensor(d) for d in docs])
+    assert np.array_equal(from_tensors.toarray(), fitted.features(docs).toarray())
+
+
+def test_tfidf_is_smooth_idf_sublinear_tf_l2():
+    # N = 3 documents over V = 5 ids: df = [0, 2, 1, 1, 0]; idf = ln((1 + N) / (1 + df)) + 1;
+    # tf = 1 + ln(count); each row divided by its L2 norm; the empty document stays a zero row
+    docs = [[1, 1, 1, 2], [3, 1], []]
+    part = from_labels(docs, [0, 1, 0], 5)
+    df = torch.tensor([0.0, 2.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    idf = torch.log(4 / (1 + df)) + 1
+    torch.testing.assert_close(part.idf, idf.float(), rtol=1.2e-7, atol=0)  # one float32 rounding
+    rows = torch.zeros(3, 5, dtype=torch.float64)
+    rows[0, 1], rows[0, 2] = (1 + math.log(3)) * idf[1], idf[2]
+    rows[1, 3], rows[1, 1] = idf[3], idf[1]
+    expected = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    features = part.features(docs)
+    assert sp.issparse(features) and features.dtype == np.float32 and features.nnz == 4
+    torch.testing.assert_close(torch.from_numpy(features.toarray()).double(), expected, rtol=0, atol=3e-7)
+
+
+def test_features_stay_sparse_and_projections_dense(corpus, fitted):
+    docs = corpus[0][:7]
+    features = fitted.features(docs)
+    assert sp.issparse(features) and features.shape == (7, VOCAB)
+    assert features.getnnz(axis=1).tolist() == [len(set(d)) for d in docs]  # one entry per distinct id
+    projected = fit_kmeans(corpus[0], TOPICS, VOCAB, svd_dim=8, seed=0, restarts=1).features(docs)
+    assert isinstance(projected, np.ndarray) and projected.shape == (7, 8) and projected.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(projected, axis=1), np.ones(7), rtol=1e-6)
+
+
+# A partition at a 1M-token vocabulary assigns and weighs 100 documents of 200 tokens; a dense
+# (documents, vocabulary) float32 feature matrix would be 400 MB, the sparse one is a few hundred KB.
+# The peak is VmHWM, the process's own (ru_maxrss carries the forking pytest's peak over exec).
+_PEAK_GROWTH_CHILD = """
+import random
+from training.partition import from_labels
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+vocab, rng = 1_000_000, random.Random(0)
+docs = [[rng.randrange(vocab) for _ in range(200)] for _ in range(100)]
+part = from_labels(docs, [i % 2 for i in range(len(docs))], vocab)
+before = peak_kib()
+part.assign(docs)
+part.log_weights(docs, 0.1)
+print(peak_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_assign_and_log_weights_never_densify():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _PEAK_GROWTH_CHILD], cwd=root, capture_output=True, text=True,
+                          check=True)
+    growth_mb = int(done.stdout.split()[-1]) / 1024
+    assert growth_mb < 100, f"assigning 100 documents raised peak RSS by {growth_mb:.0f} MB"
+
+
+def test_centre_is_the_normalised_sum_of_features(fitted, corpus):
+    docs = corpus[0][:30]
+    total = torch.from_numpy(fitted.features(docs).toarray()).sum(0)
+    torch.testing.assert_close(fitted.centre(docs), total / total.norm(), atol=1e-6, rtol=0)
+    assert torch.equal(fitted.centre([[], []]), torch.zeros(VOCAB))
+
+
+def test_empty_batch(fitted):
+    assert fitted.assign([]).shape == (0,)
+    assert fitted.log_weights([], 1.0).shape == (0, TOPICS)
+
+
+def test_loads_a_version_1_partition_and_applies_its_idf(tmp_path):
+    """The on-disk format as `dfm prepare` has written it since version 1, written here by hand."""
+    centres = torch.zeros(2, 6)
+    centres[0, :2] = centres[1, 3:5] = 2 ** -0.5
+    save_file({"centres": centres, "idf": torch.ones(6), "assignments": torch.tensor([0, 1, 1])},
+              str(tmp_path / "centres.safetensors"))
+    meta = {"format": "dfm-partition", "version": 1, "num_clusters": 2, "dim": 6, "vocab_size": 6,
+            "num_documents": 3, "projection": False, "label_values": ["a", "b"], "sizes": [1, 2]}
+    (tmp_path / "partition.json").write_text(json.dumps(meta))
+    part = Partition.load(tmp_path)
+    assert part.assign([[0, 1], [4, 3, 3], [5]]).tolist() == [0, 1, 0]  # [5] is equally far: lowest id
+    # [0, 1] is the unit vector of centre 0: distance 0 to it and 2 to the orthogonal centre 1
+    torch.testing.assert_close(part.sq_distances([[0, 1]]), torch.tensor([[0.0, 2.0]]), atol=1e-6, rtol=0)
 
 
 def test_from_labels(corpus):

@@ -174,6 +174,7 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_a_single_cluster_runs_end_to_end(tmp_path, capsys):
     """K = 1: no router is trained; evaluation and generation weight the one expert by 1."""
     config = write_tiny_config(tmp_path)

@@ -34,7 +34,7 @@ from dfm.decode import DecodeConfig, generate
 from dfm.errors import DfmError
 from dfm.routing import Routing
 from models.ensemble import Ensemble, load_tokenizer
-from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
+from models.manifest import ExpertEntry, Manifest, artifact_hashes, tokenizer_fingerprint
 from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.lock import lock_path, training_lock
 
@@ -251,6 +251,7 @@ def readme_island_parts() -> list[str]:
     return [word.split("/./", 1)[1] for word in line.split() if "/./" in word]
 
 
+@pytest.mark.slow
 def test_readme_island_command_ships_what_an_island_needs(prepared, tmp_path) -> None:
     """The README's rsync line, run as written where rsync exists (else the same copy by hand),
     ships exactly ISLAND_FILES for expert 2; asked for expert 1, that island says which files it needs."""
@@ -273,6 +274,7 @@ def test_readme_island_command_ships_what_an_island_needs(prepared, tmp_path) ->
     assert f"data shard of expert {EXPERT} not found" in message and f"data/expert-{EXPERT}/" in message
 
 
+@pytest.mark.slow
 def test_island_training_is_bit_identical_to_training_in_place(prepared, reference, tmp_path) -> None:
     island = make_island(prepared, tmp_path / "island")
     assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "seed", "tokenizer"]
@@ -475,6 +477,7 @@ def test_the_kill_campaign_covers_every_stage_and_write() -> None:
             assert "final-save" not in kills[stage.name][:-1], stage.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
 def test_sigkill_during_training_then_resume_is_bit_identical(stage, request, tmp_path) -> None:
     run_campaign(stage, FAST_KILLS, KILL_SEED + 2 * STAGES.index(stage), request, tmp_path)
@@ -494,6 +497,7 @@ def resume_in_process(run: Path, capsys) -> tuple[int, list[str]]:
     return code, [line for line in err.splitlines() if line.startswith("dfm: warning:")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated weights", "flipped weight byte", "garbage state.json"])
 def test_damaged_checkpoint_is_skipped_with_a_warning(reference, tmp_path, capsys, damage) -> None:
     run = copy_run(reference, tmp_path / "run")
@@ -513,6 +517,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(reference, tmp_path, capsy
     assert_same_model(run, reference)  # redone from step 39, not loaded from the damaged step 40
 
 
+@pytest.mark.slow
 def test_malicious_optimizer_pickle_is_not_executed(reference, tmp_path, capsys) -> None:
     run = copy_run(reference, tmp_path / "run")
     marker = tmp_path / "pwned"
@@ -540,6 +545,7 @@ def wait_for(condition, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_of_the_same_model_is_refused(unseeded, prepared, tmp_path) -> None:
     """A second `train-seed` on a run whose seed is in training (even with --resume) exits with one
     line naming the lock; the first, never interleaved with it, ends as an undisturbed run does."""
@@ -573,6 +579,7 @@ def test_the_lock_is_exclusive_and_released_on_exit(tmp_path) -> None:
 
 
 # --- 4. numerical faults ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys) -> None:
     run = copy_run(prepared, tmp_path / "run")
     set_train_option(run, lr=1e30, warmup_steps=0)  # finite, accepted, and ruinous: step 2's loss is NaN
@@ -586,6 +593,7 @@ def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(p
     assert all(torch.isfinite(t).all() for t in load_file(kept / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_non_finite_learning_rate_is_refused_before_training(prepared, tmp_path, capsys) -> None:
     """An infinite lr used to pass validation and leave a checkpoint of inf weights called 'good'."""
     config = write_tiny_config(tmp_path)
@@ -670,15 +678,18 @@ def test_no_unsafe_loading_in_the_package() -> None:
 
 
 def fake_run(prepared: Path, root: Path, expert_path: str, *, tokenizer: str = "tokenizer") -> Path:
-    """A run directory whose ensemble.json names one expert at ``expert_path``."""
+    """A run directory whose ensemble.json names one expert at ``expert_path`` (and records the
+    sha256 of the tokenizer only: the expert may not exist yet, or lie outside the run)."""
     run = root / "run"
     shutil.copytree(prepared / "tokenizer", run / "tokenizer")
     vocab = load_tokenizer(run / "tokenizer").get_vocab()
     Manifest(experts=[ExpertEntry("expert-0", expert_path, 1.0)], tokenizer=tokenizer,
-             tokenizer_fingerprint=tokenizer_fingerprint(vocab), vocab_size=len(vocab)).save(run)
+             tokenizer_fingerprint=tokenizer_fingerprint(vocab), vocab_size=len(vocab),
+             sha256=artifact_hashes(run, ["tokenizer"])).save(run)
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,path", [("expert", "../../etc"), ("expert", "/etc"), ("tokenizer", "../tokenizer")])
 def test_manifest_paths_cannot_escape_the_run_directory(prepared, tmp_path, capsys, field, path) -> None:
     shutil.copytree(prepared / "tokenizer", tmp_path / "tokenizer")  # a real tokenizer right outside
@@ -692,6 +703,7 @@ def test_manifest_paths_cannot_escape_the_run_directory(prepared, tmp_path, caps
     assert len(lines) == 1 and "outside the run directory" in lines[0] and str(run.resolve()) in lines[0]
 
 
+@pytest.mark.slow
 def test_weights_only_from_safetensors(prepared, tmp_path, capsys) -> None:
     """An expert directory holding only pytorch_model.bin (a pickle) is refused, and never unpickled."""
     run = fake_run(prepared, tmp_path, "experts/expert-0")
@@ -735,6 +747,7 @@ def test_artifacts_honour_the_umask(tmp_path, umask, file_mode, dir_mode) -> Non
         {"inner.json": file_mode, "weights.bin": file_mode}
 
 
+@pytest.mark.slow
 def test_a_prepared_run_is_readable_by_others(prepared) -> None:
     for path in (prepared / "config.json", prepared / "tokenizer", prepared / "seed" / "model.safetensors",
                  prepared / "partition" / "stats.json"):

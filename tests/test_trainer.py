@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
 from training.checkpoint import checkpoint_dirs
-from training.trainer import TrainConfig, TrainResult, lr_factor, train
+from training.trainer import TrainConfig, TrainResult, lr_schedule, train
 
 VOCAB, SEQ = 64, 16
 REPO = Path(__file__).resolve().parents[1]
@@ -92,10 +92,17 @@ def test_config_round_trip_and_validation() -> None:
 
 def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     config = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    assert [lr_factor(s, config) for s in range(3)] == [0.1, 0.2, pytest.approx(0.3)]
-    assert lr_factor(10, config) == 1.0
-    assert lr_factor(60, config) == pytest.approx(0.55)  # half way through the cosine
-    assert lr_factor(110, config) == pytest.approx(0.1)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = lr_schedule(optimizer, config)
+    lrs = []
+    for _ in range(config.steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == [0.1, 0.2, pytest.approx(0.3)] and lrs[9] == 1.0  # no step trains at lr 0
+    assert lrs[59] == pytest.approx(0.55)  # half way through the cosine
+    assert lrs[-1] == pytest.approx(0.1) and min(lrs) == pytest.approx(0.1)  # the floor, at the last step
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path: Path) -> None:
@@ -254,6 +261,7 @@ def _torchrun(tmp_path: Path, root: Path, options: dict, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_process_torchrun_matches_single_process(tmp_path: Path, sharding: str) -> None:
     common = {"steps": 6, "warmup_steps": 2, "checkpoint_every": 3}
@@ -275,6 +283,7 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path, sharding: s
     assert ddp["val_loss"] == pytest.approx(single.val_loss, abs=5e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_from_a_gathered_checkpoint_bit_identically(tmp_path: Path) -> None:
     """Sharded training writes full (gathered) checkpoints; resumed from step 3 under FSDP it ends
     on the weights of the unbroken run, bit for bit."""

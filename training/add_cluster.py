@@ -24,10 +24,11 @@ from datasets import Dataset, DatasetDict
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
+from models.partition import Partition
+from models.scoring import document_bos
 from training.config import read_run_config
 from training.data import DataSource, carve_splits, load_documents, load_saved, save_dataset, tokenize
 from training.layout import RunLayout
-from models.partition import Partition
 from training.partition import partition_stats
 from training.prepare import row_builder, write_shard
 
@@ -104,12 +105,12 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
         raise DfmError(f"{layout.partition} does not match {layout.documents} ({len(assignments)} assignments for "
                        f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again")
 
-    write_shard(new, "cluster", k, row_builder(config, tokenizer.eos_token_id), layout.shard(k))
+    write_shard(new, "cluster", k, row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer)), layout.shard(k))
     merged = DatasetDict({name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])])
                           for name in old})
-    centre = partition.features(list(new["train"]["input_ids"])).sum(0)
+    centre = partition.centre(list(new["train"]["input_ids"]))
     labels = None if partition.label_values is None else [*partition.label_values[:k], None]
-    partition = Partition(centres=torch.cat([partition.centres[:k], (centre / centre.norm().clamp_min(1e-12))[None]]),
+    partition = Partition(centres=torch.cat([partition.centres[:k], centre[None]]),
                           idf=partition.idf, projection=partition.projection,
                           assignments=torch.cat([assignments, torch.full((len(new["train"]),), k)]),
                           label_values=labels)

@@ -10,14 +10,15 @@ from safetensors import SafetensorError, safe_open
 from dfm.errors import DfmError
 from models.ensemble import load_tokenizer
 from models.expert import saved_config
-from models.manifest import ExpertEntry, Manifest, artifact_hashes, model_directories, tokenizer_fingerprint
+from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from training.config import read_run_config
 from training.layout import RunLayout
 
 
 def assemble(run_dir: str | Path) -> Manifest:
-    """Experts with their cluster shares as priors, router, baseline, tokenizer fingerprint, and the
-    sha256 of every file of those (loading verifies them: a swapped or edited file is refused).
+    """Experts with their cluster shares as priors, router, baseline, partition, tokenizer fingerprint,
+    and the sha256 of every file of those (loading verifies them: a swapped, edited or missing file is
+    refused).
 
     Every expert of the partition must be trained; router and baseline are optional.
     """
@@ -51,8 +52,6 @@ def assemble(run_dir: str | Path) -> Manifest:
     tokenizer_dir = str(layout.tokenizer.relative_to(run_dir))
     models = [*(e.path for e in experts), *(p for p in (router, baseline) if p is not None)]
     _check_weights(run_dir, models)
-    # a LoRA expert is read with its base (the seed): a changed seed changes every such expert
-    listed = list(dict.fromkeys([tokenizer_dir, *(d for m in models for d in model_directories(run_dir, m))]))
     manifest = Manifest(
         experts=experts,
         tokenizer=tokenizer_dir,
@@ -62,8 +61,7 @@ def assemble(run_dir: str | Path) -> Manifest:
         partition=optional(layout.partition, "partition.json"),
         baseline=baseline,
         extra={"block_size": config["expert"]["block_size"], "path": config["path"]},
-        sha256=artifact_hashes(run_dir, listed),
-    )
+    ).with_hashes(run_dir)  # a LoRA expert's base (the seed) too: a changed seed changes every such expert
     manifest.save(run_dir)
     return manifest
 

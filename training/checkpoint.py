@@ -2,7 +2,7 @@
 
 Each checkpoint directory is written atomically and lists the sha256 of its files in
 ``state.json``; loading verifies them and falls back to an older checkpoint when the newest one
-is damaged.
+is damaged, and refuses to resume when every one is.
 """
 
 from __future__ import annotations
@@ -121,33 +121,52 @@ def load_latest_checkpoint(
 ) -> dict[str, Any] | None:
     """Restore the newest intact checkpoint into model, optimizer, scheduler and the RNG.
 
-    Damaged checkpoints (bad hash, truncated file, unreadable state) are skipped with a warning.
-    Returns the checkpoint's ``state.json`` (``step``, ``extra``, ``sha256``), or None if there is
-    no intact checkpoint.
+    Damaged checkpoints (bad hash, truncated file, unreadable state) newer than it are skipped with
+    a warning; when every checkpoint is damaged, a DfmError names them. Returns the checkpoint's
+    ``state.json`` (``step``, ``extra``, ``sha256``), or None if ``directory`` holds no checkpoint.
     """
+    damaged: list[tuple[Path, str]] = []
     for _, path in reversed(checkpoint_dirs(directory)):
         try:
             state, payload = _read_verified(path)
         except Exception as exc:  # noqa: BLE001 - any damage means: fall back to the previous one
-            warnings.warn(f"skipping damaged checkpoint {path}: {exc}", stacklevel=2)
+            damaged.append((path, _first_line(exc)))
             continue
-        if rank >= len(payload["rng"]):
-            raise DfmError(
-                f"checkpoint {path} was written by {len(payload['rng'])} process(es); "
-                "resume with the same number of processes"
-            )
-        try:
-            if is_sharded(model):
-                load_full_states(model, optimizer, load_file(str(path / MODEL_FILE)), payload["optimizer"])
-            else:
-                load_model(_unwrap(model), str(path / MODEL_FILE), strict=True)
-                optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise DfmError(
-                f"checkpoint {path} does not fit this model or optimizer ({exc}); "
-                f"delete {Path(directory)} to start over"
-            ) from exc
-        set_rng_state(payload["rng"][rank])
+        for bad, why in damaged:
+            warnings.warn(f"skipping damaged checkpoint {bad}: {why}", stacklevel=2)
+        _restore(path, state, payload, model, optimizer, scheduler, rank, Path(directory))
         return state
+    if damaged:
+        names = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+        raise DfmError(f"every checkpoint in {directory} is damaged ({names}): nothing to resume; delete "
+                       f"{directory} and run again without --resume to start over")
     return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _restore(path: Path, state: dict[str, Any], payload: dict[str, Any], model: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
+             directory: Path) -> None:
+    """Load the verified checkpoint ``path`` into model, optimizer, scheduler and this rank's RNG."""
+    if rank >= len(payload["rng"]):
+        raise DfmError(
+            f"checkpoint {path} was written by {len(payload['rng'])} process(es); "
+            "resume with the same number of processes"
+        )
+    try:
+        if is_sharded(model):
+            load_full_states(model, optimizer, load_file(str(path / MODEL_FILE)), payload["optimizer"])
+        else:
+            load_model(_unwrap(model), str(path / MODEL_FILE), strict=True)
+            optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise DfmError(
+            f"checkpoint {path} does not fit this model or optimizer ({exc}); "
+            f"delete {directory} to start over"
+        ) from exc
+    set_rng_state(payload["rng"][rank])

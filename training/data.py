@@ -170,31 +170,40 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, 
     return ds.map(encode, batched=True, num_proc=num_proc, desc="tokenize")
 
 
-def packed_rows(ds: Dataset, block_size: int, eos_id: int) -> Iterator[dict]:
+def packed_rows(ds: Dataset, block_size: int, eos_id: int, bos_id: int | None = None) -> Iterator[dict]:
     """Blocks for causal-LM training, packing the documents of ``ds`` and keeping every token exactly once.
 
-    The stream is EOS doc_1 EOS doc_2 EOS ...: each document follows an EOS, its BOS. Blocks
-    overlap by one token so every token after the first EOS is a prediction target exactly
-    once; ``labels`` is -100 on the padding of the last block. Documents are read in batches and
-    blocks yielded as they fill, so memory holds one batch of the stream, never the corpus.
+    Every document is read from its BOS and ends in its EOS. With one token for both (``bos_id``
+    None or ``eos_id``: dfm's own tokenizer, GPT-2's) the stream is EOS doc_1 EOS doc_2 EOS ...,
+    each document following an EOS, its BOS. With a BOS of its own (Llama, Mistral) it is BOS
+    doc_1 EOS BOS doc_2 EOS ..., and a BOS is never a target (it would be predicted from the
+    previous document's end). Blocks overlap by one token so every other token after the first
+    BOS is a prediction target exactly once; ``labels`` is -100 on the padding of the last block.
+    Documents are read in batches and blocks yielded as they fill, so memory holds one batch of
+    the stream, never the corpus.
 
-    ``position_ids`` restart at 0 at every EOS (a document's BOS) and at every block start. Given
-    to a Hugging Face model without an attention mask or cache, positions that restart make its
-    attention block-diagonal (transformers' packed-sequence masking): no document attends to
-    another, and each is read from position 0 as evaluation and generation read it.
+    ``position_ids`` restart at 0 at every BOS and at every block start. Given to a Hugging Face
+    model without an attention mask or cache, positions that restart make its attention
+    block-diagonal (transformers' packed-sequence masking): no document attends to another, and
+    each is read from position 0 as evaluation and generation read it.
     """
     if block_size < 2:
         raise DfmError("block size must be at least 2")
+    bos_id = eos_id if bos_id is None else bos_id
     step = block_size - 1
 
     def block(chunk: list[int]) -> dict:
         pad = block_size - len(chunk)
+        labels = chunk if bos_id == eos_id else [-100 if t == bos_id else t for t in chunk]
         ids = chunk + [eos_id] * pad
-        return {"input_ids": ids, "labels": chunk + [-100] * pad, "position_ids": document_positions(ids, eos_id)}
+        return {"input_ids": ids, "labels": labels + [-100] * pad, "position_ids": document_positions(ids, bos_id)}
 
-    stream, start = [eos_id], 0
+    stream, start, opened = [], 0, False
     for batch in ds.select_columns(["input_ids"]).iter(batch_size=READ_BATCH):
         for ids in batch["input_ids"]:
+            if bos_id != eos_id or not opened:  # one shared token: the previous EOS is this document's BOS
+                stream.append(bos_id)
+                opened = True
             stream.extend(ids)
             stream.append(eos_id)
         while len(stream) - start >= block_size:
@@ -207,9 +216,9 @@ def packed_rows(ds: Dataset, block_size: int, eos_id: int) -> Iterator[dict]:
         start += step
 
 
-def pack_blocks(ds: Dataset, block_size: int, eos_id: int) -> Dataset:
+def pack_blocks(ds: Dataset, block_size: int, eos_id: int, bos_id: int | None = None) -> Dataset:
     """``packed_rows`` collected into an in-memory dataset (for small inputs; ``rows_on_disk`` streams)."""
-    return Dataset.from_list(list(packed_rows(ds, block_size, eos_id)))
+    return Dataset.from_list(list(packed_rows(ds, block_size, eos_id, bos_id)))
 
 
 def rows_on_disk(rows: Callable[[], Iterator[dict]], scratch: str | os.PathLike) -> Dataset:
@@ -236,11 +245,11 @@ def column_tensor(ds: Dataset, column: str) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def document_positions(ids: list[int], eos_id: int) -> list[int]:
-    """Position of every token within its document: 0 at the block start and at each EOS (BOS)."""
+def document_positions(ids: list[int], bos_id: int) -> list[int]:
+    """Position of every token within its document: 0 at the block start and at each BOS."""
     out, position = [], 0
     for i, token in enumerate(ids):
-        position = 0 if i == 0 or token == eos_id else position + 1
+        position = 0 if i == 0 or token == bos_id else position + 1
         out.append(position)
     return out
 

@@ -1,9 +1,10 @@
 """How long the rest of `dfm run` will take, from the speed of its first training stage.
 
 Every later stage is priced in FLOPs as compute matching counts them (6 x parameters x tokens for
-training, 2 x for the experts' scoring of the router's documents; the baseline gets as many as
-the experts and the router together) and divided by the FLOP rate the first stage reached. An
-estimate: LoRA experts (4 FLOPs per frozen parameter) and evaluation are not priced.
+training, 2 x for the experts' scoring of the router's training and validation documents; the
+baseline gets as many as the experts and the router together) and divided by the FLOP rate the
+first stage reached. An estimate: LoRA experts (4 FLOPs per frozen parameter) and evaluation are
+not priced.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ import datasets
 import pyarrow.compute as pc
 
 from models.router import Router, RouterConfig
+from training.config import is_masked
+from training.experts import FORWARD_FLOPS, TRAINED_FLOPS
 from training.layout import RunLayout
 
 
 def _lm_flops(parameters: int, train: dict, tokens_per_row: int) -> float:
-    return 6.0 * parameters * train["steps"] * train["batch_size"] * train.get("grad_accum", 1) * tokens_per_row
+    rows = train["steps"] * train["batch_size"] * train.get("grad_accum", 1)
+    return float(TRAINED_FLOPS) * parameters * rows * tokens_per_row
 
 
-def _training_documents(layout: RunLayout) -> tuple[int, float]:
-    """How many training documents there are, and their mean length in tokens with BOS."""
-    train = datasets.load_from_disk(str(layout.documents))["train"]
-    lengths = pc.list_value_length(train.data.column("input_ids"))
-    return len(train), float(pc.mean(lengths).as_py() or 0.0) + 1
+def _documents(layout: RunLayout, split: str) -> tuple[int, float]:
+    """How many documents ``split`` has, and their mean length in tokens with BOS."""
+    documents = datasets.load_from_disk(str(layout.documents))[split]
+    lengths = pc.list_value_length(documents.data.column("input_ids"))
+    return len(documents), float(pc.mean(lengths).as_py() or 0.0) + 1
 
 
 def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_done: int = 0) -> float:
@@ -37,10 +41,13 @@ def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_
     router = 0.0
     if clusters > 1:
         options = config["router"]
-        count, mean_tokens = _training_documents(layout)
+        count, mean_tokens = _documents(layout, "train")
         tokens = min(mean_tokens, options["max_length"])
         documents = min(options["documents"] or count, count)
-        scoring = 2.0 * parameters * clusters * documents * tokens
+        validation, validation_tokens = _documents(layout, "validation")
+        scored = documents * tokens + validation * min(validation_tokens, options["max_length"])
+        scored_by_experts = options["targets"] == "bayes" and not is_masked(config)  # masked: noisy-state targets
+        scoring = float(FORWARD_FLOPS) * parameters * clusters * scored if scored_by_experts else 0.0
         size = Router(RouterConfig(vocab_size=config["tokenizer"]["vocab_size"], num_experts=clusters,
                                    hidden_size=options["hidden_size"], num_layers=options["num_layers"],
                                    num_heads=options["num_heads"], max_positions=options["max_length"])).num_parameters

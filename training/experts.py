@@ -20,6 +20,7 @@ from models.ensemble import load_tokenizer
 from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
 from models.manifest import tokenizer_fingerprint
 from models.masked_expert import build_masked_expert, load_masked_expert, masked_expert_config
+from models.scoring import document_bos
 from training.config import is_masked, read_run_config, run_path, seed_phase
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
@@ -30,6 +31,10 @@ from training.trainer import TrainConfig, TrainResult, train
 #: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
 BASELINE_SEED_OFFSET = 10_000
 SEED_OFFSET = 30_000
+#: FLOPs per parameter and token: a trained weight's forward (2), activation gradients (2) and
+#: weight gradients (2); a frozen one under an adapter (LoRA's base) has no weight gradients; a
+#: scoring forward (the experts' scoring of the router's documents) is the forward alone.
+TRAINED_FLOPS, FROZEN_FLOPS, FORWARD_FLOPS = 6, 4, 2
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -58,6 +63,43 @@ def unigram_entropy(rows: datasets.Dataset) -> float:
     return float(-(p * p.log()).sum())
 
 
+def training_flops(parameters: int, tokens: int, adapter_parameters: int = 0) -> int:
+    """FLOPs of training a model on ``tokens``: 6 per parameter and token (full training), or, with an
+    adapter, 4 per frozen ``parameters`` and 6 per ``adapter_parameters`` and token."""
+    if adapter_parameters == 0:
+        return TRAINED_FLOPS * parameters * tokens
+    return (FROZEN_FLOPS * parameters + TRAINED_FLOPS * adapter_parameters) * tokens
+
+
+def stage_flops(summary: dict) -> int:
+    """Every FLOP a logged training stage spent, from its logged counts: its training
+    (``training_flops``) and, for the router, the experts' forwards scoring its documents
+    (``scoring_parameters`` x ``scoring_tokens`` of every split, 2 each)."""
+    scored = sum(summary.get("scoring_tokens", {}).values())
+    return (training_flops(summary["parameters"], summary["tokens"], summary.get("adapter_parameters", 0))
+            + FORWARD_FLOPS * summary.get("scoring_parameters", 0) * scored)
+
+
+def compute_matching(run_dir: str | Path, experts: list[str]) -> dict:
+    """The compute account of a run (README, "Compute matching"; ``compute.matching`` of
+    report.json), all of it from the logged summaries through ``stage_flops``: the decentralized
+    side (the ``experts`` named, the router's training and the experts' scoring of its training
+    and validation documents) against the baseline; the seed, shared by both, counted on neither.
+    A stage not trained yet counts 0."""
+    layout = RunLayout.of(run_dir)
+    summaries = {name: layout.read_summary(name) or {} for name in [*experts, "router", "baseline", "seed"]}
+    flops = {name: stage_flops(summary) if summary else 0 for name, summary in summaries.items()}
+    router = summaries["router"]
+    router_training = training_flops(router["parameters"], router["tokens"]) if router else 0
+    experts_flops = sum(flops[name] for name in experts)
+    decentralized = experts_flops + flops["router"]
+    return {"experts_flops": experts_flops, "router_training_flops": router_training,
+            "router_scoring_flops": flops["router"] - router_training, "decentralized_flops": decentralized,
+            "baseline_flops": flops["baseline"],
+            "baseline_over_decentralized": flops["baseline"] / decentralized if decentralized else None,
+            "seed_flops": flops["seed"], "seed_from": summaries[experts[0]].get("branched_from") if experts else None}
+
+
 def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) -> nn.Module:
     """A fresh network of ``expert.arch`` (init None), or a branch of the seed model at ``init``."""
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
@@ -67,8 +109,8 @@ def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) 
         return build_masked_expert(masked_expert_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                                                         tokenizer_fingerprint=fingerprint,
                                                         arch=config["expert"]["arch"]), seed=seed)
-    fields = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "tokenizer_fingerprint": fingerprint}
+    fields = {"bos_token_id": document_bos(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+              "tokenizer_fingerprint": fingerprint}
     if init is not None:
         return branch_from(init, vocab_size=len(tokenizer), **fields)
     return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)
@@ -112,11 +154,9 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
                                 val_data=val_data, resume=resume, desc=name, device=device)
     adapter = adapter_parameters(model)
     parameters = num_parameters(model) - adapter
-    # forward 2N, backward 2N for activations plus 2N for the gradients of trained weights: a frozen
-    # base under an adapter costs 4 per parameter and token, the adapter 6 (full fine-tuning: 6N)
-    per_token = 6 * parameters if adapter == 0 else 4 * parameters + 6 * adapter
     summary = {"name": name, "parameters": parameters, "adapter_parameters": adapter, "steps": result.steps,
-               "tokens": result.tokens, "flops": per_token * result.tokens, "branched_from": _where(init, run_dir),
+               "tokens": result.tokens, "flops": training_flops(parameters, result.tokens, adapter),
+               "branched_from": _where(init, run_dir),
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
                "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
     if setup_distributed().is_main:
@@ -156,7 +196,8 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
 
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     """Compute matching: the baseline's optimizer steps so that its training FLOPs equal those of
-    every expert plus the router (its training and the experts' scoring of its documents).
+    every expert plus the router (its training and the experts' scoring of its documents), as
+    ``compute_matching`` counts them.
 
     FLOPs come from the logged token counts, so world size and gradient accumulation are counted
     on both sides; the seed phase is shared by both and counted on neither. The baseline trains as
@@ -172,10 +213,10 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     router = layout.read_summary("router")
     if router is None and num_clusters > 1:
         warnings.warn("the router is not trained yet: the baseline is not charged for its compute", stacklevel=2)
-    flops = sum(e["flops"] for e in experts) + (router["flops"] if router else 0.0)
+    flops = compute_matching(run_dir, [f"expert-{k}" for k in range(num_clusters)])["decentralized_flops"]
     options = config["expert"]["train"]
     tokens_per_step = options["batch_size"] * options.get("grad_accum", 1) * config["expert"]["block_size"] * world_size
-    per_token = experts[0]["flops"] / max(experts[0]["tokens"], 1)
+    per_token = stage_flops(experts[0]) / max(experts[0]["tokens"], 1)
     return max(1, math.ceil(flops / (per_token * tokens_per_step)))
 
 

@@ -1,18 +1,30 @@
 """Corpus partitioning, c-BTM style: tf-idf features and balanced spherical k-means, fitted into
-a ``models.partition.Partition``; and the partition's statistics against reference labels."""
+a ``models.partition.Partition``; and the partition's statistics against reference labels.
+
+scikit-learn does the parts it has: tf-idf (in ``models.partition``), k-means++ seeding, the
+truncated SVD, NMI and the contingency table behind purity. The Lloyd iterations are ours because
+their assignment step is balanced (no cluster above its capacity), which scikit-learn's KMeans
+cannot do; they run on the sparse features, sparse @ dense centres.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Hashable, Sequence
 
+import numpy as np
+import scipy.sparse as sp
 import torch
+from sklearn.cluster import kmeans_plusplus
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+from sklearn.utils.extmath import randomized_svd
 
 from dfm.errors import DfmError
 from dfm.progress import progress
-from models.partition import Docs, Partition, normalise_rows, project_features, smooth_idf, term_counts, tfidf_matrix
+from models.partition import (Docs, Features, Partition, cluster_means, fit_idf, normalise_rows, project, term_counts,
+                              tfidf)
 
 
 #: The fewest training documents per cluster k-means is asked for on average: a cluster of one
@@ -20,47 +32,14 @@ from models.partition import Docs, Partition, normalise_rows, project_features, 
 MIN_DOCUMENTS_PER_CLUSTER = 2
 
 
-def _fit_matrix(tfidf: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """Features for fitting: dense if projected, else sparse CSR (fast sparse @ dense)."""
-    if projection is not None:
-        return project_features(tfidf, projection)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return tfidf.to_sparse_csr()
+def _rows(x: Features, index: np.ndarray) -> np.ndarray:
+    """Dense copy of the rows ``index`` of ``x``."""
+    return x[index].toarray() if sp.issparse(x) else x[index]
 
 
-def _csr_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row index of every stored value of a sparse CSR matrix."""
-    return torch.repeat_interleave(torch.arange(x.shape[0]), x.crow_indices().diff())
-
-
-def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of each row of a dense or sparse CSR matrix."""
-    if x.layout != torch.sparse_csr:
-        return x.square().sum(-1)
-    return torch.zeros(x.shape[0]).index_add_(0, _csr_rows(x), x.values().square())
-
-
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Dense copy of the rows ``index`` of a dense or sparse CSR matrix."""
-    if x.layout != torch.sparse_csr:
-        return x[index]
-    crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
-    out = torch.zeros(len(index), x.shape[1])
-    for i, row in enumerate(index.tolist()):
-        start, end = int(crow[row]), int(crow[row + 1])
-        out[i, cols[start:end]] = values[start:end]
-    return out
-
-
-def _cluster_means(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """(K, D) L2-normalised sums of the rows of ``x`` (dense or sparse CSR) in each cluster."""
-    sums = torch.zeros(num_clusters, x.shape[1])
-    if x.layout != torch.sparse_csr:
-        return normalise_rows(sums.index_add_(0, assignments, x))
-    flat = assignments[_csr_rows(x)] * x.shape[1] + x.col_indices()
-    sums.view(-1).index_add_(0, flat, x.values())
-    return normalise_rows(sums)
+def _similarities(x: Features, centres: np.ndarray) -> torch.Tensor:
+    """(N, K) dot products of feature rows with centres: cosine similarities of unit rows."""
+    return torch.from_numpy(np.asarray(x @ centres.T))
 
 
 # --- balanced spherical k-means ---------------------------------------------------------------
@@ -95,37 +74,19 @@ def balanced_assign(similarities: torch.Tensor, capacity: int) -> torch.Tensor:
         pointer[rejected] += 1
 
 
-def _kmeans_pp(x: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: (K, D) centres at documents drawn with probability proportional to d^2."""
-    n = x.shape[0]
-    sq_norms = _row_sq_norms(x)
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    nearest = torch.full((n,), float("inf"))
-    for _ in range(1, num_clusters):
-        centre = _rows(x, torch.tensor(chosen[-1:]))[0]
-        nearest = torch.minimum(nearest, (sq_norms + centre.square().sum() - 2 * (x @ centre)).clamp_min(0))
-        weights = nearest.clone()
-        weights[chosen] = 0
-        if not weights.sum() > 0:  # every remaining document coincides with a centre
-            weights = torch.ones(n)
-            weights[chosen] = 0
-        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
-    return normalise_rows(_rows(x, torch.tensor(chosen)))
-
-
-def _lloyd(x: torch.Tensor, centres: torch.Tensor, capacity: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lloyd(x: Features, centres: np.ndarray, capacity: int, iterations: int) -> tuple[torch.Tensor, np.ndarray]:
     """Balanced spherical Lloyd iterations from ``centres``; returns (assignments, centres)."""
     k = centres.shape[0]
     previous = None
     for _ in range(iterations):
-        similarities = x @ centres.T
+        similarities = _similarities(x, centres)
         assignments = balanced_assign(similarities, capacity)
-        centres = _cluster_means(x, assignments, k)
+        centres = cluster_means(x, assignments.numpy(), k)
         empty = (torch.bincount(assignments, minlength=k) == 0).nonzero().flatten()
         if len(empty):  # re-seed empty clusters at the documents worst served by their centre
             own = similarities[torch.arange(len(assignments)), assignments]
             worst = torch.sort(own, stable=True).indices[: len(empty)]
-            centres[empty] = normalise_rows(_rows(x, worst))
+            centres[empty.numpy()] = normalise_rows(_rows(x, worst.numpy()))
         elif previous is not None and torch.equal(assignments, previous):
             break
         previous = assignments
@@ -146,9 +107,10 @@ def fit_kmeans(
     """Balanced spherical k-means over tf-idf of tokenized documents.
 
     N must be at least MIN_DOCUMENTS_PER_CLUSTER * K, and no cluster gets more than
-    ceil(balance * N / K) documents. The best of ``restarts`` k-means++ seedings (by total
-    document-centre cosine similarity) is kept. ``svd_dim`` projects the tf-idf vectors onto that
-    many truncated-SVD directions first. Same seed, same result.
+    ceil(balance * N / K) documents. The best of ``restarts`` runs from scikit-learn's (greedy)
+    k-means++ seeding, by total document-centre cosine similarity, is kept. ``svd_dim`` projects
+    the tf-idf vectors onto that many truncated-SVD directions first (scikit-learn's randomized
+    SVD). Same seed, same result.
     """
     n = len(docs)
     if num_clusters < 1:
@@ -162,26 +124,25 @@ def fit_kmeans(
                        f"fewer documents than the {MIN_DOCUMENTS_PER_CLUSTER} per cluster a cluster needs to be a group: "
                        f"lower --num-clusters to at most {max(1, n // MIN_DOCUMENTS_PER_CLUSTER)} or add documents")
     counts = term_counts(docs, vocab_size)
-    idf = smooth_idf(counts)
-    tfidf = tfidf_matrix(counts, idf)
+    idf = fit_idf(counts)
+    weighted = tfidf(counts, idf)
     projection = None
     if svd_dim is not None:
         if not 1 <= svd_dim <= min(n, vocab_size):
             raise DfmError(f"svd_dim must be in [1, min(N, V)] = [1, {min(n, vocab_size)}], got {svd_dim}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            projection = torch.svd_lowrank(tfidf, q=svd_dim, niter=4)[2].contiguous()
-    x = _fit_matrix(tfidf, projection)
+        directions = randomized_svd(weighted, svd_dim, n_iter=4, random_state=seed)[2]
+        projection = torch.from_numpy(np.ascontiguousarray(directions.T, dtype=np.float32))
+    x = project(weighted, projection)
     capacity = math.ceil(balance * n / num_clusters)
-    generator = torch.Generator().manual_seed(seed)
+    random_state = np.random.RandomState(seed)
     best = None
     for _ in progress(range(restarts), desc=f"partition: balanced k-means ({n} documents)", unit="restart"):
-        start = _kmeans_pp(x, num_clusters, generator)
+        start = normalise_rows(kmeans_plusplus(x, num_clusters, random_state=random_state)[0])
         assignments, centres = _lloyd(x, start, capacity, iterations)
-        score = float((x @ centres.T)[torch.arange(n), assignments].double().sum())
+        score = float(_similarities(x, centres)[torch.arange(n), assignments].double().sum())
         if best is None or score > best[0]:
             best = (score, assignments, centres)
-    return Partition(centres=best[2], idf=idf, projection=projection, assignments=best[1])
+    return Partition(centres=torch.from_numpy(best[2]), idf=idf, projection=projection, assignments=best[1])
 
 
 def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int,
@@ -205,10 +166,9 @@ def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int,
         raise DfmError(f"labels {sorted(map(str, missing))[:5]} are not among the label values {values[:10]}")
     assignments = torch.tensor([index[_plain(label)] for label in labels], dtype=torch.long)
     counts = term_counts(docs, vocab_size)
-    idf = smooth_idf(counts)
-    x = _fit_matrix(tfidf_matrix(counts, idf), None)
+    idf = fit_idf(counts)
     return Partition(
-        centres=_cluster_means(x, assignments, len(values)),
+        centres=torch.from_numpy(cluster_means(tfidf(counts, idf), assignments.numpy(), len(values))),
         idf=idf,
         projection=None,
         assignments=assignments,
@@ -257,25 +217,8 @@ def partition_stats(
     if not len(labels):
         return stats
     label_index: dict = {}
-    label_ids = torch.tensor([label_index.setdefault(label, len(label_index)) for label in labels])
-    _, clusters = torch.unique(assignments, return_inverse=True)
-    table = torch.zeros(int(clusters.max()) + 1, len(label_index), dtype=torch.float64)
-    table.index_put_((clusters, label_ids), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
-    n = table.sum()
-    stats["purity"] = float(table.max(dim=1).values.sum() / n)
-    stats["nmi"] = _nmi(table / n)
+    label_ids = [label_index.setdefault(label, len(label_index)) for label in labels]
+    table = contingency_matrix(label_ids, assignments.numpy())  # (labels, clusters present)
+    stats["purity"] = float(table.max(axis=0).sum() / len(labels))
+    stats["nmi"] = float(normalized_mutual_info_score(label_ids, assignments.numpy(), average_method="arithmetic"))
     return stats
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    p = p[p > 0]
-    return -(p * p.log()).sum()
-
-
-def _nmi(joint: torch.Tensor) -> float:
-    rows, cols = joint.sum(1), joint.sum(0)
-    if len(rows) == len(cols) == 1:
-        return 1.0
-    nz = joint > 0
-    mutual = (joint[nz] * (joint[nz] / (rows[:, None] * cols[None, :])[nz]).log()).sum()
-    return float((mutual / ((_entropy(rows) + _entropy(cols)) / 2)).clamp(0, 1))

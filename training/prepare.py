@@ -20,6 +20,7 @@ from training.data import (READ_BATCH, DataSource, carve_splits, column_tensor, 
 from training.layout import RunLayout
 from training.masked_training import document_row_iter
 from models.partition import Partition
+from models.scoring import document_bos
 from training.partition import fit_kmeans, from_labels, partition_stats
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 from training.tokenizer import existing_tokenizer, save_tokenizer, text_batches, train_bpe
@@ -115,12 +116,13 @@ def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
 RowBuilder = Callable[[datasets.Dataset], Iterator[dict]]
 
 
-def row_builder(config: dict, eos_id: int) -> RowBuilder:
-    """How the run's path trains: ``packed_rows`` for ar, ``document_row_iter`` for masked, at ``expert.block_size``."""
+def row_builder(config: dict, eos_id: int, bos_id: int | None = None) -> RowBuilder:
+    """How the run's path trains: ``packed_rows`` for ar (documents read from ``bos_id``, default
+    ``eos_id``), ``document_row_iter`` for masked (no BOS), at ``expert.block_size``."""
     block = config["expert"]["block_size"]
     if is_masked(config):
         return lambda docs: document_row_iter(docs, block, eos_id)
-    return lambda docs: packed_rows(docs, block, eos_id)
+    return lambda docs: packed_rows(docs, block, eos_id, bos_id)
 
 
 def training_targets(rows: datasets.Dataset) -> int:
@@ -223,7 +225,7 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
     write_json(layout.partition / "stats.json", stats)
     save_dataset(tokenized, layout.documents)
 
-    to_rows = row_builder(config, tokenizer.eos_token_id)
+    to_rows = row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer))
     shard_tokens = [write_shard(tokenized, "cluster", k, to_rows, layout.shard(k)) for k in range(num_clusters)]
     if seed_phase(config):
         write_shard(tokenized, "shared", True, to_rows, layout.shared)

@@ -32,10 +32,11 @@ from dfm.posterior import prefix_log_posteriors
 from models.ensemble import load_tokenizer
 from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
-from models.scoring import expert_token_log_probs
+from models.scoring import document_bos, expert_token_log_probs
 from training.config import is_masked, read_run_config, run_path, scoring_context
 from training.data import load_saved
 from training.distributed import setup_distributed
+from training.experts import stage_flops, training_flops
 from training.layout import RunLayout
 from training.masked_training import document_rows, noisy_router_loss
 from training.trainer import TrainConfig, train
@@ -44,17 +45,17 @@ from training.trainer import TrainConfig, train
 ROUTER_SEED_OFFSET = 20_000
 
 
-def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, eos_id: int) -> datasets.Dataset:
-    """One sequence per document, ``[EOS] + ids`` cut at ``max_length``, with a (max_length, K)
+def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, bos_id: int) -> datasets.Dataset:
+    """One sequence per document, ``[BOS] + ids`` cut at ``max_length``, with a (max_length, K)
     target distribution per position (row j: the prefix of BOS and j document tokens); padding
     rows are zero, so they carry no loss. ``length`` (real positions) lets the trainer cut every
     batch after its longest sequence."""
     num_clusters = targets[0].shape[1] if targets else 1
-    input_ids = torch.full((len(docs), max_length), eos_id, dtype=torch.int32)
+    input_ids = torch.full((len(docs), max_length), bos_id, dtype=torch.int32)
     rows = torch.zeros(len(docs), max_length, num_clusters, dtype=torch.float32)
     lengths = []
     for i, (ids, target) in enumerate(zip(docs, targets, strict=True)):
-        chunk = [eos_id, *ids][:max_length]
+        chunk = [bos_id, *ids][:max_length]
         input_ids[i, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
         rows[i, :len(chunk)] = target[:len(chunk)]
         lengths.append(len(chunk))
@@ -73,9 +74,11 @@ def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: in
 
 
 def bayes_targets(experts: list[nn.Module], docs: list[list[int]], log_prior: Tensor, *, eos_id: int,
-                  context: int, batch_size: int = 16) -> list[Tensor]:
-    """The experts' posterior P(k | prefix) at every prefix of every document, from their per-token log-likelihoods."""
-    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id, context=context, batch_size=batch_size,
+                  context: int, batch_size: int = 16, bos_id: int | None = None) -> list[Tensor]:
+    """The experts' posterior P(k | prefix) at every prefix of every document, from their per-token
+    log-likelihoods of it read from ``bos_id`` (default ``eos_id``: one token for both)."""
+    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id if bos_id is None else bos_id,
+                                             eos_id=eos_id, context=context, batch_size=batch_size,
                                              desc="router targets: experts scoring")
     return [prefix_log_posteriors(lp, log_prior).exp().float() for lp in token_log_probs]
 
@@ -111,12 +114,12 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
     if num_clusters < 2:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
     seed = config["seed"] + ROUTER_SEED_OFFSET
+    scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
     if is_masked(config):
-        examples, loss, scoring_flops, targets = _noisy_state_examples(config, documents, len(tokenizer),
-                                                                       tokenizer.eos_token_id, seed)
+        examples, loss, targets = _noisy_state_examples(config, documents, len(tokenizer), tokenizer.eos_token_id, seed)
         vocab_size = len(tokenizer) + 1  # the router reads masked states
     else:
-        examples, scoring_flops = _prefix_examples(config, layout, documents, tokenizer.eos_token_id, seed, device)
+        examples, scoring = _prefix_examples(config, layout, documents, tokenizer, seed, device)
         loss, targets, vocab_size = router_loss, options["targets"], len(tokenizer)
 
     torch.manual_seed(seed)
@@ -130,47 +133,52 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
                    val_data=validation if len(validation) else None, resume=resume, desc="router", device=device)
     summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
-               "targets": targets, "scoring_flops": scoring_flops,
-               "flops": 6 * router.num_parameters * result.tokens + scoring_flops,
-               "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds}
+               "targets": targets, **scoring}
+    flops = stage_flops(summary)
+    summary.update({"scoring_flops": flops - training_flops(router.num_parameters, result.tokens), "flops": flops,
+                    "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds})
     if setup_distributed().is_main:
         write_json(layout.summary("router"), summary)
     return summary
 
 
-def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, eos_id: int,
-                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], int]:
-    """The ar router's sequences (one document from BOS) with their per-prefix targets, and the
-    FLOPs the experts spent scoring them (bayes targets)."""
+def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, tokenizer,
+                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], dict]:
+    """The ar router's sequences (one document from BOS) with their per-prefix targets, and what
+    the experts' scoring of them cost (bayes targets): the summary's ``scoring_parameters`` (all
+    experts') and ``scoring_tokens`` per split, the train split's targets and the validation's
+    alike (each document's BOS and tokens: the positions the experts read)."""
     options = config["router"]
     max_length, num_clusters = options["max_length"], config["partition"]["num_clusters"]
+    bos_id, eos_id = document_bos(tokenizer), tokenizer.eos_token_id
     splits = {"train": _truncated(documents["train"], options["documents"], max_length, seed),
               "validation": _truncated(documents["validation"], None, max_length, seed)}
-    scoring_flops = 0
+    scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
     if options["targets"] == "bayes":
         experts = [load_expert(layout.expert(k), device) for k in range(num_clusters)]
         context = scoring_context(config, experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
-        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, eos_id=eos_id, context=context)
-                   for name, split in splits.items()}
-        scored = sum(len(ids) + 1 for ids in splits["train"]["input_ids"])
-        scoring_flops = 2 * sum(num_parameters(e) for e in experts) * scored
+        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, bos_id=bos_id, eos_id=eos_id,
+                                       context=context) for name, split in splits.items()}
+        scoring = {"scoring_parameters": sum(num_parameters(e) for e in experts),
+                   "scoring_tokens": {name: sum(len(ids) + 1 for ids in split["input_ids"])
+                                      for name, split in splits.items()}}
     else:
         targets = {name: cluster_targets(list(split["input_ids"]), list(split["cluster"]), num_clusters)
                    for name, split in splits.items()}
-    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, eos_id)
+    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, bos_id)
                 for name, split in splits.items()}
-    return examples, scoring_flops
+    return examples, scoring
 
 
 def _noisy_state_examples(config: dict, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
     """The masked router's rows (the experts' document rows with their cluster), its loss on
-    noisy states of the run's path, no scoring FLOPs, and the name of its targets."""
+    noisy states of the run's path (no expert scores them), and the name of its targets."""
     count = config["router"]["documents"]
     chosen = {"train": documents["train"], "validation": documents["validation"]}
     if count is not None and count < len(chosen["train"]):
         chosen["train"] = chosen["train"].shuffle(seed=seed).select(range(count))
     block = config["expert"]["block_size"]
     examples = {name: document_rows(split, block, eos_id, columns=("cluster",)) for name, split in chosen.items()}
-    return examples, noisy_router_loss(run_path(config, vocab_size)), 0, "cluster (noisy states)"
+    return examples, noisy_router_loss(run_path(config, vocab_size)), "cluster (noisy states)"

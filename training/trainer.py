@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
 from dfm.atomic import write_text
 from dfm.errors import DfmError, reject_unknown_keys
@@ -112,13 +115,12 @@ class TrainResult:
     seconds: float
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based): linear warmup, then cosine
-    decay to ``min_lr_ratio``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' warmup-cosine schedule: ``config.lr`` times (step + 1) / warmup_steps while
+    warming up, then a cosine that reaches ``min_lr_ratio`` at the last of ``config.steps``."""
+    return get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
+        min_lr_rate=config.min_lr_ratio)
 
 
 class _SampleStream:
@@ -205,21 +207,39 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
+#: Rows of the training data that ``data_fingerprint`` hashes at a time.
+FINGERPRINT_ROWS = 4096
+
+
 def data_fingerprint(data: datasets.Dataset) -> str:
-    """sha256 of the row count and the first, middle and last rows: cheap, deterministic, and
-    different when the data was prepared again from other documents or clusters."""
-    rows = [data[i] for i in sorted({0, len(data) // 2, len(data) - 1})]
-    blob = json.dumps([len(data), rows], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    """sha256 of the row count and of every row in order, streamed ``FINGERPRINT_ROWS`` at a time
+    as Arrow IPC bytes: different whenever the data was prepared again from other documents or
+    clusters, whatever rows the two share.
+
+    Rows rather than ``Dataset.cache_files``: the files miss an in-memory table or index mapping
+    (a shuffled or selected dataset reads the same files in another order), and reading the rows
+    of memory-mapped files costs about what hashing the files does."""
+    digest = hashlib.sha256(f"{len(data)} rows\n".encode())
+    for batch in data.with_format("arrow").iter(batch_size=FINGERPRINT_ROWS):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch.combine_chunks())  # the same bytes however the rows are chunked
+        digest.update(sink.getvalue())
+    return digest.hexdigest()
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint_dir: Path,
                      fingerprint: str) -> None:
     extra = state["extra"]
     hint = f"or delete {checkpoint_dir} to start over"
-    if extra.get("data", fingerprint) != fingerprint:
+    recorded = extra.get("data_sha256")
+    if recorded is None:
+        warnings.warn(f"the checkpoint in {checkpoint_dir} predates the sha256 of all its training data: resuming "
+                      f"without checking that the data is the same", stacklevel=3)
+    elif recorded != fingerprint:
         raise DfmError(f"the training data changed since the checkpoint was written (prepared again?); "
-                       f"checkpoints of other data cannot be resumed: delete {checkpoint_dir}")
+                       f"checkpoints of other data cannot be resumed: delete {checkpoint_dir} and run again "
+                       f"without --resume")
     if extra["world_size"] != world_size:
         raise DfmError(f"checkpoint was written by {extra['world_size']} process(es); resume with as many {hint}")
     changed = [k for k in _TRAJECTORY if extra["config"][k] != getattr(config, k)]
@@ -299,6 +319,9 @@ def train(
     if tokens_per_sample is None and "input_ids" not in train_data.column_names:
         raise DfmError("training data has no input_ids column; pass tokens_per_sample")
     info = setup_distributed(device)
+    if config.fsdp and info.world_size == 1:
+        raise DfmError(f"{desc}: fsdp shards over torchrun ranks and this is a single process: run under "
+                       f"torchrun --nproc_per_node N or drop fsdp")
     with _main_rank_lock(info, checkpoint_dir, desc):
         return _train(model, train_data, loss_fn, config, info, save_fn=save_fn, out_dir=out_dir,
                       checkpoint_dir=checkpoint_dir, log_path=log_path, val_data=val_data, resume=resume, desc=desc,
@@ -334,11 +357,11 @@ def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, conf
     torch.manual_seed(config.seed + info.rank)
     model.to(info.device)
     model.train()
-    sharded = config.fsdp and info.world_size > 1
+    sharded = config.fsdp  # train() refused it in a single process
     if sharded:
         shard_model(model)
     optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    scheduler = lr_schedule(optimizer, config)
 
     start_step, tokens, seconds_before, final_loss, val_loss = 0, 0, 0.0, math.nan, None
     window_loss, window_steps = 0.0, 0  # the losses since the last log line, averaged into the next one
@@ -370,7 +393,7 @@ def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, conf
     def run_state(**more: Any) -> dict[str, Any]:
         seconds = seconds_before + time.perf_counter() - started
         base = {"tokens": tokens, "seconds": seconds, "loss": final_loss, "world_size": info.world_size,
-                "data": fingerprint}
+                "data_sha256": fingerprint}
         return {**base, "config": config.to_dict(), **more}
 
     def checkpoint(step: int, **more: Any) -> None:
