@@ -80,7 +80,7 @@ def generate_text(
 
     ``prompts`` is one string, a list of strings, or a list of token-id lists (used as given);
     each is BOS-prefixed (``models.scoring.document_bos``, as training and scoring read a
-    document). ``routing`` is a mode of DESIGN.md section 2: mixture, topk and switch
+    document). ``routing`` is a mode of README, "Design: routing modes": mixture, topk and switch
     use the ensemble's router, bayes its priors; centroid and oracle need ``weigher``
     (``models.weighers.CentroidWeigher`` or ``OracleWeigher``), which may also replace the
     router in the router modes. A weigher must be fresh (not used on another batch).

@@ -442,20 +442,23 @@ def test_cpu_and_auto_devices_give_the_same_text_on_this_machine(run, capsys):
     assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--device", "cpu"]) == 0
 
 
-
 @pytest.mark.slow
 def test_bfloat16_inference_runs_on_the_cpu_too(run, capsys):
     """--dtype bfloat16 (auto's choice on CUDA) works on any device: the experts' and the baseline's
-    weights in bf16, the router in float32; greedy text close to float32's (rounding may flip a
-    near-tie late in the text, so only the first tokens are compared)."""
-    texts = {}
+    weights in bf16, the router in float32. Greedy tokens may differ from float32's wherever two
+    candidates are nearly tied (how near depends on the CPU's bf16 kernels), so what is compared is
+    what the math bounds: the first greedy token's log-prob is the maximum of the distribution after
+    BOS, and a maximum moves no more than the log-probs do (bf16 moves them by about 1e-3 here)."""
+    first = {}
     for dtype in ("float32", "bfloat16"):
         assert main(["generate", "--run", str(run), "--max-new-tokens", "8", "--temperature", "0", "--json",
                      "--dtype", dtype]) == 0
-        texts[dtype] = json.loads(capsys.readouterr().out)["token_ids"][0]
-    assert texts["bfloat16"][:2] == texts["float32"][:2]
+        out = json.loads(capsys.readouterr().out)
+        first[dtype] = out["token_log_probs"][0][0]
+    assert first["bfloat16"] == pytest.approx(first["float32"], abs=1e-2)
     assert main(["eval", "--run", str(run), "--max-documents", "3", "--modes", "mixture", "--dtype", "bfloat16"]) == 0
     assert "Equivalence" in capsys.readouterr().out
+
 
 @pytest.mark.slow
 def test_long_prompt_is_truncated_with_a_warning(run, capsys):
@@ -661,7 +664,6 @@ def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
         assert call(copy, ["generate", "--max-new-tokens", "3"]) == 0
 
 
-
 @pytest.mark.slow
 def test_a_changed_baseline_is_refused_by_eval(copy, capsys):
     """dfm eval verifies the baseline it compares against, as generate does (the last byte of its
@@ -676,6 +678,7 @@ def test_a_changed_baseline_is_refused_by_eval(copy, capsys):
             assert f"{weights.resolve()} differs from the file" in one_error_line(capsys.readouterr().err)
         assert call(copy, ["assemble"]) == 0  # the change recorded as intended
         assert call(copy, ["generate", "--model", "baseline", "--max-new-tokens", "3"]) == 0
+
 
 @pytest.mark.slow
 def test_a_manifest_of_format_version_1_loads_without_verifying(copy, capsys):

@@ -109,7 +109,6 @@ def test_stacked_engine_is_used_and_matches_experts_run_one_by_one():
                                generic.prefix_log_likelihood(tokens, mask, [2, 0, 1]), atol=1e-5, rtol=0)
 
 
-
 def test_bfloat16_experts_on_the_stacked_engine_err_like_transformers_own_bfloat16():
     """``--dtype bfloat16`` (the CUDA default): the stacked engine in bf16 is as far from the float32
     experts as transformers' own forward of the same bf16 weights is (bf16 keeps 8 bits of

@@ -5,7 +5,7 @@ cut at ``max_length`` tokens. Its target at every prefix is a distribution over 
 
 - ``bayes`` (default): the experts' own posterior pi_k q_k(prefix) / sum_j pi_j q_j(prefix), from
   their per-token log-likelihoods of the document. Mixture routing is exact when the weights are
-  this posterior (DESIGN.md), so the router is distilled towards it directly. Each expert only
+  this posterior (README, "How it works"), so the router is distilled towards it directly. Each expert only
   sends back log-likelihoods of a shared router set, never weights or data.
 - ``cluster``: the document's cluster, one-hot. Its optimum is the true posterior of the data,
   but a finite router learns it slowly and is overconfident on short prefixes.
