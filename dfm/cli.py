@@ -454,12 +454,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.routing == "centroid":
         from models.manifest import Manifest
 
-        manifest = Manifest.load(args.run)
-        if manifest.partition is None:
-            raise DfmError("centroid routing needs the partition: run `dfm prepare` and `dfm assemble` again")
         if args.model != "ensemble":
             raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
-        partition = manifest.load_partition(args.run)  # verified against its sha256
+        partition = Manifest.load(args.run).load_partition(args.run)  # verified against its sha256
 
     def weigher_for(batch: list[str]):
         """A fresh weigher per batch for centroid and oracle routing (None: the mode's default)."""

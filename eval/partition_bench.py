@@ -111,6 +111,13 @@ def source_env(root: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
 
 
+def check_imported(module: str, root: Path) -> None:
+    """Refuse a measurement whose process imported dfm's ``module`` from outside the checkout ``root``."""
+    if not Path(module).resolve().is_relative_to(root):
+        raise DfmError(f"the measured process imported {module}, not the checkout {root}: "
+                       "unset PYTHONPATH entries or installs that shadow it")
+
+
 def _child(mode: str, num_documents: int, vocab: int, directory: Path, root: Path) -> dict:
     argv = [sys.executable, "-c", _CHILD, mode, str(num_documents), str(vocab), str(CLUSTERS), str(TOPIC_IDS),
             str(directory)]
@@ -119,9 +126,7 @@ def _child(mode: str, num_documents: int, vocab: int, directory: Path, root: Pat
         raise DfmError(f"the partition {mode} on {num_documents} documents at vocabulary {vocab} failed: "
                        f"{done.stderr.strip().splitlines()[-1:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    if not Path(result["module"]).resolve().is_relative_to(root):
-        raise DfmError(f"the measured process imported {result['module']}, not the checkout {root}: "
-                       "unset PYTHONPATH entries or installs that shadow it")
+    check_imported(result["module"], root)
     return result
 
 

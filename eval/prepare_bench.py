@@ -25,8 +25,8 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.progress import progress
 from eval.bench import PEAK_RSS_KIB, machine_info
-from eval.partition_bench import (ASSIGN_BATCH, HERE, check_source, format_partition_table, measure_partition,
-                                  source_env, source_version)
+from eval.partition_bench import (ASSIGN_BATCH, HERE, check_imported, check_source, format_partition_table,
+                                  measure_partition, source_env, source_version)
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 #: Documents the corpus writer samples at a time (its memory, not the measured process's).
@@ -79,9 +79,7 @@ def measure_prepare(num_documents: int, workdir: Path, root: Path = HERE) -> dic
     if done.returncode:
         raise DfmError(f"dfm prepare on {num_documents} documents failed: {done.stderr.strip().splitlines()[-1:]}")
     seconds, peak_kib, anon_kib, module = done.stdout.strip().splitlines()[-4:]
-    if not Path(module).resolve().is_relative_to(root):
-        raise DfmError(f"the measured prepare imported {module}, not the checkout {root}: "
-                       "unset PYTHONPATH entries or installs that shadow it")
+    check_imported(module, root)
     summary = json.loads((workdir / "run" / "partition" / "stats.json").read_text())
     return {"documents": num_documents, "corpus_mb": size / 1e6, "seconds": float(seconds),
             "documents_per_second": num_documents / float(seconds), "peak_rss_mb": int(peak_kib) / 1024,
