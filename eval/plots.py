@@ -54,11 +54,37 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_loss_split(report: dict, path: Path) -> None:
+    """Per group (all, each cluster, each length bucket), the experts', the posterior's and the
+    mixture's routing factor of the ratio to the baseline (eval.loss_split), as bars around 1."""
+    split = report["loss_split"]
+    groups = [("all", split["all"])] + [(f"cluster {c}", g) for c, g in split["cluster"].items()] + [
+        (name, split["length"][name]) for name in ("short", "medium", "long") if name in split["length"]]
+    mode = "mixture" if "mixture" in split["all"]["modes"] else next(iter(split["all"]["modes"]))
+    factors = {"experts (oracle/baseline)": [g["experts"] for _, g in groups],
+               "posterior (bayes/oracle)": [g["posterior"] for _, g in groups],
+               f"routing ({mode}/bayes)": [g["modes"][mode]["routing"] for _, g in groups],
+               f"total ({mode}/baseline)": [g["modes"][mode]["total"] for _, g in groups]}
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups)), 4))
+    width = 0.8 / len(factors)
+    for i, (label, values) in enumerate(factors.items()):
+        ax.bar([j + i * width for j in range(len(groups))], [v - 1 for v in values], width, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [name for name, _ in groups], rotation=20)
+    ax.set_ylabel("ratio - 1 (above 0: worse than the reference)")
+    ax.set_title("Where the loss goes: experts, posterior and routing")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / "bpb_by_cluster.png"]
     plot_bpb_by_cluster(report, paths[0])
     if "router" in report:
         paths.append(out_dir / "router_accuracy.png")
-        plot_router_accuracy(report, paths[1])
+        plot_router_accuracy(report, paths[-1])
+    if "loss_split" in report:
+        paths.append(out_dir / "loss_split.png")
+        plot_loss_split(report, paths[-1])
     return paths

@@ -13,6 +13,7 @@ from torch import Tensor
 from dfm.atomic import write_json, write_text
 from dfm.errors import DfmError
 from eval.equivalence import equivalence
+from eval.loss_split import loss_split, markdown_lines
 from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
 from eval.router_quality import inference_accounting, router_quality
 from models.ensemble import Ensemble
@@ -116,12 +117,17 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
                 idx = torch.tensor([i for i, c in enumerate(clusters) if c == k])
                 report["equivalence_per_cluster"][str(k)] = equivalence(
                     doc_bits(nll["mixture"])[idx], base_bits[idx], torch.tensor(num_bytes)[idx], margin, resamples, seed)
+    if baseline is not None and {"oracle", "bayes"} <= set(modes):
+        bits = {name: doc_bits(nll[name]).tolist() for name in ["baseline", *modes]}
+        report["loss_split"] = loss_split(bits, clusters, [len(d) for d in docs], num_bytes, context)
     if ensemble.router is not None and ensemble.clusters == list(range(ensemble.num_experts)):
         router_lw = weights["mixture"] if "mixture" in modes else ensemble.router_weigher().documents(docs, expert_lps, scoring)
         bayes = BayesWeigher(ensemble.log_prior).documents(docs, expert_lps, scoring)
         quality = router_quality(router_lw, bayes, clusters, context)
+        trained = layout.read_summary("router") or {}
         report["router"] = {"accuracy_by_prefix": quality["accuracy_by_length"], "kl_to_bayes": quality["kl_bayes_router"],
-                            "ece": quality["ece"]}
+                            "ece": quality["ece"], "kl_train": trained.get("kl_train"),
+                            "kl_validation": trained.get("kl_validation"), "temperature": trained.get("temperature")}
     report["compute"] = compute_section(layout, ensemble, baseline)
     return report
 
@@ -198,13 +204,24 @@ def markdown(report: dict) -> str:
                       f"{matching['baseline_over_decentralized']:.3f}x the decentralized side's "
                       f"{matching['decentralized_flops']:.3g} (experts {matching['experts_flops']:.3g}, router "
                       f"{matching['router_training_flops']:.3g}, experts scoring the router's documents "
-                      f"{matching['router_scoring_flops']:.3g}); both start from {matching['seed_from'] or 'scratch'}"
+                      f"{matching['router_scoring_flops']:.3g}: the router's share "
+                      f"{(matching['router_training_flops'] + matching['router_scoring_flops']) / matching['decentralized_flops']:.1%}); "
+                      f"both start from {matching['seed_from'] or 'scratch'}"
                       + (f" (seed phase {matching['seed_flops']:.3g})" if matching["seed_flops"] else "")]
     if "router" in report:
         acc = report["router"]["accuracy_by_prefix"]
         cells = ", ".join(f"{n}: {a:.3f}" for n, a in zip(acc["lengths"], acc["accuracy"]))
+        router = report["router"]
+        fitted = [f"{name} {router[key]:.4f}" for name, key in (("its training documents", "kl_train"),
+                                                                 ("validation", "kl_validation"))
+                  if router.get(key) is not None]
         lines += ["", f"Router accuracy by prefix length: {cells}",
-                  f"Router KL(bayes || router) {report['router']['kl_to_bayes']:.4f} nats, ECE {report['router']['ece']:.4f}"]
+                  f"Router KL(bayes || router) {router['kl_to_bayes']:.4f} nats on these held-out documents"
+                  + (f" (on {', '.join(fitted)}, over the prefixes the experts scored)" if fitted else "")
+                  + f", ECE {router['ece']:.4f}"
+                  + (f", temperature {router['temperature']:.3f}" if router.get("temperature") else "")]
+    if "loss_split" in report:
+        lines += ["", *markdown_lines(report["loss_split"])]
     return "\n".join(lines) + "\n"
 
 

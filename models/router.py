@@ -37,6 +37,8 @@ class RouterConfig:
     num_heads: int = 4
     max_positions: int = 256
     dropout: float = 0.0
+    #: logits are divided by it: fitted on held-out documents after training (1 = as trained)
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_experts", "hidden_size", "num_layers", "num_heads", "max_positions"):
@@ -51,6 +53,9 @@ class RouterConfig:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise DfmError(f"router config: dropout must be in [0, 1), got {self.dropout!r}")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise DfmError(f"router config: temperature must be a positive number, got {self.temperature!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +214,25 @@ class Router(nn.Module):
             x = block(x, attn_bias, cache, layer, causal)
         if cache is not None:
             cache.mask = full_mask
-        return self.head(self.final_norm(x))
+        logits = self.head(self.final_norm(x))
+        return logits if self.config.temperature == 1 else logits / self.config.temperature
+
+    @torch.no_grad()
+    def init_token_embedding(self, embedding: Tensor) -> None:
+        """Start the token embedding from another model's (V, H) ``embedding`` (the seed model's):
+        its rows projected on their top ``hidden_size`` principal directions, rescaled to this
+        router's initial standard deviation, so tokens the seed learnt to be alike start alike."""
+        vocab, hidden = self.token_embedding.weight.shape
+        if embedding.shape[0] < vocab:
+            raise DfmError(f"the seed's embedding has {embedding.shape[0]} rows, the router's vocabulary {vocab}")
+        rows = embedding[:vocab].detach().double()
+        rows = rows - rows.mean(0)
+        _, _, directions = torch.linalg.svd(rows, full_matrices=False)
+        projected = rows @ directions[:hidden].T
+        if projected.shape[1] < hidden:  # a seed narrower than the router: the rest stays random
+            projected = torch.cat([projected, self.token_embedding.weight[:, projected.shape[1]:].double()], 1)
+        scale = self.token_embedding.weight.std() / projected.std()
+        self.token_embedding.weight.copy_((projected * scale).to(self.token_embedding.weight.dtype))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` atomically."""

@@ -74,6 +74,13 @@ DEFAULTS: dict[str, Any] = {
         "max_length": 256,  # tokens per training sequence (one document from BOS)
         "targets": "bayes",  # bayes: the experts' posterior of every prefix; cluster: the document's cluster
         "documents": 1000,  # training documents the experts score for the bayes targets (null: all)
+        "scored_length": None,  # tokens of each such document the experts score (null: max_length); cluster beyond
+        "label_documents": 0,  # more training documents with their cluster as target, unscored (null: all the rest)
+        "validation_documents": None,  # validation documents scored alike (null: all)
+        "windows": False,  # also train on one window from inside every long training document (its cluster)
+        "init": None,  # "seed": start the token embedding from the seed model's (top principal directions)
+        "dropout": 0.0,
+        "temperature": None,  # "fit": divide the logits by the T that fits the validation documents best
         "train": {"steps": 100, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "checkpoint_every": 50},
     },
 }
@@ -229,6 +236,18 @@ def validate(config: dict) -> None:
     _positive_int(config, "router.documents", optional=True)
     if config["router"]["targets"] not in ("bayes", "cluster"):
         raise DfmError(f"config router.targets must be bayes or cluster, got {config['router']['targets']!r}")
+    for name in ("scored_length", "validation_documents"):
+        _positive_int(config, f"router.{name}", optional=True)
+    _positive_int(config, "router.label_documents", minimum=0, optional=True)
+    if not isinstance(config["router"]["windows"], bool):
+        raise DfmError(f"config router.windows must be true or false, got {config['router']['windows']!r}")
+    if config["router"]["init"] not in (None, "seed"):
+        raise DfmError(f"config router.init must be null (from scratch) or \"seed\", got {config['router']['init']!r}")
+    if config["router"]["temperature"] not in (None, "fit"):
+        raise DfmError(f"config router.temperature must be null (1) or \"fit\", got {config['router']['temperature']!r}")
+    if config["router"]["temperature"] == "fit" and is_masked(config):
+        raise DfmError("config router.temperature=fit fits the prefix router of the ar path; the masked path's router "
+                       "reads noisy states: set router.temperature=null")
     _positive_int(config, "data.max_documents", optional=True)
     for name in ("validation_fraction", "test_fraction"):
         value = config["data"][name]
@@ -243,7 +262,7 @@ def validate(config: dict) -> None:
                        "(expert.train.fsdp and seed_model.train.fsdp shard the big models)")
     router = config["router"]
     RouterConfig(vocab_size=1, num_experts=1, hidden_size=router["hidden_size"], num_layers=router["num_layers"],
-                 num_heads=router["num_heads"])
+                 num_heads=router["num_heads"], dropout=router["dropout"])
     spec = SyntheticSpec.from_dict(config["synthetic"])
     clusters = config["partition"]["num_clusters"]
     if config["data"]["dataset"] is None and config["data"]["cluster_column"] is None and clusters > spec.num_domains:

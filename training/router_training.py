@@ -20,6 +20,7 @@ experts' posterior given a masked state has no tractable form to distil from.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import datasets
@@ -38,6 +39,7 @@ from training.data import load_saved
 from training.distributed import setup_distributed
 from training.experts import stage_flops, training_flops
 from training.layout import RunLayout
+from training.router_calibration import fit_temperature, posterior_kl, seed_embedding
 from training.masked_training import document_rows, noisy_router_loss
 from training.trainer import TrainConfig, train
 
@@ -45,17 +47,20 @@ from training.trainer import TrainConfig, train
 ROUTER_SEED_OFFSET = 20_000
 
 
-def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, bos_id: int) -> datasets.Dataset:
+def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, bos_id: int,
+                    starts: list[int] | None = None) -> datasets.Dataset:
     """One sequence per document, ``[BOS] + ids`` cut at ``max_length``, with a (max_length, K)
     target distribution per position (row j: the prefix of BOS and j document tokens); padding
     rows are zero, so they carry no loss. ``length`` (real positions) lets the trainer cut every
-    batch after its longest sequence."""
+    batch after its longest sequence. ``starts`` replaces BOS by each sequence's own first token
+    (a window from inside a long document)."""
     num_clusters = targets[0].shape[1] if targets else 1
     input_ids = torch.full((len(docs), max_length), bos_id, dtype=torch.int32)
     rows = torch.zeros(len(docs), max_length, num_clusters, dtype=torch.float32)
     lengths = []
-    for i, (ids, target) in enumerate(zip(docs, targets, strict=True)):
-        chunk = [bos_id, *ids][:max_length]
+    firsts = [bos_id] * len(docs) if starts is None else starts
+    for i, (ids, target, first) in enumerate(zip(docs, targets, firsts, strict=True)):
+        chunk = [first, *ids][:max_length]
         input_ids[i, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
         rows[i, :len(chunk)] = target[:len(chunk)]
         lengths.append(len(chunk))
@@ -95,11 +100,21 @@ def save_router(model: nn.Module, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
-def _truncated(documents: datasets.Dataset, count: int | None, max_length: int, seed: int) -> datasets.Dataset:
-    """At most ``count`` documents (a seeded choice), each cut to the ``max_length - 1`` tokens a router sequence holds."""
-    if count is not None and count < len(documents):
-        documents = documents.shuffle(seed=seed).select(range(count))
-    return documents.map(lambda ids: {"input_ids": ids[:max_length - 1]}, input_columns="input_ids")
+def extended_targets(posteriors: list[Tensor], docs: list[list[int]], clusters: list[int],
+                     num_clusters: int) -> list[Tensor]:
+    """Each document's Bayes rows (its scored prefixes), then its cluster one-hot for the prefixes
+    the experts did not score: one target row per prefix of the whole document."""
+    eye = torch.eye(num_clusters)
+    return [torch.cat([rows, eye[k].expand(len(ids) + 1 - len(rows), -1)])
+            for rows, ids, k in zip(posteriors, docs, clusters, strict=True)]
+
+
+def _chosen(split: datasets.Dataset, start: int, count: int | None, max_length: int) -> datasets.Dataset:
+    """Documents ``start`` .. ``start + count`` of a (shuffled) split (count None: all the rest),
+    each cut to the ``max_length - 1`` tokens a router sequence holds."""
+    end = len(split) if count is None else min(len(split), start + count)
+    return split.select(range(min(start, end), end)).map(lambda ids: {"input_ids": ids[:max_length - 1]},
+                                                         input_columns="input_ids")
 
 
 def train_router(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
@@ -114,26 +129,36 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
     if num_clusters < 2:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
     seed = config["seed"] + ROUTER_SEED_OFFSET
-    scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
+    scoring, fits = {"scoring_parameters": 0, "scoring_tokens": {}}, {}
     if is_masked(config):
         examples, loss, targets = _noisy_state_examples(config, documents, len(tokenizer), tokenizer.eos_token_id, seed)
         vocab_size = len(tokenizer) + 1  # the router reads masked states
     else:
-        examples, scoring = _prefix_examples(config, layout, documents, tokenizer, seed, device)
+        examples, scoring, fits = _prefix_examples(config, layout, documents, tokenizer, seed, device)
         loss, targets, vocab_size = router_loss, options["targets"], len(tokenizer)
 
     torch.manual_seed(seed)
     expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
     router = Router(RouterConfig(vocab_size=vocab_size, num_experts=num_clusters,
                                  hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length)))
+                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length),
+                                 dropout=options["dropout"]))
+    if options["init"] == "seed":
+        router.init_token_embedding(seed_embedding(run_dir, config))
     train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
     validation = examples["validation"]
     result = train(router, examples["train"], loss, train_options, save_fn=save_router,
                    out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
                    val_data=validation if len(validation) else None, resume=resume, desc="router", device=device)
+    fit = {}
+    if options["temperature"] == "fit" and len(validation):
+        fit["temperature"] = fit_temperature(router, validation, device)
+        router.config.temperature = fit["temperature"]
+        if setup_distributed().is_main:
+            save_router(router, layout.router)
+    fit.update({f"kl_{name}": posterior_kl(router, rows, device) for name, rows in fits.items() if len(rows)})
     summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
-               "targets": targets, **scoring}
+               "targets": targets, **scoring, **fit}
     flops = stage_flops(summary)
     summary.update({"scoring_flops": flops - training_flops(router.num_parameters, result.tokens), "flops": flops,
                     "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds})
@@ -143,33 +168,73 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
 
 
 def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, tokenizer,
-                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], dict]:
-    """The ar router's sequences (one document from BOS) with their per-prefix targets, and what
-    the experts' scoring of them cost (bayes targets): the summary's ``scoring_parameters`` (all
-    experts') and ``scoring_tokens`` per split, the train split's targets and the validation's
-    alike (each document's BOS and tokens: the positions the experts read)."""
+                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], dict, dict]:
+    """The ar router's sequences (one document from BOS) with their per-prefix targets; what the
+    experts' scoring of them cost (bayes targets: the summary's ``scoring_parameters``, all
+    experts', and ``scoring_tokens`` per split: each scored document's BOS and scored tokens, the
+    positions the experts read); and, per split, the scored documents alone with their Bayes rows
+    alone (where the router's fit to the posterior is measured).
+
+    ``router.documents`` training documents get Bayes targets on their first ``scored_length``
+    tokens and their cluster beyond; ``label_documents`` more get their cluster alone, which costs
+    nothing; ``validation_documents`` validation documents are scored alike."""
     options = config["router"]
     max_length, num_clusters = options["max_length"], config["partition"]["num_clusters"]
     bos_id, eos_id = document_bos(tokenizer), tokenizer.eos_token_id
-    splits = {"train": _truncated(documents["train"], options["documents"], max_length, seed),
-              "validation": _truncated(documents["validation"], None, max_length, seed)}
+    train_docs = documents["train"].shuffle(seed=seed)
+    scored_count = options["documents"]
+    if options["targets"] == "cluster":  # every chosen document is labelled: no scoring to save
+        more = options["label_documents"]
+        scored_count = None if scored_count is None or more is None else scored_count + more
+    scored = {"train": _chosen(train_docs, 0, scored_count, max_length),
+              "validation": _chosen(documents["validation"].shuffle(seed=seed), 0, options["validation_documents"],
+                                    max_length)}
+    labelled = (_chosen(train_docs, len(scored["train"]), options["label_documents"], max_length)
+                if options["targets"] == "bayes" else train_docs.select([]))
     scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
+    ids = {name: list(split["input_ids"]) for name, split in scored.items()}
+    clusters = {name: list(split["cluster"]) for name, split in scored.items()}
     if options["targets"] == "bayes":
         experts = [load_expert(layout.expert(k), device) for k in range(num_clusters)]
         context = scoring_context(config, experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
-        targets = {name: bayes_targets(experts, list(split["input_ids"]), log_prior, bos_id=bos_id, eos_id=eos_id,
-                                       context=context) for name, split in splits.items()}
+        length = options["scored_length"] or max_length
+        prefixes = {name: [doc[:length] for doc in docs] for name, docs in ids.items()}
+        posteriors = {name: bayes_targets(experts, docs, log_prior, bos_id=bos_id, eos_id=eos_id, context=context)
+                      for name, docs in prefixes.items()}
         scoring = {"scoring_parameters": sum(num_parameters(e) for e in experts),
-                   "scoring_tokens": {name: sum(len(ids) + 1 for ids in split["input_ids"])
-                                      for name, split in splits.items()}}
+                   "scoring_tokens": {name: sum(len(doc) + 1 for doc in docs) for name, docs in prefixes.items()}}
+        targets = {name: extended_targets(posteriors[name], ids[name], clusters[name], num_clusters) for name in ids}
+        fits = {name: router_examples(prefixes[name], posteriors[name], max_length, bos_id) for name in ids}
     else:
-        targets = {name: cluster_targets(list(split["input_ids"]), list(split["cluster"]), num_clusters)
-                   for name, split in splits.items()}
-    examples = {name: router_examples(list(split["input_ids"]), targets[name], max_length, bos_id)
-                for name, split in splits.items()}
-    return examples, scoring
+        targets = {name: cluster_targets(ids[name], clusters[name], num_clusters) for name in ids}
+        fits = {}
+    examples = {name: router_examples(ids[name], targets[name], max_length, bos_id) for name in ids}
+    if len(labelled):
+        free = router_examples(list(labelled["input_ids"]), cluster_targets(list(labelled["input_ids"]),
+                               list(labelled["cluster"]), num_clusters), max_length, bos_id)
+        examples["train"] = datasets.concatenate_datasets([examples["train"], free])
+    if options["windows"]:
+        examples["train"] = datasets.concatenate_datasets([examples["train"], _windows(train_docs, max_length, num_clusters, seed)])
+    return examples, scoring, fits
+
+
+def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, seed: int) -> datasets.Dataset:
+    """One window of ``max_length`` tokens from a seeded offset inside every training document longer
+    than a router sequence, its cluster as target: what evaluation's later windows show the router
+    (no BOS, the document already under way)."""
+    rng = random.Random(seed)
+    docs, starts, clusters = [], [], []
+    for ids, cluster in zip(documents["input_ids"], documents["cluster"]):
+        if len(ids) >= max_length:
+            offset = rng.randrange(1, len(ids) - max_length + 1) if len(ids) > max_length else 1
+            window = ids[offset:offset + max_length]
+            docs.append(window[1:])
+            starts.append(window[0])
+            clusters.append(cluster)
+    eye = torch.eye(num_clusters)
+    return router_examples(docs, [eye[k].expand(max_length, -1) for k in clusters], max_length, 0, starts)
 
 
 def _noisy_state_examples(config: dict, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
