@@ -127,7 +127,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", modes: Sequence[st
         trained = layout.read_summary("router") or {}
         report["router"] = {"accuracy_by_prefix": quality["accuracy_by_length"], "kl_to_bayes": quality["kl_bayes_router"],
                             "ece": quality["ece"], "kl_train": trained.get("kl_train"),
-                            "kl_validation": trained.get("kl_validation"), "temperature": trained.get("temperature")}
+                            "kl_validation": trained.get("kl_validation"), "targets": trained.get("targets"),
+                            "temperature": trained.get("temperature")}
     report["compute"] = compute_section(layout, ensemble, baseline)
     return report
 
@@ -212,14 +213,14 @@ def markdown(report: dict) -> str:
         acc = report["router"]["accuracy_by_prefix"]
         cells = ", ".join(f"{n}: {a:.3f}" for n, a in zip(acc["lengths"], acc["accuracy"]))
         router = report["router"]
-        fitted = [f"{name} {router[key]:.4f}" for name, key in (("its training documents", "kl_train"),
-                                                                 ("validation", "kl_validation"))
+        fitted = [f"{name} {router[key]:.4f}" for name, key in (("training documents", "kl_train"),
+                                                                 ("validation documents", "kl_validation"))
                   if router.get(key) is not None]
         lines += ["", f"Router accuracy by prefix length: {cells}",
-                  f"Router KL(bayes || router) {router['kl_to_bayes']:.4f} nats on these held-out documents"
-                  + (f" (on {', '.join(fitted)}, over the prefixes the experts scored)" if fitted else "")
-                  + f", ECE {router['ece']:.4f}"
-                  + (f", temperature {router['temperature']:.3f}" if router.get("temperature") else "")]
+                  f"Router KL(bayes || router) {router['kl_to_bayes']:.4f} nats on these held-out documents, "
+                  f"ECE {router['ece']:.4f}" + (f", temperature {router['temperature']:.3f}" if router.get("temperature") else "")]
+        if fitted:  # over-fitting shows as a gap between its training and validation documents
+            lines.append(f"Router KL to its own targets ({router.get('targets')}): {', '.join(fitted)}")
     if "loss_split" in report:
         lines += ["", *markdown_lines(report["loss_split"])]
     return "\n".join(lines) + "\n"

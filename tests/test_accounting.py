@@ -45,7 +45,8 @@ def test_the_account_is_the_logged_tokens_times_their_factors(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("accounting")
-    assert main(["run", "--out", str(root / "run"), "--config", str(write_tiny_config(root))]) == 0
+    assert main(["run", "--out", str(root / "run"), "--config", str(write_tiny_config(root)),
+                 "--set", "router.targets=bayes", "--set", "router.documents=1000"]) == 0  # targets the experts score
     return root / "run"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -149,6 +150,7 @@ def test_prepare_bench_measures_fresh_processes(tmp_path):
 @pytest.mark.slow
 def test_prepare_vocab_bench_fits_and_assigns_in_fresh_processes(tmp_path):
     from eval.prepare_bench import bench_prepare, format_prepare_table
+    from training.partition import fit_kmeans
 
     results = bench_prepare([150, 100], tmp_path / "partition.json", vocab=CLUSTERS * TOPIC_IDS)
     assert json.loads((tmp_path / "partition.json").read_text()) == results
@@ -157,7 +159,8 @@ def test_prepare_vocab_bench_fits_and_assigns_in_fresh_processes(tmp_path):
         fit, batch = run["fit"], run["batch"]
         # the fit child really partitioned them, within the default balance cap
         assert sum(fit["sizes"]) == run["documents"] and len(fit["sizes"]) == CLUSTERS
-        assert max(fit["sizes"]) <= math.ceil(1.2 * run["documents"] / CLUSTERS)
+        balance = inspect.signature(fit_kmeans).parameters["balance"].default
+        assert max(fit["sizes"]) <= math.ceil(balance * run["documents"] / CLUSTERS)
         assert 0 < fit["start_rss_mb"] <= fit["peak_rss_mb"] and 0 < batch["start_rss_mb"] <= batch["peak_rss_mb"]
         assert batch["documents"] == ASSIGN_BATCH and batch["assign_seconds"] > 0 and batch["log_weights_seconds"] > 0
         assert 0 <= fit["nmi"] <= 1 and 0 < batch["purity"] <= 1

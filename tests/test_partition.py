@@ -109,7 +109,7 @@ def test_one_cluster_and_empty_docs():
     torch.testing.assert_close(torch.from_numpy(feats.toarray()).norm(dim=1), torch.tensor([1.0, 0.0, 1.0, 0.0]))
     # a zero vector is at distance 1 from every unit centre (up to float rounding of the norm)
     torch.testing.assert_close(part.sq_distances([[]]), torch.ones(1, 1))
-    two = fit_kmeans(docs, 2, 10)  # capacity ceil(1.2 * 4 / 2) = 3
+    two = fit_kmeans(docs, 2, 10, balance=1.2)  # capacity ceil(1.2 * 4 / 2) = 3
     assert max(two.sizes) == 3 and two.assignments[0] != two.assignments[2]
 
 

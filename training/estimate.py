@@ -45,7 +45,9 @@ def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_
         tokens = min(mean_tokens, options["max_length"])
         documents = min(options["documents"] or count, count)
         validation, validation_tokens = _documents(layout, "validation")
-        scored = documents * tokens + validation * min(validation_tokens, options["max_length"])
+        validation = min(options["validation_documents"] or validation, validation)
+        length = options["scored_length"] or options["max_length"]  # what the experts read of each
+        scored = documents * min(tokens, length) + validation * min(validation_tokens, options["max_length"], length)
         scored_by_experts = options["targets"] == "bayes" and not is_masked(config)  # masked: noisy-state targets
         scoring = float(FORWARD_FLOPS) * parameters * clusters * scored if scored_by_experts else 0.0
         size = Router(RouterConfig(vocab_size=config["tokenizer"]["vocab_size"], num_experts=clusters,

@@ -98,7 +98,7 @@ def fit_kmeans(
     num_clusters: int,
     vocab_size: int,
     *,
-    balance: float = 1.2,
+    balance: float = 2.0,
     svd_dim: int | None = None,
     iterations: int = 30,
     seed: int = 0,

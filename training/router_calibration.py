@@ -76,13 +76,12 @@ def posterior_kl(router: nn.Module, examples: datasets.Dataset, device: torch.de
     return float((targets * (log_p - log_q)).sum(-1).mean())
 
 
-def seed_embedding(run_dir: str | Path, config: dict) -> Tensor:
+def seed_embedding(run_dir: str | Path, config: dict) -> Tensor | None:
     """The input embedding (V, H) of the model the run's experts branch from (RUN/seed, or the
-    pretrained ``--init-from``)."""
+    pretrained ``--init-from``); None for a run whose experts start from scratch."""
     source = branch_point(run_dir, config)
     if source is None:
-        raise DfmError("router.init=seed starts the router from the seed model's embedding, but this run has no seed "
-                       "model (no seed phase, no --init-from): set router.init=null")
+        return None
     if is_masked(config):
         model = load_masked_expert(source)
     elif Path(source).is_dir():
