@@ -59,3 +59,25 @@ def test_seed_embedding_keeps_the_seed_geometry() -> None:
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5)  # float32 weights
     with pytest.raises(DfmError, match="rows"):
         router.init_token_embedding(seed[:10])
+
+
+def test_default_router_trains_on_clusters_at_no_scoring_cost_and_keeps_its_temperature(tmp_path) -> None:
+    """A tiny default run: cluster targets (nothing scored, nothing charged for scoring), the seed's
+    embedding, windows, and a fitted temperature that the saved router reloads with."""
+    import json
+
+    from dfm.cli import main
+    from training.layout import RunLayout
+    from tests.tiny_config import write_tiny_config
+
+    run = tmp_path / "run"
+    assert main(["prepare", "--out", str(run), "--config", str(write_tiny_config(tmp_path))]) == 0
+    for stage in (["train-seed"], *[["train-expert", "--expert", str(k)] for k in range(3)], ["train-router"]):
+        assert main([*stage, "--run", str(run)]) == 0
+    summary = RunLayout.of(run).read_summary("router")
+    assert summary["targets"] == "cluster" and summary["scoring_flops"] == 0 and summary["scoring_tokens"] == {}
+    assert summary["flops"] == 6 * summary["parameters"] * summary["tokens"]
+    assert summary["kl_train"] >= 0 and summary["kl_validation"] >= 0
+    saved = json.loads((run / "router" / "config.json").read_text())
+    assert saved["temperature"] == summary["temperature"] != 1
+    assert Router.from_pretrained(run / "router").config.temperature == summary["temperature"]
