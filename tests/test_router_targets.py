@@ -21,13 +21,13 @@ def test_bayes_rows_then_the_cluster_for_the_unscored_prefixes() -> None:
 def test_windows_start_inside_long_documents_without_bos() -> None:
     docs = datasets.Dataset.from_dict({"input_ids": [list(range(100, 120)), list(range(5)), list(range(200, 208))],
                                        "cluster": [1, 0, 2]})
-    windows = _windows(docs, max_length=8, num_clusters=3, seed=0)
+    windows = _windows(docs, max_length=8, num_clusters=3, seed=0, bos_id=0)
     assert len(windows) == 2  # the 5-token document is shorter than a window
     first = windows[0]["input_ids"]
     assert 101 <= first[0] <= 112 and first == list(range(first[0], first[0] + 8))  # 8 tokens from inside, no BOS
     assert windows[1]["input_ids"][:windows[1]["length"]] == list(range(201, 208))  # as long as a window: from token 1
     assert torch.tensor(windows[0]["targets"]).argmax(-1).tolist() == [1] * 8
-    assert _windows(docs, 8, 3, seed=0)["input_ids"] == windows["input_ids"]  # seeded
+    assert _windows(docs, 8, 3, seed=0, bos_id=0)["input_ids"] == windows["input_ids"]  # seeded
 
 
 def test_starts_replace_bos() -> None:

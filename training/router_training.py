@@ -19,8 +19,9 @@ router). Its target at every prefix is a distribution over the K experts:
 Soft cross-entropy is a proper scoring rule either way: the optimum is the target distribution.
 The token embedding starts from the seed model's (``router.init``), and after training the
 logits' temperature is fitted on the validation documents (``router.temperature``,
-training.router_calibration); the summary records the router's KL to its Bayes targets on its
-own training and validation documents, so over-fitting shows beside the report's held-out KL.
+training.router_calibration); the summary records the router's KL to its own targets (Bayes
+rows, or its cross-entropy on one-hot clusters) on training and validation documents, so
+over-fitting shows beside the report's held-out KL.
 
 On the masked path the router reads noisy states X_t (documents masked at a random t) and learns
 P(k | X_t) against the document's cluster (the router of Decentralized Diffusion Models): the
@@ -232,11 +233,13 @@ def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.Datase
                                list(labelled["cluster"]), num_clusters), max_length, bos_id)
         examples["train"] = datasets.concatenate_datasets([examples["train"], free])
     if options["windows"]:
-        examples["train"] = datasets.concatenate_datasets([examples["train"], _windows(train_docs, max_length, num_clusters, seed)])
+        windows = _windows(train_docs, max_length, num_clusters, seed, bos_id)
+        examples["train"] = datasets.concatenate_datasets([examples["train"], windows])
     return examples, scoring, fits
 
 
-def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, seed: int) -> datasets.Dataset:
+def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, seed: int,
+             bos_id: int) -> datasets.Dataset:
     """One window of ``max_length`` tokens from a seeded offset inside every training document longer
     than a router sequence, its cluster as target: what evaluation's later windows show the router
     (no BOS, the document already under way)."""
@@ -249,8 +252,7 @@ def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, se
             docs.append(window[1:])
             starts.append(window[0])
             clusters.append(cluster)
-    eye = torch.eye(num_clusters)
-    return router_examples(docs, [eye[k].expand(max_length, -1) for k in clusters], max_length, 0, starts)
+    return router_examples(docs, cluster_targets(docs, clusters, num_clusters), max_length, bos_id, starts)
 
 
 def _noisy_state_examples(config: dict, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
