@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import sys
-import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -130,14 +129,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"dfm: warning: {message}", file=sys.stderr)
 
 
-def _loss(value: float | None) -> str:
-    return "n/a (no validation data)" if value is None else f"{value:.4f}"
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def _say(message: str) -> None:
     print(f"[dfm] {message}", file=sys.stderr, flush=True)
 
@@ -169,14 +160,16 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_seed(args: argparse.Namespace) -> dict:
+    from eval.pipeline import loss_text
     from training.experts import train_seed
 
     summary = train_seed(args.run, resume=args.resume, device=_device(args))
-    _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
+    _say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
 
 def cmd_train_expert(args: argparse.Namespace) -> dict:
+    from eval.pipeline import loss_text
     from training.experts import train_expert
 
     summary = train_expert(args.run, args.expert, resume=args.resume, device=_device(args))
@@ -184,7 +177,7 @@ def cmd_train_expert(args: argparse.Namespace) -> dict:
 
     if not setup_distributed().is_main:
         return summary
-    _say(f"expert-{args.expert}: val loss {_loss(summary['val_loss'])} nats/token "
+    _say(f"expert-{args.expert}: val loss {loss_text(summary['val_loss'])} nats/token "
          f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s")
     return summary
 
@@ -206,18 +199,20 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
 
 
 def cmd_train_router(args: argparse.Namespace) -> dict:
+    from eval.pipeline import loss_text
     from training.router_training import train_router
 
     summary = train_router(args.run, resume=args.resume, device=_device(args))
-    _say(f"router: val loss {_loss(summary['val_loss'])} in {summary['seconds']:.1f}s")
+    _say(f"router: val loss {loss_text(summary['val_loss'])} in {summary['seconds']:.1f}s")
     return summary
 
 
 def cmd_train_baseline(args: argparse.Namespace) -> dict:
+    from eval.pipeline import loss_text
     from training.experts import train_baseline
 
     summary = train_baseline(args.run, resume=args.resume, device=_device(args))
-    _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
+    _say(f"baseline: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
 
@@ -230,131 +225,36 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from training.assemble import assemble
-    from training.config import is_masked, read_run_config, seed_phase
-    from training.experts import train_baseline, train_expert, train_seed
-    from training.prepare import prepare
-
-    from dfm.atomic import write_json
-
-    run_dir = args.out
-    device = _device(args)  # checked before any work
-    dtype = _dtype(args, device)
-    timings_path = Path(run_dir) / "logs" / "timings.json"
-    # seconds per stage, written after every stage; a resumed run adds to what the interrupted ones spent
-    timings: dict[str, float] = {}
-    if args.resume and timings_path.is_file():
-        try:
-            timings = json.loads(timings_path.read_text())
-        except (OSError, ValueError):
-            warnings.warn(f"{timings_path} is unreadable: the stage timings restart from zero", stacklevel=1)
-
-    def stage(name: str, fn: Callable[[], object]) -> object:
-        _say(f"{name} ...")
-        start = time.perf_counter()
-        result = fn()
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
-        write_json(timings_path, timings)
-        return result
-
-    if args.resume and (Path(run_dir) / "config.json").is_file():
-        _say(f"prepare: resuming, {run_dir} stays as prepared")  # preparing again would replace what is trained
-    else:
-        stage("prepare", lambda: _say(f"data: {json.dumps(prepare(_resolved_config(args), run_dir, args.overwrite))}"))
-    config = read_run_config(run_dir)
-    from eval.report import check_modes
-
-    check_modes(args.modes or (), is_masked(config))  # before minutes of training, not after
-
-    def estimate(first: dict, experts_done: int) -> None:
-        from training.estimate import remaining_seconds
-
-        rest = remaining_seconds(run_dir, config, first, experts_done)
-        _say(f"estimated: about {_minutes(rest)} more of training, {_minutes(sum(timings.values()) + rest)} in all "
-             f"(from this stage's speed; evaluation not counted)")
-
-    if seed_phase(config):
-        summary = stage("seed", lambda: train_seed(run_dir, resume=args.resume, device=device))
-        _say(f"seed: val loss {_loss(summary['val_loss'])} nats/token")
-        estimate(summary, 0)
-    for k in range(config["partition"]["num_clusters"]):
-        summary = stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=args.resume, device=device))
-        _say(f"expert-{k}: val loss {_loss(summary['val_loss'])} nats/token, unigram entropy "
-             f"{summary['unigram_entropy']:.4f}")
-        if k == 0 and not seed_phase(config):
-            estimate(summary, 1)
-    if config["partition"]["num_clusters"] > 1:
-        from training.router_training import train_router
-
-        summary = stage("router", lambda: train_router(run_dir, resume=args.resume, device=device))
-        _say(f"router: val loss {_loss(summary['val_loss'])}")
-    summary = stage("baseline", lambda: train_baseline(run_dir, resume=args.resume, device=device))
-    _say(f"baseline: val loss {_loss(summary['val_loss'])} nats/token")
-    stage("assemble", lambda: assemble(run_dir))
-    from eval.plots import write_plots
-    from eval.report import markdown, write_report
-    from training.layout import RunLayout
-
-    report = stage("eval", lambda: _evaluate(run_dir, modes=args.modes, device=device, dtype=dtype))
-    write_report(report, RunLayout.of(run_dir).eval)
-    write_plots(report, RunLayout.of(run_dir).eval)
-    print(markdown(report))
-    sample = _sample_text(run_dir, config["seed"], is_masked(config), device, dtype)
-    print(f"Sample (mixture routing, 60 tokens max):\n  {sample}\n")
-    _say(f"more: dfm generate --run {run_dir} --prompt TEXT --routing "
-         + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
-    _say(f"done in {sum(timings.values()):.0f}s: {json.dumps(timings)}; report in {run_dir}/eval/")
-
-
-def _evaluate(run_dir: str, **options) -> dict:
-    """The evaluation report of a run on either path (``elbo_samples`` and ``stride`` apply to one path each)."""
+    from eval.pipeline import run_pipeline, sample_text
+    from eval.report import markdown
     from training.config import is_masked, read_run_config
 
-    samples, stride = options.pop("elbo_samples", None), options.pop("stride", None)
-    if is_masked(read_run_config(run_dir)):
-        if stride is not None:
-            raise DfmError("--stride is for autoregressive runs: a masked run scores each document in the rows it "
-                           "trained on")
-        from eval.masked_report import evaluate_masked_run
-
-        return evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options)
-    if samples is not None:
-        raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
-    from eval.report import ENSEMBLE_MODES, evaluate_run
-
-    return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or ENSEMBLE_MODES})
-
-
-def _sample_text(run_dir: str, seed: int, masked: bool, device, dtype) -> str:
-    """60 tokens of the mixture-routed ensemble from an empty prompt (64 steps on the masked path)."""
-    if masked:
-        from models.masked_ensemble import MaskedEnsemble
-        from models.masked_generation import generate_masked_text
-
-        ensemble = MaskedEnsemble.from_run(run_dir, device, dtype=dtype)
-        return generate_masked_text(ensemble, "", length=60, steps=64, seed=seed).texts[0]
-    from models.ensemble import Ensemble
-    from models.generation import generate_text
-
-    ensemble = Ensemble.from_run(run_dir, device, dtype=dtype)
-    return generate_text(ensemble, "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
+    device = _device(args)  # checked before any work
+    dtype = _dtype(args, device)
+    result = run_pipeline(args.out, lambda: _resolved_config(args), resume=args.resume, overwrite=args.overwrite,
+                          modes=args.modes, device=device, dtype=dtype, say=_say)
+    print(markdown(result.report))
+    config = read_run_config(args.out)
+    print(f"Sample (mixture routing, 60 tokens max):\n  {sample_text(args.out, config['seed'], device, dtype)}\n")
+    _say(f"more: dfm generate --run {args.out} --prompt TEXT --routing "
+         + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
+    _say(f"done in {sum(result.timings.values()):.0f}s: {json.dumps(result.timings)}; report in {args.out}/eval/")
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
-    from eval.plots import write_plots
-    from eval.report import markdown, require_baseline, write_report
+    from eval.pipeline import evaluate, write_evaluation
+    from eval.report import markdown, require_baseline
     from training.layout import RunLayout
 
-    check_writable(RunLayout.of(args.run).eval)  # before minutes of scoring, not after
-    device = _device(args)
-    report = _evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
-                       stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                       allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=device,
-                       dtype=_dtype(args, device))
     out = RunLayout.of(args.run).eval
-    write_report(report, out)
-    plots = write_plots(report, out)
+    check_writable(out)  # before minutes of scoring, not after
+    device = _device(args)
+    report = evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
+                      stride=args.stride, batch_size=args.batch_size, margin=args.margin,
+                      allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=device,
+                      dtype=_dtype(args, device))
+    plots = write_evaluation(report, args.run)
     print(markdown(report))
     _say(f"wrote {out}/report.json, report.md and {', '.join(p.name for p in plots)}")
     if not args.no_baseline:

@@ -25,7 +25,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from dfm.masked_path import MaskedPath
 from dfm.progress import progress as progress_bar
 from dfm.schedulers import scheduler
 from dfm.tensors import autocast_for, inference_dtype
+from eval.measured import run_measured
 from eval.perplexity import mixed_token_log_probs
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from models.ensemble import Ensemble, uniform_log_prior
@@ -533,39 +533,6 @@ def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None], dev
 
 
 # --- memory -----------------------------------------------------------------------------------
-# Peak RSS as the child sees it. On Linux ru_maxrss is useless here: exec keeps the high-water mark
-# of the (vfork-shared) parent's memory, so every child would report at least the bench's own RSS.
-# /proc/self/status VmHWM belongs to the child's fresh address space.
-PEAK_RSS_KIB = """
-def peak_rss_kib():
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except OSError:
-        import resource, sys
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss // 1024 if sys.platform == "darwin" else rss
-"""
-
-_BASELINE_CHILD = PEAK_RSS_KIB + """
-import torch, transformers
-print(peak_rss_kib())
-"""
-
-_ENSEMBLE_CHILD = PEAK_RSS_KIB + """
-import sys
-from models.ensemble import Ensemble
-from models.generation import generate_text
-from models.masked_ensemble import MaskedEnsemble
-from models.masked_expert import build_masked_expert, masked_expert_config
-from models.masked_generation import generate_masked_text
-ensemble = Ensemble.from_run(sys.argv[1])
-generate_text(ensemble, [list(range(1, 17))], max_new_tokens=int(sys.argv[2]), routing="mixture",
-              temperature=0.0, stop_at_eos=False)
-print(peak_rss_kib())
-"""
-
-
 def write_bench_run(run_dir: Path, num_experts: int, tokenizer: PreTrainedTokenizerFast) -> None:
     """A minimal run directory that ``Ensemble.from_run`` loads: tokenizer, experts, router, manifest."""
     ensemble = bench_ensemble(num_experts, tokenizer)
@@ -579,21 +546,14 @@ def write_bench_run(run_dir: Path, num_experts: int, tokenizer: PreTrainedTokeni
              vocab_size=len(tokenizer), router="router").with_hashes(run_dir).save(run_dir)
 
 
-def _child_max_rss_mb(script: str, *args: str) -> float:
-    """Peak resident memory (MB) a fresh Python process running ``script`` reports for itself."""
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise DfmError(f"the memory benchmark's child process failed: {done.stderr.strip().splitlines()[-1:]}")
-    return int(done.stdout.strip().splitlines()[-1]) / 1024
-
-
 def bench_memory(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
     """Peak RSS of loading a K-expert run and generating, against a process that only imports libraries."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         write_bench_run(run_dir, settings.num_experts, tokenizer)
-        baseline = _child_max_rss_mb(_BASELINE_CHILD)
-        ensemble = _child_max_rss_mb(_ENSEMBLE_CHILD, str(run_dir), str(settings.new_tokens))
+        what = "the memory benchmark's child process"
+        baseline = run_measured("imports", what=what)["peak_rss_kib"] / 1024
+        ensemble = run_measured("generate", str(run_dir), str(settings.new_tokens), what=what)["peak_rss_kib"] / 1024
     say(f"memory: imports {baseline:.0f} MB, ensemble {ensemble:.0f} MB")
     return {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens, "routing": "mixture",
             "import_torch_transformers_mb": baseline, "load_and_generate_mb": ensemble,

@@ -19,14 +19,12 @@ so purity and NMI against the topics show the partition's quality next to its co
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from dfm.errors import DfmError
-from eval.bench import PEAK_RSS_KIB
+from eval.measured import run_measured
 
 #: Documents whose assignment and centroid weights are measured (one `assign` batch of prepare).
 ASSIGN_BATCH = 1000
@@ -36,59 +34,6 @@ CLUSTERS = 8
 TOPIC_IDS = 1000
 #: Where dfm's packages are imported from unless told otherwise: this checkout.
 HERE = Path(__file__).resolve().parents[1]
-
-_CHILD = PEAK_RSS_KIB + """
-import json, sys, time
-import numpy as np
-import training.partition as fitting
-from models.partition import Partition
-
-mode, num_documents, vocab, clusters, topic_ids, directory = sys.argv[1:]
-num_documents, vocab, clusters, topic_ids = int(num_documents), int(vocab), int(clusters), int(topic_ids)
-
-def rss_mb():
-    return peak_rss_kib() / 1024
-
-def corpus(n, seed):
-    rng = np.random.default_rng(seed)
-    ids = np.random.default_rng(0).permutation(vocab)  # the same topics and Zipf ranks for every corpus
-    topics = ids[: clusters * topic_ids].reshape(clusters, topic_ids)
-    zipf = 1 / (np.arange(vocab) + 10.0)
-    labels = rng.integers(clusters, size=n)
-    lengths = rng.integers(100, 401, size=n)
-    background = ids[rng.choice(vocab, size=int(lengths.sum()), p=zipf / zipf.sum())]
-    own = rng.random(int(lengths.sum())) < 0.7
-    tokens = np.where(own, topics[np.repeat(labels, lengths), rng.integers(topic_ids, size=int(lengths.sum()))],
-                      background)
-    return [doc.tolist() for doc in np.split(tokens, np.cumsum(lengths)[:-1])], labels.tolist()
-
-out = {"module": fitting.__file__}
-if mode == "fit":
-    docs, labels = corpus(num_documents, 1)
-    out["start_rss_mb"] = rss_mb()
-    start = time.perf_counter()
-    partition = fitting.fit_kmeans(docs, clusters, vocab, seed=0)
-    out["seconds"] = time.perf_counter() - start
-    out["peak_rss_mb"] = rss_mb()
-    partition.save(directory)
-    stats = fitting.partition_stats(partition.assignments, labels, clusters)
-else:
-    partition = Partition.load(directory)
-    docs, labels = corpus(num_documents, 2)
-    out["start_rss_mb"] = rss_mb()
-    start = time.perf_counter()
-    assigned = partition.assign(docs)
-    out["assign_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    partition.log_weights(docs, 0.1)
-    out["log_weights_seconds"] = time.perf_counter() - start
-    out["peak_rss_mb"] = rss_mb()
-    stats = fitting.partition_stats(assigned, labels, clusters)
-out.update(sizes=stats["sizes"], purity=stats["purity"], nmi=stats["nmi"],
-           scikit_learn=sys.modules["sklearn"].__version__ if "sklearn" in sys.modules else None)
-print(json.dumps(out))
-"""
-
 
 def check_source(source: str | os.PathLike | None) -> Path:
     """The checkout root the measured processes import dfm from (``HERE`` when None)."""
@@ -119,13 +64,9 @@ def check_imported(module: str, root: Path) -> None:
 
 
 def _child(mode: str, num_documents: int, vocab: int, directory: Path, root: Path) -> dict:
-    argv = [sys.executable, "-c", _CHILD, mode, str(num_documents), str(vocab), str(CLUSTERS), str(TOPIC_IDS),
-            str(directory)]
-    done = subprocess.run(argv, capture_output=True, text=True, env=source_env(root), cwd=root, check=False)
-    if done.returncode:
-        raise DfmError(f"the partition {mode} on {num_documents} documents at vocabulary {vocab} failed: "
-                       f"{done.stderr.strip().splitlines()[-1:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_measured("partition", mode, str(num_documents), str(vocab), str(CLUSTERS), str(TOPIC_IDS),
+                          str(directory), what=f"the partition {mode} on {num_documents} documents at vocabulary {vocab}",
+                          env=source_env(root), cwd=root)
     check_imported(result["module"], root)
     return result
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -24,37 +22,14 @@ from pathlib import Path
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.progress import progress
-from eval.bench import PEAK_RSS_KIB, machine_info
+from eval.bench import machine_info
+from eval.measured import run_measured
 from eval.partition_bench import (ASSIGN_BATCH, HERE, check_imported, check_source, format_partition_table,
                                   measure_partition, source_env, source_version)
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 #: Documents the corpus writer samples at a time (its memory, not the measured process's).
 CHUNK = 10_000
-
-# VmHWM counts the pages of memory-mapped Arrow files that the process has touched, which grow
-# with the corpus but are page cache the kernel can take back; RssAnon (what the process
-# allocated) has no high-water mark in /proc, so a thread samples it every 20 ms.
-_PREPARE_CHILD = PEAK_RSS_KIB + """
-import sys, threading, time
-peak_anon = [0]
-def sample_anon():
-    while True:
-        with open("/proc/self/status") as status:
-            anon = next((int(line.split()[1]) for line in status if line.startswith("RssAnon:")), 0)
-        peak_anon[0] = max(peak_anon[0], anon)
-        time.sleep(0.02)
-threading.Thread(target=sample_anon, daemon=True).start()
-import dfm.cli
-start = time.perf_counter()
-code = dfm.cli.main(sys.argv[1:])
-print(time.perf_counter() - start)
-print(peak_rss_kib())
-print(peak_anon[0])
-print(dfm.cli.__file__)
-sys.exit(code)
-"""
-
 
 def write_corpus(path: Path, num_documents: int, seed: int = 0) -> int:
     """``num_documents`` synthetic documents as JSONL (text, domain) at ``path``; returns its bytes."""
@@ -74,12 +49,11 @@ def measure_prepare(num_documents: int, workdir: Path, root: Path = HERE) -> dic
     env = {**source_env(root), "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
     argv = ["prepare", "--out", str(workdir / "run"), "--dataset", "json", "--data-files", str(corpus),
             "--label-column", "domain"]
-    done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, *argv], capture_output=True, text=True, env=env,
-                          cwd=root, check=False)
-    if done.returncode:
-        raise DfmError(f"dfm prepare on {num_documents} documents failed: {done.stderr.strip().splitlines()[-1:]}")
-    seconds, peak_kib, anon_kib, module = done.stdout.strip().splitlines()[-4:]
-    check_imported(module, root)
+    # VmHWM counts the pages of memory-mapped Arrow files the process touched, which grow with the
+    # corpus but are page cache the kernel can take back; the allocated peak is reported beside it
+    done = run_measured("prepare", *argv, what=f"dfm prepare on {num_documents} documents", env=env, cwd=root)
+    seconds, peak_kib, anon_kib = done["seconds"], done["peak_rss_kib"], done["peak_anonymous_kib"]
+    check_imported(done["module"], root)
     summary = json.loads((workdir / "run" / "partition" / "stats.json").read_text())
     return {"documents": num_documents, "corpus_mb": size / 1e6, "seconds": float(seconds),
             "documents_per_second": num_documents / float(seconds), "peak_rss_mb": int(peak_kib) / 1024,

@@ -180,27 +180,11 @@ def test_features_stay_sparse_and_projections_dense(corpus, fitted):
 # A partition at a 1M-token vocabulary assigns and weighs 100 documents of 200 tokens; a dense
 # (documents, vocabulary) float32 feature matrix would be 400 MB, the sparse one is a few hundred KB.
 # The peak is VmHWM, the process's own (ru_maxrss carries the forking pytest's peak over exec).
-_PEAK_GROWTH_CHILD = """
-import random
-from training.partition import from_labels
-def peak_kib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-vocab, rng = 1_000_000, random.Random(0)
-docs = [[rng.randrange(vocab) for _ in range(200)] for _ in range(100)]
-part = from_labels(docs, [i % 2 for i in range(len(docs))], vocab)
-before = peak_kib()
-part.assign(docs)
-part.log_weights(docs, 0.1)
-print(peak_kib() - before)
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_assign_and_log_weights_never_densify():
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _PEAK_GROWTH_CHILD], cwd=root, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, str(root / "tests" / "peak_growth_child.py")], cwd=root,
+                          capture_output=True, text=True, check=True)
     growth_mb = int(done.stdout.split()[-1]) / 1024
     assert growth_mb < 100, f"assigning 100 documents raised peak RSS by {growth_mb:.0f} MB"
 

@@ -61,6 +61,11 @@ class RunLayout:
     def checkpoints(self, name: str) -> Path:
         return self.root / "checkpoints" / name
 
+    @property
+    def timings(self) -> Path:
+        """Seconds per stage of `dfm run`."""
+        return self.root / "logs" / "timings.json"
+
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.jsonl"
 
