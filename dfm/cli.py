@@ -288,7 +288,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _load_generator(args: argparse.Namespace):
     """The ensemble, or the baseline / one expert wrapped as a one-expert ensemble (same code path)."""
-    from models.ensemble import Ensemble, load_tokenizer
+    from models.ensemble import Ensemble
+    from models.tokenizer import load_tokenizer
     from models.expert import load_expert
     from models.generation import single_model
     from models.manifest import Manifest, resolve_inside
@@ -297,8 +298,8 @@ def _load_generator(args: argparse.Namespace):
     dtype = _dtype(args, device)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
-        needs_router = args.routing not in ("bayes", "centroid")
-        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing, load_router=needs_router,
+        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing,
+                                 load_router=args.routing.uses_router,
                                  dtype=dtype)
     manifest = Manifest.load(args.run)
     tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
@@ -337,10 +338,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.steps is not None or args.show_steps:
         raise DfmError("--steps and --show-steps are for runs on the masked path; this run is autoregressive "
                        "(one token per step)")
+    from dfm.routing import Routing
     from models.generation import generate_text
 
-    routing, args.k = _routing_and_k(args)  # fail on a typo before loading anything
-    args.routing = routing.value
+    args.routing, args.k = _routing_and_k(args)  # fail on a typo before loading anything
     if args.batch_size < 1:
         raise DfmError(f"--batch-size must be a positive number of prompts, got {args.batch_size}")
     prompts = _read_prompts(args)
@@ -351,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile:
         model.compile()
     partition = None
-    if args.routing == "centroid":
+    if args.routing is Routing.CENTROID:
         from models.manifest import Manifest
 
         if args.model != "ensemble":
@@ -362,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         """A fresh weigher per batch for centroid and oracle routing (None: the mode's default)."""
         if partition is not None:
             return model.weigher("centroid", partition=partition, centroid_temperature=args.centroid_temperature)
-        if args.routing == "oracle":
+        if args.routing is Routing.ORACLE:
             return model.weigher("oracle", oracle=[args.cluster] * len(batch))
         return None
 
@@ -453,7 +454,7 @@ def _generate_masked(args: argparse.Namespace) -> None:
     prompt = prompts[0]
     device = _device(args)
     ensemble = MaskedEnsemble.from_run(args.run, device=device, allow_missing=args.allow_missing,
-                                       load_router=routing.value in ("mixture", "topk", "switch"),
+                                       load_router=routing.uses_router,
                                        dtype=_dtype(args, device))
     if args.model != "ensemble":
         if args.model not in ensemble.names:

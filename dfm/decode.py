@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dfm.errors import DfmError
-from dfm.mixing import exclude_log_weights, mix_log_probs
+from dfm.mixing import check_k, exclude_log_weights, mix_log_probs
 from dfm.pool import ExpertPool, Weigher
 from dfm.posterior import BayesPosterior
 from dfm.routing import Routing, Selection, select_experts
@@ -34,8 +34,8 @@ class DecodeConfig:
             raise DfmError(f"route_on must be 'token' or 'prompt', got {self.route_on!r}")
         if self.max_new_tokens < 0:
             raise DfmError("max_new_tokens must be >= 0")
-        if self.routing is Routing.TOPK and not 1 <= (self.k or 1) <= num_experts:
-            raise DfmError(f"--k must be between 1 and the number of experts ({num_experts}), got {self.k}")
+        if self.routing is Routing.TOPK:
+            check_k(self.k or 1, num_experts)
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 

@@ -5,6 +5,7 @@ Shapes: expert log-probs (B, K, V) (or (B, K, N, V) on a masked state), log-weig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,11 +37,21 @@ def mix_log_probs(expert_log_probs: Tensor, log_weights: Tensor) -> Tensor:
     return torch.logsumexp(expert_log_probs + weights, dim=1)
 
 
+def uniform_log_prior(num_experts: int) -> Tensor:
+    """log(1 / K) for each of K experts (float64)."""
+    return torch.full((num_experts,), -math.log(num_experts), dtype=torch.float64)
+
+
+def check_k(k: int, num_experts: int) -> None:
+    """Refuse a number of experts kept per token outside 1..K."""
+    if not 1 <= k <= num_experts:
+        raise DfmError(f"--k must be between 1 and the number of experts ({num_experts}), got {k}")
+
+
 def top_k_log_weights(log_weights: Tensor, k: int) -> Tensor:
     """Keep the k largest weights of every row, renormalised; the rest become -inf."""
     num_experts = log_weights.shape[-1]
-    if not 1 <= k <= num_experts:
-        raise DfmError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
+    check_k(k, num_experts)
     if k == num_experts:
         return normalize_log_weights(log_weights)
     if k == 1:  # the one weight kept renormalises to exactly log 1 = 0

@@ -20,6 +20,11 @@ class Routing(str, Enum):
     CENTROID = "centroid"  # tf-idf distance to cluster centres (c-BTM), optionally top-k
     ORACLE = "oracle"      # one-hot true cluster (evaluation only)
 
+    @property
+    def uses_router(self) -> bool:
+        """Whether the mode's weights come from the learned router (bayes, centroid and oracle need none)."""
+        return self in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
+
 
 def parse_routing(name: str | Routing) -> Routing:
     try:

@@ -41,7 +41,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from dfm.atomic import write_json
-from dfm.errors import DfmError
 from dfm.masked_path import MaskedPath
 from dfm.progress import progress as progress_bar
 from dfm.schedulers import scheduler
@@ -49,7 +48,8 @@ from dfm.tensors import autocast_for, inference_dtype
 from eval.measured import run_measured
 from eval.perplexity import mixed_token_log_probs
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
-from models.ensemble import Ensemble, uniform_log_prior
+from dfm.mixing import uniform_log_prior
+from models.ensemble import Ensemble
 from models.weighers import OracleWeigher, RouterWeigher
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text

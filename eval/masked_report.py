@@ -101,7 +101,7 @@ def evaluate_masked_run(run_dir: str | Path, *, split: str = "test", modes: Sequ
     config = read_run_config(run_dir)
     docs, clusters, num_bytes, _ = held_out(layout, config, split, max_documents)
     ensemble = MaskedEnsemble.from_run(run_dir, device=device, allow_missing=allow_missing,
-                                       load_router=any(m != "oracle" for m in modes), dtype=dtype)
+                                       load_router=any(parse_mode(m)[0].uses_router for m in modes), dtype=dtype)
     if "oracle" in modes and ensemble.clusters != list(range(config["partition"]["num_clusters"])):
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]

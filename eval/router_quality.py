@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dfm.errors import DfmError
+from dfm.mixing import check_k
 
 
 def prefix_lengths(longest: int) -> list[int]:
@@ -89,9 +90,8 @@ def inference_accounting(*, expert_params: Sequence[int], router_params: int = 0
     if not expert_params:
         raise DfmError("give one parameter count per expert (got none)")
     num_experts = len(expert_params)
-    bad = [k for k in top_k if not 1 <= k <= num_experts]
-    if bad:
-        raise DfmError(f"top-k must be between 1 and the number of experts ({num_experts}), got {bad}")
+    for k in top_k:
+        check_k(k, num_experts)
     all_experts = sum(expert_params)
     mean_expert = all_experts / num_experts
     router = 2 * router_params

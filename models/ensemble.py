@@ -7,23 +7,21 @@ routing skipped it), it first prefills what it missed in one batched forward.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
 from dfm.routing import Routing, parse_mode
 from dfm.tensors import autocast_for, positions_from_mask
 from models.cache_argument import cache_kwargs
 from models.expert import load_expert
+from models.tokenizer import load_tokenizer
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.partition import Partition
 from models.router import Router
@@ -320,27 +318,6 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
                    tokenizer, manifest)
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in ``path``; damaged files are a DfmError naming the first unparsable one."""
-    if not path.is_dir():
-        raise DfmError(f"tokenizer directory {path} is missing: run `dfm prepare` or pass --tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as err:  # tokenizers and transformers raise many types (even Exception) on damaged files
-        damaged = next((f for f in sorted(path.glob("*.json")) if not _parses(f)), path)
-        detail = str(err).splitlines()[0] if str(err) else "no details"
-        raise DfmError(f"cannot load the tokenizer: {damaged} is damaged ({type(err).__name__}: {detail}); re-copy "
-                       f"{path} from an intact copy (a new one from `dfm prepare` means retraining every model)") from err
-
-
-def _parses(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str, vocab_size: int) -> None:
     """Refuse an expert trained with another tokenizer."""
     theirs = getattr(expert.config, "dfm_tokenizer_fingerprint", None)
@@ -371,6 +348,3 @@ class SubsetRouter(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache=None) -> Tensor:
         return self.inner(input_ids, attention_mask, cache=cache)[..., self.kept]
 
-
-def uniform_log_prior(num_experts: int) -> Tensor:
-    return torch.full((num_experts,), -math.log(num_experts), dtype=torch.float64)

@@ -18,14 +18,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dfm.decode import DecodeConfig, generate
 from dfm.errors import DfmError
-from dfm.mixing import exclude_log_weights
+from dfm.mixing import check_k, exclude_log_weights
 from dfm.pool import Weigher
 from dfm.routing import Routing, parse_routing
 from models.ensemble import Ensemble
 from models.scoring import document_bos
 from models.weighers import RouterWeigher
 
-_ROUTER_MODES = (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
 
 
 @dataclass
@@ -108,7 +107,8 @@ def generate_text(
                        f"{context} tokens: lower --max-new-tokens below {context}")
     rows, truncated = [], []
     for ids in encode_prompts(prompts, tokenizer, ensemble.vocab_size):
-        ids, cut = _fit(ids, context, max_new_tokens)
+        # the models read BOS, the prompt and every generated token but the last: P + n positions
+        ids, cut = fit_prompt(ids, context - max_new_tokens, context)
         rows.append([bos_id] + ids)
         truncated.append(cut)
     tokens, mask = _left_pad(rows, pad_id, ensemble.device)
@@ -164,8 +164,7 @@ def _check_k(mode: Routing, k: int | None, num_experts: int) -> None:
         return
     if mode not in (Routing.TOPK, Routing.CENTROID):
         raise DfmError(f"--k applies to topk and centroid routing only, not {mode.value}")
-    if not 1 <= k <= num_experts:
-        raise DfmError(f"--k must be between 1 and the number of experts ({num_experts}), got {k}")
+    check_k(k, num_experts)
 
 
 def _weigher_for(ensemble: Ensemble, mode: Routing, weigher: Weigher | None) -> Weigher | None:
@@ -216,13 +215,9 @@ def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], token
     return rows
 
 
-def _fit(ids: list[int], context: int, max_new_tokens: int) -> tuple[list[int], bool]:
-    """Keep the last tokens of a prompt so that the experts see at most ``context`` positions.
-
-    The models read BOS, the prompt and all generated tokens but the last: 1 + P + n - 1 = P + n
-    positions, so at most ``context - max_new_tokens`` prompt tokens fit.
-    """
-    room = context - max_new_tokens
+def fit_prompt(ids: list[int], room: int, context: int) -> tuple[list[int], bool]:
+    """The last ``room`` tokens of a prompt (with a warning when that cuts it), and whether it was cut:
+    a prompt longer than the room the generated tokens leave in a ``context``-token window."""
     if len(ids) <= room:
         return ids, False
     warnings.warn(f"prompt of {len(ids)} tokens truncated from the left to {room} to fit the context of {context}",

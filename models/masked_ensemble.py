@@ -9,7 +9,6 @@ stochastic expert switching) and ``oracle`` (a given expert per sequence).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from dfm.errors import DfmError
 from dfm.masked_sampler import Denoiser
 from dfm.masked_path import MaskedPath
-from dfm.mixing import exclude_log_weights, mix_log_probs
+from dfm.mixing import exclude_log_weights, mix_log_probs, uniform_log_prior
 from dfm.routing import Routing, select_experts
 from dfm.schedulers import scheduler
 from models.ensemble import load_members
@@ -53,7 +52,7 @@ class MaskedEnsemble:
         self.experts = list(experts)
         self.router = router
         count = len(self.experts)
-        self.log_prior = log_prior if log_prior is not None else torch.full((count,), -math.log(count), dtype=torch.float64)
+        self.log_prior = log_prior if log_prior is not None else uniform_log_prior(count)
         self.tokenizer = tokenizer
         self.names = list(names) if names is not None else [f"expert-{i}" for i in range(count)]
         self.clusters = list(clusters) if clusters is not None else list(range(count))

@@ -7,7 +7,6 @@ one in training), else after ``length`` tokens.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,10 +14,11 @@ import torch
 from torch import Tensor
 
 from dfm.errors import DfmError
+from dfm.mixing import check_k
 from dfm.masked_sampler import euler_sample
 from dfm.routing import Routing
 from dfm.sampling import check_sampling
-from models.generation import encode_prompts
+from models.generation import encode_prompts, fit_prompt
 from models.masked_ensemble import MaskedEnsemble, masked_routing
 
 
@@ -61,10 +61,7 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
     if length > context:
         raise DfmError(f"--max-new-tokens {length} exceeds the masked experts' context of {context} tokens: lower it")
     encoded = encode_prompts(prompts, tokenizer, ensemble.path.vocab_size)
-    room = context - length
-    if any(len(ids) > room for ids in encoded):
-        warnings.warn(f"prompts truncated from the left to {room} tokens to fit the context of {context}", stacklevel=2)
-        encoded = [ids[len(ids) - room:] if len(ids) > room else ids for ids in encoded]
+    encoded = [fit_prompt(ids, context - length, context)[0] for ids in encoded]
     oracle = None
     if mode is Routing.ORACLE:
         if clusters is None or len(clusters) != len(encoded):
@@ -73,8 +70,8 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
         if bad:
             raise DfmError(f"--cluster {bad[0]} is not an expert of this ensemble (0..{ensemble.num_experts - 1})")
         oracle = torch.tensor(list(clusters))
-    if k is not None and not 1 <= k <= ensemble.num_experts:
-        raise DfmError(f"--k must be between 1 and the number of experts ({ensemble.num_experts}), got {k}")
+    if k is not None:
+        check_k(k, ensemble.num_experts)
 
     mask_id = ensemble.path.mask_id
     generator = torch.Generator().manual_seed(seed)

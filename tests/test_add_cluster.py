@@ -13,7 +13,8 @@ from datasets import DatasetDict
 
 from dfm.cli import main
 from dfm.errors import DfmError
-from models.ensemble import Ensemble, load_tokenizer
+from models.ensemble import Ensemble
+from models.tokenizer import load_tokenizer
 from training.add_cluster import add_cluster, read_texts
 from training.data import DataSource, load_saved, packed_rows
 from training.layout import RunLayout

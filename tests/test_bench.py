@@ -14,7 +14,8 @@ import torch
 from dfm.errors import DfmError
 from eval import bench
 from eval.partition_bench import ASSIGN_BATCH, CLUSTERS, HERE, TOPIC_IDS
-from models.ensemble import Ensemble, load_tokenizer
+from models.ensemble import Ensemble
+from models.tokenizer import load_tokenizer
 from models.weighers import RouterWeigher
 from models.generation import generate_text
 from models.manifest import tokenizer_fingerprint

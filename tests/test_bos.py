@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dfm.cli import main
 from dfm.errors import DfmError
-from models.ensemble import Ensemble, load_tokenizer
+from models.ensemble import Ensemble
+from models.tokenizer import load_tokenizer
 from models.expert import load_expert
 from models.generation import generate_text, single_model
 from models.scoring import document_bos, token_log_probs

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dfm.cli import main
-from models.ensemble import Ensemble, uniform_log_prior
+from dfm.mixing import uniform_log_prior
+from models.ensemble import Ensemble
 from models.generation import generate_text
 from tests.test_generation import K, ROW_PROMPTS, tiny_expert, tiny_router, word_tokenizer
 

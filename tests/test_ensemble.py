@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dfm import DecodeConfig, DfmError, Routing, generate
-from models.ensemble import Ensemble, uniform_log_prior
+from dfm.mixing import uniform_log_prior
+from models.ensemble import Ensemble
 from models.expert import build_expert, expert_config, load_expert, save_expert
 from models.manifest import ExpertEntry, Manifest, resolve_inside, tokenizer_fingerprint
 from models.router import Router, RouterConfig

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dfm import DfmError, exclude_log_weights, normalize_log_weights, top_k_log_weights
-from models.ensemble import Ensemble, uniform_log_prior
+from dfm.mixing import uniform_log_prior
+from models.ensemble import Ensemble
 from models.expert import build_expert, expert_config
 from models.generation import generate_text, single_model
 from models.router import Router, RouterConfig

@@ -33,7 +33,8 @@ from dfm.cli import main
 from dfm.decode import DecodeConfig, generate
 from dfm.errors import DfmError
 from dfm.routing import Routing
-from models.ensemble import Ensemble, load_tokenizer
+from models.ensemble import Ensemble
+from models.tokenizer import load_tokenizer
 from models.manifest import ExpertEntry, Manifest, artifact_hashes, tokenizer_fingerprint
 from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.lock import lock_path, training_lock

@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
-from models.ensemble import load_tokenizer
+from models.tokenizer import load_tokenizer
 from models.partition import Partition
 from models.scoring import document_bos
 from training.config import read_run_config

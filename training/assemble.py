@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from dfm.errors import DfmError
-from models.ensemble import load_tokenizer
+from models.tokenizer import load_tokenizer
 from models.expert import saved_config
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from training.config import read_run_config

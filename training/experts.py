@@ -16,14 +16,12 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.loss import dfm_loss
 from models.adapters import adapter_parameters, add_lora
-from models.ensemble import load_tokenizer
-from models.expert import branch_from, build_expert, expert_config, num_parameters, save_expert
-from models.manifest import tokenizer_fingerprint
-from models.masked_expert import build_masked_expert, load_masked_expert, masked_expert_config
-from models.scoring import document_bos
+from models.tokenizer import load_tokenizer
+from models.expert import num_parameters, save_expert
 from training.config import is_masked, read_run_config, run_path, seed_phase
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
+from training.initial_model import initial_model, run_relative, start_of
 from training.layout import RunLayout
 from training.masked_training import masked_loss
 from training.trainer import TrainConfig, TrainResult, train
@@ -100,50 +98,17 @@ def compute_matching(run_dir: str | Path, experts: list[str]) -> dict:
             "seed_flops": flops["seed"], "seed_from": summaries[experts[0]].get("branched_from") if experts else None}
 
 
-def _initial_model(config: dict, tokenizer, seed: int, init: str | Path | None) -> nn.Module:
-    """A fresh network of ``expert.arch`` (init None), or a branch of the seed model at ``init``."""
-    fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
-    if is_masked(config):
-        if init is not None:
-            return load_masked_expert(init)
-        return build_masked_expert(masked_expert_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                                        tokenizer_fingerprint=fingerprint,
-                                                        arch=config["expert"]["arch"]), seed=seed)
-    fields = {"bos_token_id": document_bos(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-              "tokenizer_fingerprint": fingerprint}
-    if init is not None:
-        return branch_from(init, vocab_size=len(tokenizer), **fields)
-    return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)
-
-
-def branch_point(run_dir: str | Path, config: dict) -> str | Path | None:
-    """Where experts and the baseline start: RUN/seed after a seed phase, else the pretrained
-    ``seed_model.init_from``, else None (from scratch)."""
-    if seed_phase(config):
-        seed = RunLayout.of(run_dir).seed
-        if not (seed / "config.json").is_file():
-            raise DfmError(f"the seed model is missing at {seed}: run `dfm train-seed --run {run_dir}` first "
-                           f"(a compute island needs RUN/seed too)")
-        return seed
-    return config["seed_model"]["init_from"]
-
-
-def _where(init: str | Path | None, run_dir: Path) -> str | None:
-    """The branch point as a run-relative path (RUN/seed -> "seed"), a hub name, or None."""
-    if init is None:
-        return None
-    return str(Path(init).relative_to(run_dir)) if Path(init).is_relative_to(run_dir) else str(init)
-
-
 def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: datasets.Dataset | None,
-              train_options: dict, seed: int, out_dir: Path, resume: bool, init: str | Path | None,
-              device: torch.device | None, adapted: bool = False) -> dict:
-    """Train one model of the run (the seed, an expert, the baseline); ``adapted``: as a LoRA adapter
-    on ``init`` when the run's ``expert.adapter`` says so."""
+              train_options: dict, seed: int, out_dir: Path, resume: bool, device: torch.device | None,
+              adapted: bool = False) -> dict:
+    """Train one model of the run (the seed model, an expert, the baseline) from where
+    ``initial_model`` starts it; ``adapted``: as a LoRA adapter on that start when the run's
+    ``expert.adapter`` says so."""
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
-    model = _initial_model(config, tokenizer, seed, init)
+    init = start_of(run_dir, config, name)
+    model = initial_model(config, tokenizer, seed, init)
     if adapted and config["expert"]["adapter"] == "lora":
         torch.manual_seed(seed)  # the adapter's initialisation
         model = add_lora(model, config["expert"]["lora"], os.path.relpath(init, out_dir))
@@ -156,7 +121,7 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
     parameters = num_parameters(model) - adapter
     summary = {"name": name, "parameters": parameters, "adapter_parameters": adapter, "steps": result.steps,
                "tokens": result.tokens, "flops": training_flops(parameters, result.tokens, adapter),
-               "branched_from": _where(init, run_dir),
+               "branched_from": run_relative(init, run_dir),
                "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
                "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
     if setup_distributed().is_main:
@@ -175,7 +140,7 @@ def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device |
     layout = RunLayout.of(run_dir)
     shard = load_saved(layout.shared, "the shared documents of the seed phase")
     return _train_lm(run_dir, "seed", shard["train"], shard.get("validation"), config["seed_model"]["train"],
-                     config["seed"] + SEED_OFFSET, layout.seed, resume, config["seed_model"]["init_from"], device)
+                     config["seed"] + SEED_OFFSET, layout.seed, resume, device)
 
 
 def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torch.device | None = None) -> dict:
@@ -190,8 +155,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
                        f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
                        f"and data/expert-{k}/ of the run here (README, Compute islands)")
     return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
-                     config["seed"] + k, layout.expert(k), resume, branch_point(run_dir, config), device,
-                     adapted=True)
+                     config["seed"] + k, layout.expert(k), resume, device, adapted=True)
 
 
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
@@ -233,5 +197,4 @@ def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.devi
     val_data = datasets.concatenate_datasets(validation) if validation else None
     options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
     return _train_lm(run_dir, "baseline", train_data, val_data, options,
-                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, branch_point(run_dir, config), device,
-                     adapted=True)
+                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, device, adapted=True)

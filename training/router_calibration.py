@@ -15,7 +15,7 @@ from dfm.errors import DfmError
 from models.expert import load_expert
 from models.masked_expert import load_masked_expert
 from training.config import is_masked
-from training.experts import branch_point
+from training.initial_model import branch_point
 
 #: log-temperatures searched (golden section) when fitting: T from 1/20 to 20
 _LOG_T_RANGE = (-math.log(20.0), math.log(20.0))

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.posterior import prefix_log_posteriors
-from models.ensemble import load_tokenizer
+from models.tokenizer import load_tokenizer
 from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
 from models.scoring import document_bos, expert_token_log_probs

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from dfm.atomic import atomic_dir
 from dfm.errors import DfmError
 from dfm.progress import shown
-from models.ensemble import load_tokenizer
+from models.tokenizer import load_tokenizer
 from training.data import as_texts
 
 #: One special token serves as document separator, BOS, EOS and padding (GPT-2 style).
