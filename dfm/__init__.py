@@ -13,13 +13,38 @@ from dfm.path import ARPath, check_velocity
 from dfm.pool import ExpertPool, Weigher
 from dfm.posterior import BayesPosterior, bayes_log_posterior
 from dfm.routing import Routing, Selection, parse_routing, select_experts
-from dfm.schedulers import CosineScheduler, PolynomialScheduler, scheduler
 from dfm.sampling import filter_log_probs, sample_tokens
+from dfm.schedulers import CosineScheduler, PolynomialScheduler, scheduler
 
 __all__ = [
-    "ARPath", "BayesPosterior", "CosineScheduler", "DecodeConfig", "DecodeResult", "DfmError", "ExpertPool",
-    "MaskedPath", "PolynomialScheduler", "Routing", "Selection", "StepOutput", "Weigher", "bayes_log_posterior",
-    "check_velocity", "decode_step", "dfm_loss", "euler_sample", "exclude_log_weights", "filter_log_probs",
-    "generate", "masked_dfm_loss", "masked_elbo", "mix_log_probs", "normalize_log_weights", "parse_routing",
-    "sample_tokens", "scheduler", "select_experts", "top_k_log_weights",
+    "ARPath",
+    "BayesPosterior",
+    "CosineScheduler",
+    "DecodeConfig",
+    "DecodeResult",
+    "DfmError",
+    "ExpertPool",
+    "MaskedPath",
+    "PolynomialScheduler",
+    "Routing",
+    "Selection",
+    "StepOutput",
+    "Weigher",
+    "bayes_log_posterior",
+    "check_velocity",
+    "decode_step",
+    "dfm_loss",
+    "euler_sample",
+    "exclude_log_weights",
+    "filter_log_probs",
+    "generate",
+    "masked_dfm_loss",
+    "masked_elbo",
+    "mix_log_probs",
+    "normalize_log_weights",
+    "parse_routing",
+    "sample_tokens",
+    "scheduler",
+    "select_experts",
+    "top_k_log_weights",
 ]

@@ -114,5 +114,7 @@ def check_writable(directory: str | os.PathLike) -> None:
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as err:
-        raise DfmError(f"{target} is not writable ({err.strerror}): make it writable, or copy the run to a writable "
-                       f"place and use the copy") from err
+        raise DfmError(
+            f"{target} is not writable ({err.strerror}): make it writable, or copy the run to a writable "
+            f"place and use the copy"
+        ) from err

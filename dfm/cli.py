@@ -9,36 +9,106 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dfm.errors import DfmError
 
+#: Old spellings of options and commands, each accepted with a warning naming the new one.
+RENAMED = {
+    "--split": "--train-split",
+    "--seed-steps": "--seed-model-steps",
+    "--steps": "--sampler-steps",
+    "train-seed": "train-seed-model",
+}
+
+
+class DeprecatedName(UserWarning):
+    """An option or command used under its old name."""
+
+
+def _renamed(old: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed: use {RENAMED[old]}", DeprecatedName, stacklevel=2)
+
+
+class _Renamed(argparse.Action):
+    """An option's old spelling: stores into the new option's destination, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _renamed(option_string)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(group, old: str, dest: str, **options) -> None:
+    group.add_argument(old, dest=dest, action=_Renamed, default=None, help=argparse.SUPPRESS, **options)
+
+
 #: Shortcut flags of the pipeline commands and the config key each one sets.
 CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
-    "--dataset": ("data.dataset", {"help": "hub name, json|csv|parquet|text (with --data-files), or a save_to_disk dir; "
-                                           "default: the embedded synthetic corpus"}),
+    "--dataset": (
+        "data.dataset",
+        {
+            "help": "hub name, json|csv|parquet|text (with --data-files), or a save_to_disk dir; "
+            "default: the embedded synthetic corpus"
+        },
+    ),
     "--dataset-config": ("data.config_name", {"help": "hub dataset configuration name"}),
-    "--split": ("data.split", {"help": "split to train on (validation/test are carved from it if absent)"}),
-    "--data-files": ("data.data_files", {"nargs": "+", "help": "local files for --dataset json|csv|parquet|text; "
-                                                                "SPLIT=PATH names the split of a file (train=a.jsonl test=b.jsonl)"}),
+    "--train-split": ("data.split", {"help": "split to train on (validation/test are carved from it if absent)"}),
+    "--data-files": (
+        "data.data_files",
+        {
+            "nargs": "+",
+            "help": "local files for --dataset json|csv|parquet|text; "
+            "SPLIT=PATH names the split of a file (train=a.jsonl test=b.jsonl)",
+        },
+    ),
     "--text-column": ("data.text_column", {"help": "column holding the text (default: text)"}),
     "--cluster-column": ("data.cluster_column", {"help": "use this label column as the partition instead of k-means"}),
     "--label-column": ("data.label_column", {"help": "reference label for purity/NMI of the partition"}),
-    "--streaming": ("data.streaming", {"action": "store_const", "const": True, "help": "stream the dataset from the hub or files, writing it to disk as it is read (no --max-documents needed)"}),
+    "--streaming": (
+        "data.streaming",
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "stream the dataset from the hub or files, writing it to disk as it is read "
+            "(no --max-documents needed)",
+        },
+    ),
     "--max-documents": ("data.max_documents", {"type": int, "help": "read at most this many documents"}),
     "--tokenizer": ("tokenizer.path", {"help": "use this saved tokenizer instead of training a BPE one"}),
     "--vocab-size": ("tokenizer.vocab_size", {"type": int, "help": "BPE vocabulary size (default 2048)"}),
     "--num-clusters": ("partition.num_clusters", {"type": int, "help": "number of clusters = experts (default 4)"}),
-    "--init-from": ("seed_model.init_from", {"help": "branch experts and baseline from this pretrained causal LM (hub "
-                                                     "name or local dir); its tokenizer is used and no seed is trained"}),
-    "--shared-column": ("seed_model.shared_column", {"help": "boolean column marking the documents the seed model may "
-                                                             "train on (default: a fraction of every cluster)"}),
-    "--seed-steps": ("seed_model.train.steps", {"type": int, "help": "optimizer steps of the seed phase (default 1200; 200 on the embedded synthetic corpus)"}),
-    "--steps": ("expert.train.steps", {"type": int, "help": "optimizer steps per expert (the baseline gets as much "
-                                                            "compute as all experts and the router together)"}),
+    "--init-from": (
+        "seed_model.init_from",
+        {
+            "help": "branch experts and baseline from this pretrained causal LM (hub "
+            "name or local dir); its tokenizer is used and no seed is trained"
+        },
+    ),
+    "--shared-column": (
+        "seed_model.shared_column",
+        {
+            "help": "boolean column marking the documents the seed model may "
+            "train on (default: a fraction of every cluster)"
+        },
+    ),
+    "--seed-model-steps": (
+        "seed_model.train.steps",
+        {"type": int, "help": "optimizer steps of the seed model (default 1200; 200 on the embedded synthetic corpus)"},
+    ),
+    "--steps": (
+        "expert.train.steps",
+        {
+            "type": int,
+            "help": "optimizer steps per expert (the baseline gets as much "
+            "compute as all experts and the router together)",
+        },
+    ),
     "--router-steps": ("router.train.steps", {"type": int, "help": "optimizer steps of the router"}),
-    "--seed": ("seed", {"type": int, "help": "seed of everything (default 0)"}),
+    "--seed": (
+        "seed",
+        {"type": int, "help": "random seed of everything: data order, initialisations, sampling (default 0)"},
+    ),
     "--num-proc": ("num_proc", {"type": int, "help": "processes for tokenization (Dataset.map)"}),
 }
 
@@ -46,12 +116,19 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (every key of the config can also be set with --set)")
     group.add_argument("--config", help="YAML or JSON config file")
-    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any config key, e.g. --set expert.train.lr=1e-3 (repeatable)")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set expert.train.lr=1e-3 (repeatable)",
+    )
     for flag, (key, options) in CONFIG_FLAGS.items():
         if "action" not in options:
             options = {"metavar": flag[2:].upper().replace("-", "_"), **options}
         group.add_argument(flag, dest="cfg:" + key, default=None, **options)
+    _add_renamed(group, "--split", "cfg:data.split")
+    _add_renamed(group, "--seed-steps", "cfg:seed_model.train.steps", type=int)
 
 
 def _resolved_config(args: argparse.Namespace) -> dict:
@@ -67,7 +144,7 @@ def _resolved_config(args: argparse.Namespace) -> dict:
     config = resolve_config(args.config, overrides)
     layers = ([load_config_file(args.config)] if args.config is not None else []) + overrides
     if not any(isinstance(layer.get("tokenizer"), dict) and "vocab_size" in layer["tokenizer"] for layer in layers):
-        from training.tokenizer import VocabularyShortfall
+        from training.tokenizer_training import VocabularyShortfall
 
         # the default vocabulary is more than a small corpus fills (the default run's reaches ~900 of
         # 2048): say so only to whoever asked for a size (main() scopes this filter to one command)
@@ -79,26 +156,47 @@ def _add_eval_flags(parser: argparse.ArgumentParser, with_run: bool = True) -> N
     if with_run:
         parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--split", default="test", help="held-out split to score (default: test)")
-    parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all); "
-                             "masked runs: mixture top1 top2 switch oracle")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help="ensemble modes to score: mixture top1 top2 bayes centroid oracle (default: all); "
+        "masked runs: mixture top1 top2 switch oracle",
+    )
     parser.add_argument("--max-documents", type=int, help="score only the first N documents")
-    parser.add_argument("--stride", type=int, help="sliding-window stride for documents longer than the context (default: half the context)")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        help="sliding-window stride for documents longer than the context (default: half the context)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="score without missing or corrupt experts (router weights renormalised) instead of failing")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score without missing or corrupt experts (router weights renormalised) instead of failing",
+    )
     _add_device_flag(parser)
     _add_dtype_flag(parser)
-    parser.add_argument("--elbo-samples", type=int,
-                        help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise")
-    parser.add_argument("--margin", type=float, default=0.02,
-                        help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)")
+    parser.add_argument(
+        "--elbo-samples",
+        type=int,
+        help="masked runs: masked draws per row of the ELBO (default 8); more draws, less noise",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.02,
+        help="equivalence margin as a fraction of the baseline's bits per byte (default 0.02)",
+    )
 
 
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the stacked engine's one-token decoding step (Llama experts): seconds of "
-                             "compiling per new shape; meant for GPUs, slower on a CPU (README, Performance)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the stacked engine's one-token decoding step (Llama experts): seconds of "
+        "compiling per new shape; meant for GPUs, slower on a CPU (README, Performance)",
+    )
 
 
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +204,11 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto",
-                        help="precision of the weights at inference: auto (bfloat16 on CUDA, float32 on the CPU), "
-                             "float32 or bfloat16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="precision of the weights at inference: auto (bfloat16 on CUDA, float32 on the CPU), float32 or bfloat16",
+    )
 
 
 def _device(args: argparse.Namespace):
@@ -161,7 +261,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 
 def cmd_train_seed(args: argparse.Namespace) -> dict:
     from eval.pipeline import loss_text
-    from training.experts import train_seed
+    from training.lm_training import train_seed
 
     summary = train_seed(args.run, resume=args.resume, device=_device(args))
     _say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
@@ -170,15 +270,17 @@ def cmd_train_seed(args: argparse.Namespace) -> dict:
 
 def cmd_train_expert(args: argparse.Namespace) -> dict:
     from eval.pipeline import loss_text
-    from training.experts import train_expert
+    from training.lm_training import train_expert
 
     summary = train_expert(args.run, args.expert, resume=args.resume, device=_device(args))
     from training.distributed import setup_distributed
 
     if not setup_distributed().is_main:
         return summary
-    _say(f"expert-{args.expert}: val loss {loss_text(summary['val_loss'])} nats/token "
-         f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s")
+    _say(
+        f"expert-{args.expert}: val loss {loss_text(summary['val_loss'])} nats/token "
+        f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s"
+    )
     return summary
 
 
@@ -188,12 +290,21 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
     from training.prepare import data_source
 
     config = read_run_config(args.run)
-    data = {**config["data"], "dataset": args.dataset, "config_name": args.dataset_config, "split": args.split,
-            "data_files": args.data_files, "text_column": args.text_column, "streaming": args.streaming,
-            "max_documents": args.max_documents}
+    data = {
+        **config["data"],
+        "dataset": args.dataset,
+        "config_name": args.dataset_config,
+        "split": args.split,
+        "data_files": args.data_files,
+        "text_column": args.text_column,
+        "streaming": args.streaming,
+        "max_documents": args.max_documents,
+    }
     k = add_cluster(args.run, read_texts(data_source({**config, "data": data})))
-    _say(f"added cluster {k} to {args.run}; next: dfm train-expert --run {args.run} --expert {k} && "
-         f"dfm train-router --run {args.run} && dfm assemble --run {args.run}")
+    _say(
+        f"added cluster {k} to {args.run}; next: dfm train-expert --run {args.run} --expert {k} && "
+        f"dfm train-router --run {args.run} && dfm assemble --run {args.run}"
+    )
     print(k)  # stdout carries K alone, for K=$(dfm add-expert ...)
     return k
 
@@ -209,7 +320,7 @@ def cmd_train_router(args: argparse.Namespace) -> dict:
 
 def cmd_train_baseline(args: argparse.Namespace) -> dict:
     from eval.pipeline import loss_text
-    from training.experts import train_baseline
+    from training.lm_training import train_baseline
 
     summary = train_baseline(args.run, resume=args.resume, device=_device(args))
     _say(f"baseline: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
@@ -220,8 +331,10 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     from training.assemble import assemble
 
     manifest = assemble(args.run)
-    _say(f"wrote {args.run}/ensemble.json: {len(manifest.experts)} experts, router: {manifest.router}, "
-         f"baseline: {manifest.baseline}")
+    _say(
+        f"wrote {args.run}/ensemble.json: {len(manifest.experts)} experts, router: {manifest.router}, "
+        f"baseline: {manifest.baseline}"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -231,13 +344,23 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     device = _device(args)  # checked before any work
     dtype = _dtype(args, device)
-    result = run_pipeline(args.out, lambda: _resolved_config(args), resume=args.resume, overwrite=args.overwrite,
-                          modes=args.modes, device=device, dtype=dtype, say=_say)
+    result = run_pipeline(
+        args.out,
+        lambda: _resolved_config(args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        modes=args.modes,
+        device=device,
+        dtype=dtype,
+        say=_say,
+    )
     print(markdown(result.report))
     config = read_run_config(args.out)
     print(f"Sample (mixture routing, 60 tokens max):\n  {sample_text(args.out, config['seed'], device, dtype)}\n")
-    _say(f"more: dfm generate --run {args.out} --prompt TEXT --routing "
-         + ("switch --steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing"))
+    _say(
+        f"more: dfm generate --run {args.out} --prompt TEXT --routing "
+        + ("switch --sampler-steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing")
+    )
     _say(f"done in {sum(result.timings.values()):.0f}s: {json.dumps(result.timings)}; report in {args.out}/eval/")
 
 
@@ -250,10 +373,19 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     out = RunLayout.of(args.run).eval
     check_writable(out)  # before minutes of scoring, not after
     device = _device(args)
-    report = evaluate(args.run, split=args.split, modes=args.modes, max_documents=args.max_documents,
-                      stride=args.stride, batch_size=args.batch_size, margin=args.margin,
-                      allow_missing=args.allow_missing, elbo_samples=args.elbo_samples, device=device,
-                      dtype=_dtype(args, device))
+    report = evaluate(
+        args.run,
+        split=args.split,
+        modes=args.modes,
+        max_documents=args.max_documents,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        margin=args.margin,
+        allow_missing=args.allow_missing,
+        elbo_samples=args.elbo_samples,
+        device=device,
+        dtype=_dtype(args, device),
+    )
     plots = write_evaluation(report, args.run)
     print(markdown(report))
     _say(f"wrote {out}/report.json, report.md and {', '.join(p.name for p in plots)}")
@@ -280,8 +412,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             text = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
         except UnicodeDecodeError as err:
-            raise DfmError(f"the prompt on stdin is not UTF-8 text (byte {err.start}): pipe text, or pass "
-                           f"--prompt / --prompt-file") from err
+            raise DfmError(
+                f"the prompt on stdin is not UTF-8 text (byte {err.start}): pipe text, or pass --prompt / --prompt-file"
+            ) from err
         return [text[:-1] if text.endswith("\n") else text]
     return [""]
 
@@ -289,24 +422,26 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _load_generator(args: argparse.Namespace):
     """The ensemble, or the baseline / one expert wrapped as a one-expert ensemble (same code path)."""
     from models.ensemble import Ensemble
-    from models.tokenizer import load_tokenizer
     from models.expert import load_expert
     from models.generation import single_model
     from models.manifest import Manifest, resolve_inside
+    from models.tokenizer import load_tokenizer
 
     device = _device(args)
     dtype = _dtype(args, device)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
-        return Ensemble.from_run(args.run, device=device, allow_missing=args.allow_missing,
-                                 load_router=args.routing.uses_router,
-                                 dtype=dtype)
+        return Ensemble.from_run(
+            args.run, device=device, allow_missing=args.allow_missing, load_router=args.routing.uses_router, dtype=dtype
+        )
     manifest = Manifest.load(args.run)
     tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
     paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}
     if paths.get(args.model) is None:
-        raise DfmError(f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
-                       f"{', '.join(name for name, p in paths.items() if p)}")
+        raise DfmError(
+            f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
+            f"{', '.join(name for name, p in paths.items() if p)}"
+        )
     model = manifest.load_model(args.run, paths[args.model], load_expert, device, dtype)
     manifest.verify(args.run, manifest.tokenizer)
     return single_model(model, tokenizer, name=args.model)
@@ -335,9 +470,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.compile:
             raise DfmError("--compile compiles the autoregressive decoding step; drop it for this masked run")
         return _generate_masked(args)
-    if args.steps is not None or args.show_steps:
-        raise DfmError("--steps and --show-steps are for runs on the masked path; this run is autoregressive "
-                       "(one token per step)")
+    if args.sampler_steps is not None or args.show_steps:
+        raise DfmError(
+            "--sampler-steps and --show-steps are for runs on the masked path; this run is autoregressive "
+            "(one token per step)"
+        )
     from dfm.routing import Routing
     from models.generation import generate_text
 
@@ -346,8 +483,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise DfmError(f"--batch-size must be a positive number of prompts, got {args.batch_size}")
     prompts = _read_prompts(args)
     if len(prompts) > 1 and args.show_routing:
-        raise DfmError(f"--show-routing shows one prompt's tokens; --prompt-file holds {len(prompts)} prompts: "
-                       f"use --json for every prompt's routing weights")
+        raise DfmError(
+            f"--show-routing shows one prompt's tokens; --prompt-file holds {len(prompts)} prompts: "
+            f"use --json for every prompt's routing weights"
+        )
     model = _load_generator(args)
     if args.compile:
         model.compile()
@@ -367,24 +506,43 @@ def cmd_generate(args: argparse.Namespace) -> None:
             return model.weigher("oracle", oracle=[args.cluster] * len(batch))
         return None
 
-    options = dict(max_new_tokens=args.max_new_tokens, routing=args.routing, k=args.k, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, exclude=args.exclude_expert,
-                   route_on=args.route_on)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        routing=args.routing,
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        exclude=args.exclude_expert,
+        route_on=args.route_on,
+    )
     if len(prompts) == 1:
         return _generate_one(args, model, prompts[0], weigher_for(prompts), options)
     from dfm.progress import progress
 
     bar = progress(total=len(prompts), desc="generate", unit="prompt")
     for first in range(0, len(prompts), args.batch_size):
-        batch = prompts[first:first + args.batch_size]
+        batch = prompts[first : first + args.batch_size]
         generation = generate_text(model, batch, weigher=weigher_for(batch), **options)
         record = generation.to_json()
         for i, prompt in enumerate(batch):
             if args.json:  # one JSON object a line, per prompt, in the order of the file
-                row = {key: record[key][i] for key in ("texts", "token_ids", "prompt_ids", "weights",
-                                                       "token_log_probs", "truncated")}
-                print(json.dumps({"prompt": prompt, "text": row.pop("texts"), "index": first + i, **row,
-                                  "names": record["names"]}))
+                row = {
+                    key: record[key][i]
+                    for key in ("texts", "token_ids", "prompt_ids", "weights", "token_log_probs", "truncated")
+                }
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "text": row.pop("texts"),
+                            "index": first + i,
+                            **row,
+                            "names": record["names"],
+                        }
+                    )
+                )
             else:  # one block per prompt: the prompt, its continuation, a blank line
                 print(f"{prompt}{generation.texts[i]}\n", flush=True)
         bar.update(len(batch))
@@ -406,7 +564,7 @@ def _generate_one(args: argparse.Namespace, model, prompt: str, weigher, options
         text = tokenizer.decode([t for t in streamed if t != tokenizer.eos_token_id])
         if text.endswith("\ufffd"):
             return  # wait for the rest of a multi-byte character
-        sys.stdout.write(text[len(printed):])
+        sys.stdout.write(text[len(printed) :])
         sys.stdout.flush()
         printed = text
 
@@ -417,8 +575,10 @@ def _generate_one(args: argparse.Namespace, model, prompt: str, weigher, options
     sys.stdout.write("\n")
     if args.show_routing:
         print(_routing_view(generation, tokenizer, colour=sys.stdout.isatty()))
-    _say(f"{len(generation.token_ids[0])} tokens; expert forward passes {generation.forward_passes}, "
-         f"tokens processed {generation.tokens_processed}")
+    _say(
+        f"{len(generation.token_ids[0])} tokens; expert forward passes {generation.forward_passes}, "
+        f"tokens processed {generation.tokens_processed}"
+    )
 
 
 def _routing_and_k(args: argparse.Namespace):
@@ -440,38 +600,62 @@ def _generate_masked(args: argparse.Namespace) -> None:
     from models.masked_ensemble import MaskedEnsemble, masked_routing
     from models.masked_generation import generate_masked_text
 
-    ignored = {"--top-p": args.top_p != 1.0, "--top-k": args.top_k != 0, "--route-on": args.route_on != "token",
-               "--show-routing": args.show_routing}
+    ignored = {
+        "--top-p": args.top_p != 1.0,
+        "--top-k": args.top_k != 0,
+        "--route-on": args.route_on != "token",
+        "--show-routing": args.show_routing,
+    }
     if any(ignored.values()):
-        raise DfmError(f"{', '.join(f for f, used in ignored.items() if used)} apply to autoregressive runs only; "
-                       f"on the masked path use --steps, --routing, --k and --temperature")
+        raise DfmError(
+            f"{', '.join(f for f, used in ignored.items() if used)} apply to autoregressive runs only; "
+            f"on the masked path use --sampler-steps, --routing, --k and --temperature"
+        )
     routing, k = _routing_and_k(args)
     masked_routing(routing)
     prompts = _read_prompts(args)
     if len(prompts) > 1:
-        raise DfmError(f"the masked sampler takes one prompt; --prompt-file {args.prompt_file} holds {len(prompts)}: "
-                       f"give one line, or --prompt")
+        raise DfmError(
+            f"the masked sampler takes one prompt; --prompt-file {args.prompt_file} holds {len(prompts)}: "
+            f"give one line, or --prompt"
+        )
     prompt = prompts[0]
     device = _device(args)
-    ensemble = MaskedEnsemble.from_run(args.run, device=device, allow_missing=args.allow_missing,
-                                       load_router=routing.uses_router,
-                                       dtype=_dtype(args, device))
+    ensemble = MaskedEnsemble.from_run(
+        args.run,
+        device=device,
+        allow_missing=args.allow_missing,
+        load_router=routing.uses_router,
+        dtype=_dtype(args, device),
+    )
     if args.model != "ensemble":
         if args.model not in ensemble.names:
-            raise DfmError(f"--model {args.model} is not an expert of {args.run}: choose ensemble or one of "
-                           f"{', '.join(ensemble.names)} (a masked baseline is scored by dfm eval)")
+            raise DfmError(
+                f"--model {args.model} is not an expert of {args.run}: choose ensemble or one of "
+                f"{', '.join(ensemble.names)} (a masked baseline is scored by dfm eval)"
+            )
         index = ensemble.names.index(args.model)
-        ensemble = MaskedEnsemble([ensemble.experts[index]], None, tokenizer=ensemble.tokenizer,
-                                  names=[args.model], path=ensemble.path)
-    steps = 64 if args.steps is None else args.steps
+        ensemble = MaskedEnsemble(
+            [ensemble.experts[index]], None, tokenizer=ensemble.tokenizer, names=[args.model], path=ensemble.path
+        )
+    steps = 64 if args.sampler_steps is None else args.sampler_steps
 
     def show(step: int, texts: list[str]) -> None:
         _say(f"step {step + 1}/{steps}: {texts[0]}")
 
-    generation = generate_masked_text(ensemble, prompt, length=args.max_new_tokens, steps=steps, routing=routing,
-                                      k=k, temperature=args.temperature, seed=args.seed,
-                                      clusters=None if args.cluster is None else [args.cluster],
-                                      exclude=args.exclude_expert, on_step=show if args.show_steps else None)
+    generation = generate_masked_text(
+        ensemble,
+        prompt,
+        length=args.max_new_tokens,
+        steps=steps,
+        routing=routing,
+        k=k,
+        temperature=args.temperature,
+        seed=args.seed,
+        clusters=None if args.cluster is None else [args.cluster],
+        exclude=args.exclude_expert,
+        on_step=show if args.show_steps else None,
+    )
     if args.json:
         print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
         return
@@ -486,7 +670,9 @@ def cmd_convergence(args: argparse.Namespace) -> dict:
     for out in (args.out, args.plot):
         if out is not None:
             check_writable(Path(out).parent)  # before the study, not after
-    study = convergence_study(args.steps or DEFAULT_STEPS, args.eps or DEFAULT_EPS, scheduler_name=args.scheduler)
+    study = convergence_study(
+        args.sampler_steps or DEFAULT_STEPS, args.eps or DEFAULT_EPS, scheduler_name=args.scheduler
+    )
     write_study(study, args.out)
     if args.plot:
         plot_convergence(study, args.plot)
@@ -494,8 +680,10 @@ def cmd_convergence(args: argparse.Namespace) -> dict:
         exact = result["tv"]["eps"].index(0.0)
         tv = dict(zip(result["tv"]["steps"], (row[exact] for row in result["tv"]["values"])))
         shown = ", ".join(f"N={n}: {tv[n]:.4f}" for n in (1, 8, 64) if n in tv)
-        print(f"{mode}: TV at eps=0 {shown}; TV ~ N^-{result['rate_in_steps']:.3f}, "
-              f"excess TV ~ eps^{result['rate_in_eps']:.3f}")
+        print(
+            f"{mode}: TV at eps=0 {shown}; TV ~ N^-{result['rate_in_steps']:.3f}, "
+            f"excess TV ~ eps^{result['rate_in_eps']:.3f}"
+        )
     _say(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return study
 
@@ -513,8 +701,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     if args.prepare:
         from eval.prepare_bench import bench_prepare, format_prepare_table
 
-        results = bench_prepare(args.prepare, Path(args.out), say=_say, vocab=args.prepare_vocab,
-                                source=args.prepare_source)
+        results = bench_prepare(
+            args.prepare, Path(args.out), say=_say, vocab=args.prepare_vocab, source=args.prepare_source
+        )
         print(format_prepare_table(results))
         _say(f"wrote {args.out} in {results['seconds']:.0f}s")
         return results
@@ -522,8 +711,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         from eval.run_bench import bench_run, format_run_table
 
         quick = dict(batches=(1, 2), prompt_tokens=16, new_tokens=32, repeats=1) if args.quick else {}
-        results = bench_run(args.run, device=_device(args), compiled=args.compile, out=Path(args.out), say=_say,
-                            **quick)
+        results = bench_run(
+            args.run, device=_device(args), compiled=args.compile, out=Path(args.out), say=_say, **quick
+        )
         print(format_run_table(results))
         _say(f"wrote {args.out} in {results['seconds']:.0f}s")
         return results
@@ -540,19 +730,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfm",
         description="Decentralized autoregressive generation: train one expert per data cluster in isolation, "
-                    "combine them token by token with a router (discrete flow matching).",
+        "combine them token by token with a router (discrete flow matching).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (they appear only when stderr is a terminal anyway)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this process "
-                             "may use); give each of "
-                             "several dfm processes on one machine its share, e.g. --threads 1 twice on 2 cores")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (they appear only when stderr is a terminal anyway)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this process "
+        "may use); give each of "
+        "several dfm processes on one machine its share, e.g. --threads 1 twice on 2 cores",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, help_text: str, handler: Callable, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
         p.set_defaults(handler=handler)
         # --debug and --quiet after the command too; SUPPRESS leaves the value before it alone when absent here
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
@@ -561,12 +756,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run: keep its prepared data, resume training stages from checkpoints")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: keep its prepared data, resume training stages from checkpoints",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds trained models")
-    p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
-                        "all); masked runs: mixture top1 top2 switch oracle")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
+        "all); masked runs: mixture top1 top2 switch oracle",
+    )
     _add_device_flag(p)
     _add_dtype_flag(p)
     _add_config_flags(p)
@@ -574,8 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--overwrite", action="store_true", help="replace a run that already holds trained models")
     _add_config_flags(p)
-    p = add("train-seed", "train the seed model on the shared documents; every expert and the baseline branch from it",
-            cmd_train_seed)
+    p = add(
+        "train-seed-model",
+        "train the seed model on the shared documents; every expert and the baseline branch from it",
+        cmd_train_seed,
+        aliases=["train-seed"],
+    )
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     _add_device_flag(p)
@@ -584,23 +790,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", type=int, required=True, help="cluster / expert index K")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     _add_device_flag(p)
-    p = add("add-expert", "add a new cluster of documents to a prepared run as expert K (others untouched)",
-            cmd_add_expert)
+    p = add(
+        "add-expert", "add a new cluster of documents to a prepared run as expert K (others untouched)", cmd_add_expert
+    )
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--dataset", required=True,
-                   help="hub name, json|csv|parquet|text (with --data-files), or a save_to_disk dir")
+    p.add_argument(
+        "--dataset", required=True, help="hub name, json|csv|parquet|text (with --data-files), or a save_to_disk dir"
+    )
     p.add_argument("--dataset-config", help="hub dataset configuration name")
     p.add_argument("--split", help="split to read (default: every split)")
     p.add_argument("--data-files", nargs="+", help="local files for --dataset json|csv|parquet|text")
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    p.add_argument("--streaming", action="store_true", help="stream the dataset from the hub or files, writing it to disk as it is read (no --max-documents needed)")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream the dataset from the hub or files, writing it to disk as it is read (no --max-documents needed)",
+    )
     p.add_argument("--max-documents", type=int, help="read at most this many documents")
-    p = add("train-router", "train the router on prefixes of every cluster (masked runs: on noisy states)",
-            cmd_train_router)
+    p = add(
+        "train-router", "train the router on prefixes of every cluster (masked runs: on noisy states)", cmd_train_router
+    )
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     _add_device_flag(p)
-    p = add("train-baseline", "train the compute-matched central baseline on the union of all shards", cmd_train_baseline)
+    p = add(
+        "train-baseline", "train the compute-matched central baseline on the union of all shards", cmd_train_baseline
+    )
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     _add_device_flag(p)
@@ -608,68 +823,133 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p = add("eval", "perplexity-equivalence report: baseline vs experts vs every routing mode", cmd_eval)
     _add_eval_flags(p)
-    p.add_argument("--no-baseline", action="store_true",
-                   help="accept a run without a baseline: report the scores with no equivalence verdict and exit 0 "
-                        "(without it, a missing baseline exits non-zero after writing the report)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="accept a run without a baseline: report the scores with no equivalence verdict and exit 0 "
+        "(without it, a missing baseline exits non-zero after writing the report)",
+    )
     p = add("generate", "generate text with the routed ensemble, streaming tokens to stdout", cmd_generate)
     p.add_argument("--run", required=True, help="run directory")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text (default: read stdin if piped, else start from BOS)")
-    source.add_argument("--prompt-file", help="UTF-8 file of prompts, one a line (blank lines skipped); several "
-                                              "prompts are decoded in batches and printed one block (or, with "
-                                              "--json, one JSON line) each, in file order")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="prompts decoded together (default 8); the same seed and batch size give the same texts")
-    p.add_argument("--routing", default="mixture",
-                   help="mixture | topk | top1 | top2 | switch | bayes | centroid | oracle (default: mixture); "
-                        "masked runs: mixture, topk/topN, switch, oracle")
+    source.add_argument(
+        "--prompt-file",
+        help="UTF-8 file of prompts, one a line (blank lines skipped); several "
+        "prompts are decoded in batches and printed one block (or, with "
+        "--json, one JSON line) each, in file order",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts decoded together (default 8); the same seed and batch size give the same texts",
+    )
+    p.add_argument(
+        "--routing",
+        default="mixture",
+        help="mixture | topk | top1 | top2 | switch | bayes | centroid | oracle (default: mixture); "
+        "masked runs: mixture, topk/topN, switch, oracle",
+    )
     p.add_argument("--k", type=int, help="experts kept per token for topk (default 1) and centroid")
-    p.add_argument("--max-new-tokens", type=int, default=100,
-                   help="tokens to generate (default 100); on a masked run, the masked positions to fill")
-    p.add_argument("--steps", type=int, help="masked runs: Euler steps of the sampler (default 64); more steps, "
-                                             "fewer tokens revealed at once, closer to the model's distribution")
-    p.add_argument("--show-steps", action="store_true",
-                   help="masked runs: print every step's partly revealed text to stderr (masks as _)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=100,
+        help="tokens to generate (default 100); on a masked run, the masked positions to fill",
+    )
+    _add_renamed(p, "--steps", "sampler_steps", type=int)
+    p.add_argument(
+        "--sampler-steps",
+        type=int,
+        help="masked runs: Euler steps of the sampler (default 64); more steps, "
+        "fewer tokens revealed at once, closer to the model's distribution",
+    )
+    p.add_argument(
+        "--show-steps",
+        action="store_true",
+        help="masked runs: print every step's partly revealed text to stderr (masks as _)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--exclude-expert", type=int, nargs="+", default=[], metavar="K",
-                   help="opt these experts out; the remaining weights are renormalised")
-    p.add_argument("--route-on", choices=["token", "prompt"], default="token",
-                   help="re-route every token (default) or route once after the prompt")
+    p.add_argument(
+        "--exclude-expert",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="opt these experts out; the remaining weights are renormalised",
+    )
+    p.add_argument(
+        "--route-on",
+        choices=["token", "prompt"],
+        default="token",
+        help="re-route every token (default) or route once after the prompt",
+    )
     p.add_argument("--cluster", type=int, help="true cluster for --routing oracle")
     p.add_argument("--centroid-temperature", type=float, default=0.1, help="temperature of centroid routing")
-    p.add_argument("--model", default="ensemble",
-                   help="ensemble (default), baseline, or expert-K: generate with one model through the same path")
+    p.add_argument(
+        "--model",
+        default="ensemble",
+        help="ensemble (default), baseline, or expert-K: generate with one model through the same path",
+    )
     p.add_argument("--allow-missing", action="store_true", help="leave out missing or corrupt experts with a warning")
     p.add_argument("--show-routing", action="store_true", help="after the text, show which expert carried each token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_compile_flag(p)
     _add_device_flag(p)
     _add_dtype_flag(p)
-    p = add("convergence", "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
-                           "the source vs the number of steps N and the router's error eps", cmd_convergence)
+    p = add(
+        "convergence",
+        "exact convergence of the masked-path sampler on an enumerable toy: total variation to "
+        "the source vs the number of steps N and the router's error eps",
+        cmd_convergence,
+    )
     p.add_argument("--out", default="convergence.json", help="write the study as JSON here (default: convergence.json)")
     p.add_argument("--plot", help="also draw TV vs N (log-log) into this PNG")
-    p.add_argument("--steps", type=int, nargs="+", metavar="N", help="step counts N (default: every N in 1..64)")
-    p.add_argument("--eps", type=float, nargs="+", metavar="EPS",
-                   help="router errors: the exact posterior blended with uniform at eps (default 0 0.01 0.03 0.1 0.3)")
+    _add_renamed(p, "--steps", "sampler_steps", type=int, nargs="+")
+    p.add_argument(
+        "--sampler-steps", type=int, nargs="+", metavar="N", help="sampler step counts N (default: every N in 1..64)"
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        metavar="EPS",
+        help="router errors: the exact posterior blended with uniform at eps (default 0 0.01 0.03 0.1 0.3)",
+    )
     p.add_argument("--scheduler", default="linear", help="kappa(t) of the path: linear or cosine (default linear)")
     p = add("bench", "speed and memory of training, decoding and scoring, side by side with transformers", cmd_bench)
     p.add_argument("--quick", action="store_true", help="less work per figure: under two minutes, for a smoke test")
     p.add_argument("--out", default="bench.json", help="write every figure as JSON here (default: bench.json)")
-    p.add_argument("--prepare", type=int, nargs="+", metavar="N",
-                   help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
-                        "each (e.g. 10000 100000 1000000), every run in a fresh process")
-    p.add_argument("--prepare-vocab", type=int, metavar="V",
-                   help="with --prepare: the partition alone (fit on N synthetic token-id documents, then assign and "
-                        "centroid-weigh 1000) at a V-token vocabulary, e.g. 150000, in fresh processes")
-    p.add_argument("--prepare-source", metavar="DIR",
-                   help="with --prepare: import dfm from the checkout at DIR in the measured processes (e.g. "
-                        "`git worktree add DIR COMMIT` for figures before a change; default: this one)")
-    p.add_argument("--run", help="instead: decoding speed of this trained run on prompts from its test split, every "
-                                 "routing mode against its baseline's transformers generate (batch 1 and 8)")
+    p.add_argument(
+        "--prepare",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead: documents/s and peak RSS of `dfm prepare` on synthetic corpora of N documents "
+        "each (e.g. 10000 100000 1000000), every run in a fresh process",
+    )
+    p.add_argument(
+        "--prepare-vocab",
+        type=int,
+        metavar="V",
+        help="with --prepare: the partition alone (fit on N synthetic token-id documents, then assign and "
+        "centroid-weigh 1000) at a V-token vocabulary, e.g. 150000, in fresh processes",
+    )
+    p.add_argument(
+        "--prepare-source",
+        metavar="DIR",
+        help="with --prepare: import dfm from the checkout at DIR in the measured processes (e.g. "
+        "`git worktree add DIR COMMIT` for figures before a change; default: this one)",
+    )
+    p.add_argument(
+        "--run",
+        help="instead: decoding speed of this trained run on prompts from its test split, every "
+        "routing mode against its baseline's transformers generate (batch 1 and 8)",
+    )
     _add_compile_flag(p)
     _add_device_flag(p)
     return parser
@@ -705,14 +985,18 @@ def _unwritable(err: Exception) -> str | None:
     """What to do when dfm may not write a file (a read-only run directory, its permissions), or None
     for any other failure."""
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
-        return (f"cannot write {err.filename} ({err.strerror}): make the run directory writable, or copy the run "
-                f"to a writable place and use the copy")
+        return (
+            f"cannot write {err.filename} ({err.strerror}): make the run directory writable, or copy the run "
+            f"to a writable place and use the copy"
+        )
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _one_line_warning  # parsing warns about renamed options already
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _one_line_warning
+    if args.command in RENAMED:
+        _renamed(args.command)
     try:
         with warnings.catch_warnings():  # warning filters a command sets end with it
             _quiet_libraries(args.quiet)
@@ -735,8 +1019,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dfm: error: {unwritable}", file=sys.stderr)
             return 2
         first = str(err).splitlines()[0] if str(err) else ""
-        print(f"dfm: error: unexpected {type(err).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"dfm: error: unexpected {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -19,15 +19,15 @@ from dfm.sampling import check_sampling, sample_tokens
 @dataclass
 class DecodeConfig:
     routing: Routing = Routing.MIXTURE
-    k: int | None = None                # experts kept per token for topk (and optionally centroid)
-    temperature: float = 1.0            # 0 = greedy
-    top_k: int = 0                      # token filtering; 0 = off
-    top_p: float = 1.0                  # nucleus filtering; 1 = off
+    k: int | None = None  # experts kept per token for topk (and optionally centroid)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # token filtering; 0 = off
+    top_p: float = 1.0  # nucleus filtering; 1 = off
     max_new_tokens: int = 64
-    route_on: str = "token"             # "token": re-route every token; "prompt": route once
-    exclude: Sequence[int] = ()         # experts opted out at inference
-    eos_id: int | None = None           # stop a row once it produced this token
-    pad_id: int = 0                     # filler for rows that already stopped
+    route_on: str = "token"  # "token": re-route every token; "prompt": route once
+    exclude: Sequence[int] = ()  # experts opted out at inference
+    eos_id: int | None = None  # stop a row once it produced this token
+    pad_id: int = 0  # filler for rows that already stopped
 
     def validate(self, num_experts: int) -> None:
         if self.route_on not in ("token", "prompt"):
@@ -41,9 +41,9 @@ class DecodeConfig:
 
 @dataclass
 class StepOutput:
-    token: Tensor              # (B,) sampled tokens
-    log_probs: Tensor          # (B, V) mixture log-probabilities the token was drawn from
-    expert_log_probs: Tensor   # (B, E, V) of the experts that ran (any finite value where a row gave one no weight)
+    token: Tensor  # (B,) sampled tokens
+    log_probs: Tensor  # (B, V) mixture log-probabilities the token was drawn from
+    expert_log_probs: Tensor  # (B, E, V) of the experts that ran (any finite value where a row gave one no weight)
     selection: Selection
 
 
@@ -60,8 +60,9 @@ def decode_step(
     log_weights = selection.log_weights[:, selection.active]
     used = torch.isfinite(log_weights)
     sparse = len(selection.active) > 1 and not bool(used.all())
-    expert_log_probs = pool.next_token_log_probs(tokens, attention_mask, selection.active,
-                                                 rows=used if sparse else None)
+    expert_log_probs = pool.next_token_log_probs(
+        tokens, attention_mask, selection.active, rows=used if sparse else None
+    )
     if len(selection.active) == 1:  # every row gives the one active expert weight 1: nothing to mix
         mixed = expert_log_probs[:, 0]
     elif sparse and bool((used.sum(-1) == 1).all()):  # one expert per row: the one finite term of the logsumexp
@@ -76,13 +77,13 @@ def decode_step(
 
 @dataclass
 class DecodeResult:
-    tokens: Tensor         # (B, T + n) prompt and generated tokens
+    tokens: Tensor  # (B, T + n) prompt and generated tokens
     attention_mask: Tensor  # (B, T + n)
-    new_tokens: Tensor     # (B, n)
-    lengths: Tensor        # (B,) generated tokens per row, up to and including EOS
+    new_tokens: Tensor  # (B, n)
+    lengths: Tensor  # (B,) generated tokens per row, up to and including EOS
     token_log_probs: Tensor  # (B, n) log-prob of each sampled token under the mixture it was drawn from
-    weights: Tensor        # (B, n, K) routing distribution of every generated token (before sparsification)
-    used_weights: Tensor   # (B, n, K) weights actually mixed (zero for experts that did not run)
+    weights: Tensor  # (B, n, K) routing distribution of every generated token (before sparsification)
+    used_weights: Tensor  # (B, n, K) weights actually mixed (zero for experts that did not run)
     experts_ran: list[list[int]]  # per step, the experts that ran a forward pass
 
 

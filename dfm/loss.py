@@ -31,8 +31,9 @@ def dfm_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = Non
     return F.cross_entropy(source.reshape(-1, source.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def masked_elbo(logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MaskedPath,
-                attention_mask: Tensor | None = None) -> Tensor:
+def masked_elbo(
+    logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MaskedPath, attention_mask: Tensor | None = None
+) -> Tensor:
     """Per sequence (B,), the ELBO integrand of the masked path at time t:
     w(t) * sum over masked positions of -log p(x1_i | X_t), with w = d_kappa / (1 - kappa).
 
@@ -48,8 +49,9 @@ def masked_elbo(logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MaskedP
     return path.loss_weight(t.to(per_sequence.dtype)) * per_sequence
 
 
-def masked_dfm_loss(logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MaskedPath,
-                    attention_mask: Tensor | None = None) -> Tensor:
+def masked_dfm_loss(
+    logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MaskedPath, attention_mask: Tensor | None = None
+) -> Tensor:
     """The masked path's DFM loss: the batch's ELBO per real token (an upper bound on NLL per token)."""
     tokens = x1.numel() if attention_mask is None else attention_mask.sum()
     return masked_elbo(logits, x1, xt, t, path, attention_mask).sum() / tokens

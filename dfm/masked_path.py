@@ -43,6 +43,7 @@ class MaskedPath:
         return torch.where(masked, self.loss_weight(t).reshape(-1, 1, 1) * u, torch.zeros_like(u))
 
     def reveal_probability(self, t: Tensor, s: Tensor) -> Tensor:
-        """Probability that a token masked at time t is revealed by time s > t: (kappa(s) - kappa(t)) / (1 - kappa(t))."""
+        """Probability that a token masked at time t is revealed by time s > t:
+        (kappa(s) - kappa(t)) / (1 - kappa(t))."""
         kappa_t = self.scheduler.kappa(t)
         return (self.scheduler.kappa(s) - kappa_t) / (1 - kappa_t)

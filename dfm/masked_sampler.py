@@ -28,9 +28,16 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], None]
 
 
-def euler_sample(denoise: Denoiser, x: Tensor, path: MaskedPath, steps: int, *,
-                 generator: torch.Generator | None = None, temperature: float = 1.0,
-                 on_step: StepCallback | None = None) -> Tensor:
+def euler_sample(
+    denoise: Denoiser,
+    x: Tensor,
+    path: MaskedPath,
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    on_step: StepCallback | None = None,
+) -> Tensor:
     """Sample clean sequences from the state ``x`` (B, N) (masks where unknown) in ``steps`` Euler steps."""
     if steps < 1:
         raise DfmError(f"the sampler needs at least 1 step, got {steps}")

@@ -1,6 +1,7 @@
 """Combining experts: mixtures of next-token probabilities, computed in log space.
 
-Shapes: expert log-probs (B, K, V) (or (B, K, N, V) on a masked state), log-weights (B, K). Weights of -inf mean "not used".
+Shapes: expert log-probs (B, K, V) (or (B, K, N, V) on a masked state), log-weights (B, K).
+Weights of -inf mean "not used".
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ class ExpertPool(Protocol):
     @property
     def num_experts(self) -> int: ...
 
-    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
-                             rows: Tensor | None = None) -> Tensor:
+    def next_token_log_probs(
+        self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int], rows: Tensor | None = None
+    ) -> Tensor:
         """log p_e(x_{T+1} | x_<=T) for each listed expert: (B, len(experts), V).
 
         ``rows`` (B, len(experts)) bool, when given, marks the (row, expert) pairs the caller

@@ -28,10 +28,18 @@ def shown() -> bool:
     return not _quiet and sys.stderr.isatty()
 
 
-def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it",
-             enabled: bool = True, **options: Any) -> tqdm:
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    enabled: bool = True,
+    **options: Any,
+) -> tqdm:
     """A tqdm bar on stderr; off under quiet, when ``enabled`` is false (e.g. a non-main rank)
     and when stderr is not a terminal."""
     disable = True if _quiet or not enabled else None  # None: tqdm turns itself off on a non-terminal
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True,
-                **options)
+    return tqdm(
+        iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True, **options
+    )

@@ -13,12 +13,12 @@ from dfm.mixing import normalize_log_weights, top_k_log_weights
 
 
 class Routing(str, Enum):
-    MIXTURE = "mixture"    # learned router weights, every expert runs
-    TOPK = "topk"          # router weights, k largest kept and renormalised
-    SWITCH = "switch"      # one expert sampled from the router weights, then a token from it
-    BAYES = "bayes"        # exact posterior from the experts' own likelihood of the prefix
+    MIXTURE = "mixture"  # learned router weights, every expert runs
+    TOPK = "topk"  # router weights, k largest kept and renormalised
+    SWITCH = "switch"  # one expert sampled from the router weights, then a token from it
+    BAYES = "bayes"  # exact posterior from the experts' own likelihood of the prefix
     CENTROID = "centroid"  # tf-idf distance to cluster centres (c-BTM), optionally top-k
-    ORACLE = "oracle"      # one-hot true cluster (evaluation only)
+    ORACLE = "oracle"  # one-hot true cluster (evaluation only)
 
     @property
     def uses_router(self) -> bool:
@@ -47,7 +47,7 @@ class Selection:
     """The weights actually used for one token and the experts that must run."""
 
     log_weights: Tensor  # (B, K), -inf for experts that do not contribute
-    active: list[int]    # experts with a non-zero weight in any row, ascending
+    active: list[int]  # experts with a non-zero weight in any row, ascending
 
 
 def select_experts(

@@ -29,7 +29,7 @@ class PolynomialScheduler:
     exponent: float = 1.0
 
     def kappa(self, t: Tensor) -> Tensor:
-        return t ** self.exponent
+        return t**self.exponent
 
     def d_kappa(self, t: Tensor) -> Tensor:
         return self.exponent * t ** (self.exponent - 1)

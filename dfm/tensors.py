@@ -29,8 +29,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise DfmError(f"--device {name}: this machine has no CUDA GPU (or torch was built without CUDA); "
-                           f"pass --device cpu or auto")
+            raise DfmError(
+                f"--device {name}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                f"pass --device cpu or auto"
+            )
         if device.index is not None and device.index >= count:
             raise DfmError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return device

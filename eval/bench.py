@@ -42,24 +42,24 @@ from transformers.utils import logging as hf_logging
 
 from dfm.atomic import write_json
 from dfm.masked_path import MaskedPath
+from dfm.mixing import uniform_log_prior
 from dfm.progress import progress as progress_bar
 from dfm.schedulers import scheduler
 from dfm.tensors import autocast_for, inference_dtype
 from eval.measured import run_measured
 from eval.perplexity import mixed_token_log_probs
-from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
-from dfm.mixing import uniform_log_prior
 from models.ensemble import Ensemble
-from models.weighers import OracleWeigher, RouterWeigher
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text
+from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import build_masked_expert, masked_expert_config
 from models.masked_generation import generate_masked_text
-from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
 from models.router import Router, RouterConfig
-from training.experts import lm_loss
-from training.tokenizer import END_OF_TEXT, save_tokenizer
+from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
+from models.weighers import OracleWeigher, RouterWeigher
+from training.lm_training import lm_loss
+from training.tokenizer_training import END_OF_TEXT, save_tokenizer
 from training.trainer import TrainConfig, train
 
 VOCAB_SIZE = 2048
@@ -74,24 +74,48 @@ LR = 3e-3
 class Settings:
     """How much work each section does (full bench vs --quick)."""
 
-    repeats: int                  # timed repetitions per figure (median reported)
-    peak_size: int                # square matmul size
+    repeats: int  # timed repetitions per figure (median reported)
+    peak_size: int  # square matmul size
     peak_repeats: int
     train_steps: tuple[int, int]  # project trainer: short and long run, timed as a difference
-    train_chunk: int              # plain loop / HF Trainer: steps per timed chunk
-    train_warmup: int             # steps before the first timed chunk
-    new_tokens: int               # generated tokens per sequence
-    batches: tuple[int, ...]      # generation batch sizes
-    num_experts: int              # K of the generation section
-    scaling: tuple[int, ...]      # K of the scaling section
+    train_chunk: int  # plain loop / HF Trainer: steps per timed chunk
+    train_warmup: int  # steps before the first timed chunk
+    new_tokens: int  # generated tokens per sequence
+    batches: tuple[int, ...]  # generation batch sizes
+    num_experts: int  # K of the generation section
+    scaling: tuple[int, ...]  # K of the scaling section
     score_docs: int
-    score_tokens: int             # tokens per scored document
+    score_tokens: int  # tokens per scored document
 
 
-FULL = Settings(repeats=5, peak_size=1024, peak_repeats=10, train_steps=(5, 25), train_chunk=20, train_warmup=3,
-                new_tokens=200, batches=(1, 8), num_experts=4, scaling=(2, 4, 8), score_docs=32, score_tokens=200)
-QUICK = Settings(repeats=2, peak_size=512, peak_repeats=5, train_steps=(1, 3), train_chunk=2, train_warmup=1,
-                 new_tokens=32, batches=(1, 2), num_experts=4, scaling=(2, 4), score_docs=8, score_tokens=100)
+FULL = Settings(
+    repeats=5,
+    peak_size=1024,
+    peak_repeats=10,
+    train_steps=(5, 25),
+    train_chunk=20,
+    train_warmup=3,
+    new_tokens=200,
+    batches=(1, 8),
+    num_experts=4,
+    scaling=(2, 4, 8),
+    score_docs=32,
+    score_tokens=200,
+)
+QUICK = Settings(
+    repeats=2,
+    peak_size=512,
+    peak_repeats=5,
+    train_steps=(1, 3),
+    train_chunk=2,
+    train_warmup=1,
+    new_tokens=32,
+    batches=(1, 2),
+    num_experts=4,
+    scaling=(2, 4),
+    score_docs=8,
+    score_tokens=100,
+)
 
 #: Generation modes of the ensemble: name -> generate_text keyword arguments.
 MODES: dict[str, dict[str, Any]] = {
@@ -134,14 +158,23 @@ def bench_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     vocab = {END_OF_TEXT: BOS, **{f"t{i}": i for i in range(1, vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=END_OF_TEXT))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
-                                   pad_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+    )
 
 
 def bench_expert(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
     """The default expert architecture, random-initialised with ``seed``."""
-    config = expert_config(len(tokenizer), bos_token_id=BOS, eos_token_id=BOS,
-                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()))
+    config = expert_config(
+        len(tokenizer),
+        bos_token_id=BOS,
+        eos_token_id=BOS,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
+    )
     return build_expert(config, seed=seed)
 
 
@@ -207,21 +240,32 @@ def _train_data(rows: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def _project_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
-                                      device: torch.device) -> float:
+def _project_trainer_seconds_per_step(
+    tokenizer, data: datasets.Dataset, settings: Settings, device: torch.device
+) -> float:
     """Steady-state seconds per step of ``training.trainer.train``: two runs of different lengths,
     timed whole, differenced; setup, the final checkpoint and the save cancel out."""
 
     def run(steps: int) -> float:
         model = bench_expert(tokenizer)
-        config = TrainConfig(steps=steps, batch_size=TRAIN_BATCH, lr=LR, checkpoint_every=0, log_every=0,
-                             eval_every=0, warmup_steps=1)
+        config = TrainConfig(
+            steps=steps, batch_size=TRAIN_BATCH, lr=LR, checkpoint_every=0, log_every=0, eval_every=0, warmup_steps=1
+        )
         # the trainer's progress bar would interleave with the bench's own lines: it goes to a buffer
         with tempfile.TemporaryDirectory() as tmp, redirect_stderr(io.StringIO()):
             start = time.perf_counter()
-            train(model, data, lm_loss, config, save_fn=save_expert, out_dir=Path(tmp) / "out",
-                  checkpoint_dir=Path(tmp) / "checkpoints", log_path=Path(tmp) / "log.jsonl", desc="bench trainer",
-                  device=device)
+            train(
+                model,
+                data,
+                lm_loss,
+                config,
+                save_fn=save_expert,
+                out_dir=Path(tmp) / "out",
+                checkpoint_dir=Path(tmp) / "checkpoints",
+                log_path=Path(tmp) / "log.jsonl",
+                desc="bench trainer",
+                device=device,
+            )
             return time.perf_counter() - start
 
     short, long = settings.train_steps
@@ -240,8 +284,7 @@ def _chunk_seconds(times: Sequence[float], warmup: int, chunk: int) -> float:
     return statistics.median(chunks)
 
 
-def _plain_loop_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
-                                 device: torch.device) -> float:
+def _plain_loop_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings, device: torch.device) -> float:
     """A minimal loop: forward with labels (under the trainer's autocast), backward, AdamW step, zero_grad."""
     model = bench_expert(tokenizer).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
@@ -261,8 +304,9 @@ def _plain_loop_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Se
     return _chunk_seconds(times, settings.train_warmup, settings.train_chunk)
 
 
-def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Settings,
-                                 device: torch.device) -> tuple[float, str] | None:
+def _hf_trainer_seconds_per_step(
+    tokenizer, data: datasets.Dataset, settings: Settings, device: torch.device
+) -> tuple[float, str] | None:
     """``transformers.Trainer`` with the same model, batch and precision, and the optimizer it picked;
     a callback stamps every step. None when ``accelerate`` (which Trainer needs) is missing."""
     try:
@@ -286,19 +330,35 @@ def _hf_trainer_seconds_per_step(tokenizer, data: datasets.Dataset, settings: Se
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=TRAIN_BATCH, learning_rate=LR,
-            weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=1, lr_scheduler_type="cosine",
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu",
-            bf16=device.type == "cuda", seed=0)
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=TRAIN_BATCH,
+            learning_rate=LR,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            warmup_steps=1,
+            lr_scheduler_type="cosine",
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda",
+            seed=0,
+        )
         trainer = Trainer(model=bench_expert(tokenizer), args=args, train_dataset=data, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training summary
         trainer.train()
     return _chunk_seconds(clock.times, settings.train_warmup, settings.train_chunk), str(args.optim.value)
 
 
-def bench_training(tokenizer, settings: Settings, peak: float, say: Callable[[str], None],
-                   device: torch.device = CPU) -> dict:
+def bench_training(
+    tokenizer, settings: Settings, peak: float, say: Callable[[str], None], device: torch.device = CPU
+) -> dict:
     """Tokens/s and MFU (against ``peak``: fp32 matmul FLOP/s on the CPU, bf16 on CUDA) of the
     project trainer, a plain PyTorch loop and transformers.Trainer."""
     params = num_parameters(bench_expert(tokenizer))
@@ -308,26 +368,45 @@ def bench_training(tokenizer, settings: Settings, peak: float, say: Callable[[st
 
     def figures(seconds_per_step: float, timing: str, optimizer: str) -> dict:
         tokens_per_second = tokens_per_step / seconds_per_step
-        return {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds_per_step,
-                "mfu": 6 * params * tokens_per_second / peak, "timing": timing, "optimizer": optimizer}
+        return {
+            "tokens_per_second": tokens_per_second,
+            "seconds_per_step": seconds_per_step,
+            "mfu": 6 * params * tokens_per_second / peak,
+            "timing": timing,
+            "optimizer": optimizer,
+        }
 
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    out: dict[str, Any] = {"parameters": params, "batch_size": TRAIN_BATCH, "seq_len": SEQ_LEN, "precision": precision,
-                           "mfu_formula": f"6 * parameters * tokens_per_second / peak {precision.split()[0]}"}
+    out: dict[str, Any] = {
+        "parameters": params,
+        "batch_size": TRAIN_BATCH,
+        "seq_len": SEQ_LEN,
+        "precision": precision,
+        "mfu_formula": f"6 * parameters * tokens_per_second / peak {precision.split()[0]}",
+    }
     say("training: project trainer")
     short, long = settings.train_steps
-    out["trainer"] = figures(_project_trainer_seconds_per_step(tokenizer, data, settings, device),
-                             f"(time of a {long}-step run - time of a {short}-step run) / {long - short}",
-                             "training.trainer: AdamW, grad clipping, warmup + cosine schedule")
+    out["trainer"] = figures(
+        _project_trainer_seconds_per_step(tokenizer, data, settings, device),
+        f"(time of a {long}-step run - time of a {short}-step run) / {long - short}",
+        "training.trainer: AdamW, grad clipping, warmup + cosine schedule",
+    )
     say(f"training: trainer {out['trainer']['tokens_per_second']:.0f} tok/s; plain loop")
     chunked = f"per-step clock after {settings.train_warmup} warm-up steps, chunks of {settings.train_chunk} steps"
-    out["plain_loop"] = figures(_plain_loop_seconds_per_step(tokenizer, data, settings, device), chunked,
-                                "torch.optim.AdamW defaults, no clipping, constant lr")
+    out["plain_loop"] = figures(
+        _plain_loop_seconds_per_step(tokenizer, data, settings, device),
+        chunked,
+        "torch.optim.AdamW defaults, no clipping, constant lr",
+    )
     say(f"training: plain loop {out['plain_loop']['tokens_per_second']:.0f} tok/s; transformers.Trainer")
     hf = _hf_trainer_seconds_per_step(tokenizer, data, settings, device)
-    out["hf_trainer"] = ({"skipped": "pip install accelerate"} if hf is None else
-                         figures(hf[0], chunked + " (TrainerCallback.on_step_end)",
-                                 f"{hf[1]}, grad clipping, warmup + cosine schedule"))
+    out["hf_trainer"] = (
+        {"skipped": "pip install accelerate"}
+        if hf is None
+        else figures(
+            hf[0], chunked + " (TrainerCallback.on_step_end)", f"{hf[1]}, grad clipping, warmup + cosine schedule"
+        )
+    )
     return out
 
 
@@ -360,24 +439,38 @@ class FixedRowsWeigher(TimedRouterWeigher):
         return self.fixed(tokens, attention_mask)
 
 
-def generate_reference(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
-                       bos: int = BOS) -> Callable[[], float]:
+def generate_reference(
+    model: PreTrainedModel, prompts: list[list[int]], new_tokens: int, bos: int = BOS
+) -> Callable[[], float]:
     """One model through transformers ``generate`` (KV cache, greedy, no EOS stop) on ``prompts``
     of equal length after ``bos``: a function that runs it once and returns its tokens/s."""
     ids = torch.tensor([[bos, *p] for p in prompts], device=model.device)
 
     def run() -> float:
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=bos)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=bos,
+        )
         _sync(model.device)
-        return out[:, ids.shape[1]:].numel() / (time.perf_counter() - start)
+        return out[:, ids.shape[1] :].numel() / (time.perf_counter() - start)
 
     return run
 
 
-def mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, repeats: int,
-                 options: dict[str, Any], reference: Callable[[], float], fixed_rows: bool = False) -> dict:
+def mode_figures(
+    ensemble: Ensemble,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    options: dict[str, Any],
+    reference: Callable[[], float],
+    fixed_rows: bool = False,
+) -> dict:
     """Tokens/s of one routing mode, its router share, the experts' work per generated token, and
     its speed relative to ``reference`` (transformers ``generate``), timed right before every
     repetition so that both see the same machine: this VM's speed drifts by 20% within minutes.
@@ -394,8 +487,16 @@ def mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, 
         else:
             weigher = TimedRouterWeigher(ensemble.router) if uses_router else None
         start = time.perf_counter()
-        generation = generate_text(ensemble, prompts, max_new_tokens=new_tokens, temperature=0.0, seed=0,
-                                   stop_at_eos=False, weigher=weigher, **options)
+        generation = generate_text(
+            ensemble,
+            prompts,
+            max_new_tokens=new_tokens,
+            temperature=0.0,
+            seed=0,
+            stop_at_eos=False,
+            weigher=weigher,
+            **options,
+        )
         if attempt:
             runs.append((time.perf_counter() - start, weigher.seconds if weigher else 0.0))
             references.append(reference_rate)
@@ -414,34 +515,44 @@ def mode_figures(ensemble: Ensemble, prompts: list[list[int]], new_tokens: int, 
     return figures
 
 
-def bench_generation(tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU,
-                     compiled: bool = False) -> dict:
+def bench_generation(
+    tokenizer, settings: Settings, say: Callable[[str], None], device: torch.device = CPU, compiled: bool = False
+) -> dict:
     """Per batch size, every routing mode against one expert through transformers ``generate``
     (the reference figure: the median over modes of the median of its runs paired with each mode);
     ``compiled``: the ensemble decodes with its compiled step (compiling happens in the warm-up runs)."""
     ensemble = bench_ensemble(settings.num_experts, tokenizer, device)
     if compiled:
         ensemble.compile()
-    out: dict[str, Any] = {"compiled": compiled, "num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
-                           "prompt_tokens": PROMPT_TOKENS, "decoding": "greedy",
-                           "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)"}
+    out: dict[str, Any] = {
+        "compiled": compiled,
+        "num_experts": settings.num_experts,
+        "new_tokens": settings.new_tokens,
+        "prompt_tokens": PROMPT_TOKENS,
+        "decoding": "greedy",
+        "ratios": "median over repetitions of (mode tokens/s / reference tokens/s just before)",
+    }
     for batch in settings.batches:
         prompts = _prompts(batch)
         reference = generate_reference(ensemble.experts[0], prompts, settings.new_tokens)
         row: dict[str, Any] = {}
         for name, options in MODES.items():
             fixed = name == "top1_fixed_rows"
-            row[name] = figures = mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, options,
-                                               reference, fixed_rows=fixed)
-            say(f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
-                f"({figures['vs_reference']:.2f}x generate at {figures['reference_tokens_per_second']:.0f})")
+            row[name] = figures = mode_figures(
+                ensemble, prompts, settings.new_tokens, settings.repeats, options, reference, fixed_rows=fixed
+            )
+            say(
+                f"generation batch {batch}: {name} {figures['tokens_per_second']:.0f} tok/s "
+                f"({figures['vs_reference']:.2f}x generate at {figures['reference_tokens_per_second']:.0f})"
+            )
         rates = [figures["reference_tokens_per_second"] for figures in row.values()]
         out[f"batch_{batch}"] = {"reference_generate": {"tokens_per_second": statistics.median(rates)}, **row}
     return out
 
 
-def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None],
-                  device: torch.device = CPU) -> dict:
+def bench_scaling(
+    tokenizer, settings: Settings, generation: dict, say: Callable[[str], None], device: torch.device = CPU
+) -> dict:
     """Batch-1 decoding for several K: top1 should stay flat, mixture grows with K. The K of the
     generation section is taken from ``generation``, measured in the same run."""
     prompts = _prompts(1)
@@ -453,11 +564,15 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
         else:
             ensemble = bench_ensemble(k, tokenizer, device)
             reference = generate_reference(ensemble.experts[0], prompts, settings.new_tokens)
-            row = {name: mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
-                   for name in ("top1", "mixture")}
+            row = {
+                name: mode_figures(ensemble, prompts, settings.new_tokens, settings.repeats, MODES[name], reference)
+                for name in ("top1", "mixture")
+            }
         out[f"k_{k}"] = row
-        say(f"scaling K={k}: top1 {row['top1']['tokens_per_second']:.0f}, "
-            f"mixture {row['mixture']['tokens_per_second']:.0f} tok/s")
+        say(
+            f"scaling K={k}: top1 {row['top1']['tokens_per_second']:.0f}, "
+            f"mixture {row['mixture']['tokens_per_second']:.0f} tok/s"
+        )
     return out
 
 
@@ -466,12 +581,14 @@ def bench_scaling(tokenizer, settings: Settings, generation: dict, say: Callable
 MASKED_STEPS = (16, 64, 256)
 
 
-def bench_masked_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast,
-                          device: torch.device = CPU) -> MaskedEnsemble:
+def bench_masked_ensemble(
+    num_experts: int, tokenizer: PreTrainedTokenizerFast, device: torch.device = CPU
+) -> MaskedEnsemble:
     """K random default masked experts (ModernBERT, in the inference dtype of ``device``) and a
     random noisy-state router over V + 1 symbols, on ``device``."""
-    config = masked_expert_config(len(tokenizer), eos_token_id=BOS,
-                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()))
+    config = masked_expert_config(
+        len(tokenizer), eos_token_id=BOS, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab())
+    )
     dtype = inference_dtype("auto", device)
     experts = [build_masked_expert(config, seed=k).eval().to(device, dtype) for k in range(num_experts)]
     torch.manual_seed(20_000 + num_experts)
@@ -479,29 +596,38 @@ def bench_masked_ensemble(num_experts: int, tokenizer: PreTrainedTokenizerFast,
     return MaskedEnsemble(experts, router, tokenizer=tokenizer, path=MaskedPath(len(tokenizer), scheduler("linear")))
 
 
-def bench_masked(tokenizer, settings: Settings, generation: dict, say: Callable[[str], None],
-                 device: torch.device = CPU) -> dict:
+def bench_masked(
+    tokenizer, settings: Settings, generation: dict, say: Callable[[str], None], device: torch.device = CPU
+) -> dict:
     """Tokens/s of the masked sampler filling ``new_tokens`` positions after the bench prompt, for
     N in MASKED_STEPS, mixture and switch, at batch 1; against the autoregressive modes of
     ``generation`` (same run, same prompt, same length). Batch 1 only: every step runs the experts
     on the whole sequence, so N = 256 at batch 8 alone would take minutes per repetition here."""
     ensemble = bench_masked_ensemble(settings.num_experts, tokenizer, device)
-    out: dict[str, Any] = {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens,
-                           "steps": list(MASKED_STEPS)}
+    out: dict[str, Any] = {
+        "num_experts": settings.num_experts,
+        "new_tokens": settings.new_tokens,
+        "steps": list(MASKED_STEPS),
+    }
     for batch in settings.batches[:1]:
         prompts = _prompts(batch)
         ar = generation[f"batch_{batch}"]
         row: dict[str, Any] = {}
         for steps in MASKED_STEPS:
             for routing in ("mixture", "switch"):
+
                 def run() -> None:
                     generate_masked_text(ensemble, prompts, length=settings.new_tokens, steps=steps, routing=routing)
 
                 rate = batch * settings.new_tokens / _median_seconds(run, settings.repeats)
-                row[f"{routing}_n{steps}"] = {"tokens_per_second": rate,
-                                              "vs_ar_same_mode": rate / ar[routing]["tokens_per_second"]}
-                say(f"masked batch {batch} N={steps}: {routing} {rate:.0f} tok/s "
-                    f"({row[f'{routing}_n{steps}']['vs_ar_same_mode']:.2f}x autoregressive {routing})")
+                row[f"{routing}_n{steps}"] = {
+                    "tokens_per_second": rate,
+                    "vs_ar_same_mode": rate / ar[routing]["tokens_per_second"],
+                }
+                say(
+                    f"masked batch {batch} N={steps}: {routing} {rate:.0f} tok/s "
+                    f"({row[f'{routing}_n{steps}']['vs_ar_same_mode']:.2f}x autoregressive {routing})"
+                )
         out[f"batch_{batch}"] = row
     return out
 
@@ -527,9 +653,13 @@ def bench_scoring(tokenizer, settings: Settings, say: Callable[[str], None], dev
     single = scored / _median_seconds(one_expert, settings.repeats)
     mixed = scored / _median_seconds(mixture, settings.repeats)
     say(f"scoring: one expert {single:.0f}, mixture {mixed:.0f} tok/s")
-    return {"documents": len(docs), "tokens": scored, "num_experts": settings.num_experts,
-            "one_expert": {"tokens_per_second": single},
-            "mixture": {"tokens_per_second": mixed, "vs_one_expert": mixed / single}}
+    return {
+        "documents": len(docs),
+        "tokens": scored,
+        "num_experts": settings.num_experts,
+        "one_expert": {"tokens_per_second": single},
+        "mixture": {"tokens_per_second": mixed, "vs_one_expert": mixed / single},
+    }
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -542,8 +672,13 @@ def write_bench_run(run_dir: Path, num_experts: int, tokenizer: PreTrainedTokeni
         save_expert(expert, run_dir / "experts" / f"expert-{k}")
         entries.append(ExpertEntry(f"expert-{k}", f"experts/expert-{k}", 1 / num_experts))
     ensemble.router.save_pretrained(run_dir / "router")
-    Manifest(experts=entries, tokenizer="tokenizer", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
-             vocab_size=len(tokenizer), router="router").with_hashes(run_dir).save(run_dir)
+    Manifest(
+        experts=entries,
+        tokenizer="tokenizer",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
+        vocab_size=len(tokenizer),
+        router="router",
+    ).with_hashes(run_dir).save(run_dir)
 
 
 def bench_memory(tokenizer, settings: Settings, say: Callable[[str], None]) -> dict:
@@ -555,9 +690,14 @@ def bench_memory(tokenizer, settings: Settings, say: Callable[[str], None]) -> d
         baseline = run_measured("imports", what=what)["peak_rss_kib"] / 1024
         ensemble = run_measured("generate", str(run_dir), str(settings.new_tokens), what=what)["peak_rss_kib"] / 1024
     say(f"memory: imports {baseline:.0f} MB, ensemble {ensemble:.0f} MB")
-    return {"num_experts": settings.num_experts, "new_tokens": settings.new_tokens, "routing": "mixture",
-            "import_torch_transformers_mb": baseline, "load_and_generate_mb": ensemble,
-            "difference_mb": ensemble - baseline}
+    return {
+        "num_experts": settings.num_experts,
+        "new_tokens": settings.new_tokens,
+        "routing": "mixture",
+        "import_torch_transformers_mb": baseline,
+        "load_and_generate_mb": ensemble,
+        "difference_mb": ensemble - baseline,
+    }
 
 
 # --- the whole bench --------------------------------------------------------------------------
@@ -595,8 +735,13 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def run_bench(quick: bool = False, out: Path | None = None, progress: bool = True, device: torch.device = CPU,
-              compiled: bool = False) -> dict:
+def run_bench(
+    quick: bool = False,
+    out: Path | None = None,
+    progress: bool = True,
+    device: torch.device = CPU,
+    compiled: bool = False,
+) -> dict:
     """Run every section (see the module doc) on ``device``, write the results atomically as JSON to ``out``;
     ``compiled``: the generation section decodes with the engine's compiled step (``Ensemble.compile``)."""
     with _quiet_transformers():
@@ -609,12 +754,22 @@ def run_bench(quick: bool = False, out: Path | None = None, progress: bool = Tru
 
 def machine_info(device: torch.device = CPU) -> dict[str, Any]:
     """What the figures of a bench depend on: cores, threads, versions, platform, device, load at the start."""
-    gpu = {"gpu": torch.cuda.get_device_name(device), "cuda_version": torch.version.cuda} if device.type == "cuda" else {}
-    return {**gpu, "os_cpu_count": os.cpu_count(), "usable_cores": _usable_cores(), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "python_version": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "device": str(device),
-            "load_average_start": _load_average()}
+    gpu = (
+        {"gpu": torch.cuda.get_device_name(device), "cuda_version": torch.version.cuda} if device.type == "cuda" else {}
+    )
+    return {
+        **gpu,
+        "os_cpu_count": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "load_average_start": _load_average(),
+    }
 
 
 def _run_sections(settings: Settings, progress: bool, device: torch.device, compiled: bool) -> dict:
@@ -633,8 +788,9 @@ def _run_sections(settings: Settings, progress: bool, device: torch.device, comp
         "peak": {"matmul_size": settings.peak_size, "fp32_flops": peak["fp32"], "bf16_flops": peak["bf16"]},
     }
     sections: dict[str, Callable[[], dict]] = {
-        "training": lambda: bench_training(tokenizer, settings, peak["bf16" if device.type == "cuda" else "fp32"], say,
-                                           device),
+        "training": lambda: bench_training(
+            tokenizer, settings, peak["bf16" if device.type == "cuda" else "fp32"], say, device
+        ),
         "generation": lambda: bench_generation(tokenizer, settings, say, device, compiled),
         "scaling": lambda: bench_scaling(tokenizer, settings, results["generation"], say, device),
         "masked": lambda: bench_masked(tokenizer, settings, results["generation"], say, device),
@@ -666,20 +822,27 @@ def format_table(results: dict) -> str:
         lines.append(f"{what:<44} {figure:>14}  {note}".rstrip())
 
     machine = results["machine"]
-    lines.append(f"dfm bench{' --quick' if results.get('quick') else ''}: torch {machine['torch_version']}, "
-                 f"transformers {machine['transformers_version']}, {machine['usable_cores']} cores "
-                 f"({machine['torch_threads']} threads), {machine['platform']}")
+    lines.append(
+        f"dfm bench{' --quick' if results.get('quick') else ''}: torch {machine['torch_version']}, "
+        f"transformers {machine['transformers_version']}, {machine['usable_cores']} cores "
+        f"({machine['torch_threads']} threads), {machine['platform']}"
+    )
     if machine.get("load_average_start") is not None:
-        lines.append(f"load average (1 min) at start {machine['load_average_start'][0]:.2f}, "
-                     f"at end {machine['load_average_end'][0]:.2f}: figures are only comparable on an idle machine")
+        lines.append(
+            f"load average (1 min) at start {machine['load_average_start'][0]:.2f}, "
+            f"at end {machine['load_average_end'][0]:.2f}: figures are only comparable on an idle machine"
+        )
     row("section / what", "figure", "note")
     peak = results["peak"]
     row("peak matmul fp32", f"{peak['fp32_flops'] / 1e9:,.1f}", f"GFLOP/s, n={peak['matmul_size']}")
     if peak.get("bf16_flops"):
         row("peak matmul bf16", f"{peak['bf16_flops'] / 1e9:,.1f}", "GFLOP/s")
     training = results["training"]
-    for name, label in (("trainer", "training: dfm trainer"), ("plain_loop", "training: plain PyTorch loop"),
-                        ("hf_trainer", "training: transformers.Trainer")):
+    for name, label in (
+        ("trainer", "training: dfm trainer"),
+        ("plain_loop", "training: plain PyTorch loop"),
+        ("hf_trainer", "training: transformers.Trainer"),
+    ):
         figures = training[name]
         if "skipped" in figures:
             row(label, "skipped", figures["skipped"])
@@ -690,38 +853,57 @@ def format_table(results: dict) -> str:
         if not key.startswith("batch_"):
             continue
         batch = key.split("_")[1]
-        row(f"generate b={batch}: transformers generate (1 expert)",
-            _rate(modes["reference_generate"]["tokens_per_second"]), "tok/s (reference)")
+        row(
+            f"generate b={batch}: transformers generate (1 expert)",
+            _rate(modes["reference_generate"]["tokens_per_second"]),
+            "tok/s (reference)",
+        )
         for name in MODES:
             figures = modes[name]
-            note = (f"tok/s, {figures['vs_reference']:.2f}x ref, {figures['forward_passes_per_step']:.2f} fwd/step, "
-                    f"{figures['expert_tokens_per_token']:.2f} expert tok/token")
+            note = (
+                f"tok/s, {figures['vs_reference']:.2f}x ref, {figures['forward_passes_per_step']:.2f} fwd/step, "
+                f"{figures['expert_tokens_per_token']:.2f} expert tok/token"
+            )
             if "router_share" in figures:
                 note += f", router {figures['router_share']:.0%}"
             step = ", compiled" if generation["compiled"] else ""
-            row(f"generate b={batch} K={generation['num_experts']}: {name}{step}", _rate(figures["tokens_per_second"]),
-                note)
+            row(
+                f"generate b={batch} K={generation['num_experts']}: {name}{step}",
+                _rate(figures["tokens_per_second"]),
+                note,
+            )
     for key, modes in results["scaling"].items():
         if key.startswith("k_"):
             for name, figures in modes.items():
-                row(f"scaling b=1 K={key[2:]}: {name}", _rate(figures["tokens_per_second"]),
-                    f"tok/s, {figures['vs_reference']:.2f}x ref")
+                row(
+                    f"scaling b=1 K={key[2:]}: {name}",
+                    _rate(figures["tokens_per_second"]),
+                    f"tok/s, {figures['vs_reference']:.2f}x ref",
+                )
     masked = results["masked"]
     for key, modes in masked.items():
         if key.startswith("batch_"):
             for name, figures in modes.items():
                 routing, steps = name.rsplit("_n", 1)
-                row(f"masked b={key.split('_')[1]} K={masked['num_experts']} N={steps}: {routing}",
-                    _rate(figures["tokens_per_second"]), f"tok/s, {figures['vs_ar_same_mode']:.2f}x ar {routing}")
+                row(
+                    f"masked b={key.split('_')[1]} K={masked['num_experts']} N={steps}: {routing}",
+                    _rate(figures["tokens_per_second"]),
+                    f"tok/s, {figures['vs_ar_same_mode']:.2f}x ar {routing}",
+                )
     scoring = results["scoring"]
     row("scoring: one expert", _rate(scoring["one_expert"]["tokens_per_second"]), "tok/s")
-    row(f"scoring: mixture K={scoring['num_experts']}", _rate(scoring["mixture"]["tokens_per_second"]),
-        f"tok/s, {scoring['mixture']['vs_one_expert']:.2f}x one expert")
+    row(
+        f"scoring: mixture K={scoring['num_experts']}",
+        _rate(scoring["mixture"]["tokens_per_second"]),
+        f"tok/s, {scoring['mixture']['vs_one_expert']:.2f}x one expert",
+    )
     memory = results["memory"]
     row("memory: import torch + transformers", f"{memory['import_torch_transformers_mb']:,.0f}", "MB peak RSS")
-    row(f"memory: load K={memory['num_experts']} run + generate", f"{memory['load_and_generate_mb']:,.0f}",
-        f"MB peak RSS (+{memory['difference_mb']:,.0f} MB)")
+    row(
+        f"memory: load K={memory['num_experts']} run + generate",
+        f"{memory['load_and_generate_mb']:,.0f}",
+        f"MB peak RSS (+{memory['difference_mb']:,.0f} MB)",
+    )
     for name, value in results["ratios"].items():
         row(f"ratio {name}", "-" if value is None else f"{value:.3f}")
     return "\n".join(lines)
-

@@ -74,18 +74,21 @@ class MaskedToy:
 
     def __post_init__(self) -> None:
         _check_size(self.vocab_size, self.length)
-        num = self.vocab_size ** self.length
+        num = self.vocab_size**self.length
         if self.sources.dim() != 2 or self.sources.shape[1] != num or self.priors.shape != self.sources.shape[:1]:
-            raise DfmError(f"pass sources of shape (K, {num}) and priors of shape (K,), "
-                           f"got {tuple(self.sources.shape)} and {tuple(self.priors.shape)}")
+            raise DfmError(
+                f"pass sources of shape (K, {num}) and priors of shape (K,), "
+                f"got {tuple(self.sources.shape)} and {tuple(self.priors.shape)}"
+            )
         if not ((self.sources > 0).all() and torch.allclose(self.sources.sum(1), torch.ones(()).double())):
             raise DfmError("pass sources that give every sequence a positive probability and sum to one")
         if not ((self.priors >= 0).all() and math.isclose(float(self.priors.sum()), 1.0)):
             raise DfmError("pass priors that are non-negative and sum to one")
 
     @classmethod
-    def random(cls, seed: int = 0, vocab_size: int = 3, length: int = 5, num_sources: int = 3,
-               sharpness: float = 2.0) -> MaskedToy:
+    def random(
+        cls, seed: int = 0, vocab_size: int = 3, length: int = 5, num_sources: int = 3, sharpness: float = 2.0
+    ) -> MaskedToy:
         """K seeded first-order Markov chains: start and transition probabilities softmax(sharpness * N(0, 1));
         priors softmax(0.5 * N(0, 1)). A larger ``sharpness`` makes the chains peakier and more distinct."""
         _check_size(vocab_size, length)
@@ -150,14 +153,21 @@ class MaskedToy:
 
     def describe(self) -> dict:
         """V, L, K, priors and seed, for a report."""
-        return {"vocab_size": self.vocab_size, "length": self.length, "num_sources": self.num_sources,
-                "priors": self.priors.tolist(), "seed": self.seed}
+        return {
+            "vocab_size": self.vocab_size,
+            "length": self.length,
+            "num_sources": self.num_sources,
+            "priors": self.priors.tolist(),
+            "seed": self.seed,
+        }
 
 
 def _check_size(vocab_size: int, length: int) -> None:
     if not (1 <= vocab_size <= 4 and 1 <= length <= 5):
-        raise DfmError(f"the exact study enumerates (V + 1)^L states: pass 1 <= vocab_size <= 4 and "
-                       f"1 <= length <= 5, got {vocab_size} and {length}")
+        raise DfmError(
+            f"the exact study enumerates (V + 1)^L states: pass 1 <= vocab_size <= 4 and "
+            f"1 <= length <= 5, got {vocab_size} and {length}"
+        )
 
 
 def _grid(base: int, length: int) -> Tensor:
@@ -174,13 +184,13 @@ def _encode(digits: Tensor, base: int) -> Tensor:
 class _Moves:
     """Every pair (X, X') of masked states with X' extending X, (2V + 1)^L of them."""
 
-    src: Tensor       # (P,) state index of X
-    dst: Tensor       # (P,) state index of X'
+    src: Tensor  # (P,) state index of X
+    dst: Tensor  # (P,) state index of X'
     revealed: Tensor  # (P, L) True where X' reveals a position X masks
-    value: Tensor     # (P, L) X'_i clamped to a token (meaningful where ``revealed``)
+    value: Tensor  # (P, L) X'_i clamped to a token (meaningful where ``revealed``)
     num_revealed: Tensor  # (P,) a
     masked_before: Tensor  # (P,) positions X masks
-    masked_after: Tensor   # (P,) positions X' masks
+    masked_after: Tensor  # (P,) positions X' masks
 
 
 @lru_cache(maxsize=8)
@@ -193,8 +203,15 @@ def _moves(vocab_size: int, length: int) -> _Moves:
     x, x_next = before[codes], after[codes]
     revealed = (x == mask) & (x_next != mask)
     masked_before, masked_after = (x == mask).sum(-1), (x_next == mask).sum(-1)
-    return _Moves(_encode(x, mask + 1), _encode(x_next, mask + 1), revealed, x_next.clamp(max=vocab_size - 1),
-                  revealed.sum(-1), masked_before, masked_after)
+    return _Moves(
+        _encode(x, mask + 1),
+        _encode(x_next, mask + 1),
+        revealed,
+        x_next.clamp(max=vocab_size - 1),
+        revealed.sum(-1),
+        masked_before,
+        masked_after,
+    )
 
 
 def _check_eps(eps: float) -> None:
@@ -242,11 +259,12 @@ def _euler_distribution(toy: MaskedToy, values: Tensor, reveal: Sequence[float])
     moves = _moves(toy.vocab_size, toy.length)
     powers = torch.arange(toy.length + 1, dtype=torch.float64)
     cell = moves.num_revealed * (toy.length + 1) + moves.masked_after  # index into the (a, m') table
-    return _push(toy, [values * torch.outer(r ** powers, (1 - r) ** powers).flatten()[cell] for r in reveal])
+    return _push(toy, [values * torch.outer(r**powers, (1 - r) ** powers).flatten()[cell] for r in reveal])
 
 
-def sampler_distribution(toy: MaskedToy, steps: int, eps: float, routing: str,
-                         scheduler_name: str = "linear") -> Tensor:
+def sampler_distribution(
+    toy: MaskedToy, steps: int, eps: float, routing: str, scheduler_name: str = "linear"
+) -> Tensor:
     """(V^L,) exact distribution of euler_sample's output in ``steps`` steps from all-masked, with
     exact experts and a router of error ``eps`` under ``routing`` (one of ROUTINGS)."""
     reveal = _reveal_probabilities(steps, scheduler_name)
@@ -279,8 +297,9 @@ def _slope(x: Sequence[float], y: Sequence[float]) -> float:
     return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
 
 
-def _mode_results(toy: MaskedToy, routing: str, steps: list[int], eps: list[float],
-                  reveal: dict[int, list[float]]) -> dict:
+def _mode_results(
+    toy: MaskedToy, routing: str, steps: list[int], eps: list[float], reveal: dict[int, list[float]]
+) -> dict:
     """The grid and the two rates of one routing mode (convergence_study's docstring)."""
     target = toy.target()
     tv, kl = [[0.0] * len(eps) for _ in steps], [[0.0] * len(eps) for _ in steps]
@@ -298,13 +317,20 @@ def _mode_results(toy: MaskedToy, routing: str, steps: list[int], eps: list[floa
         "rate_in_steps": -_slope(fit_steps, [tv[steps.index(n)][zero] for n in fit_steps]),
         "rate_in_eps": _slope(fit_eps, excess) if min(excess) > 0 else float("nan"),
         # the schedule revealing one position per step: exact at eps = 0 (the decomposition theorem)
-        "one_position_per_step_tv": {"eps": eps, "values": [total_variation(target, one_per_step_distribution(toy, e, routing))
-                                                            for e in eps]},
+        "one_position_per_step_tv": {
+            "eps": eps,
+            "values": [total_variation(target, one_per_step_distribution(toy, e, routing)) for e in eps],
+        },
     }
 
 
-def convergence_study(steps: Sequence[int] = DEFAULT_STEPS, eps: Sequence[float] = DEFAULT_EPS, *,
-                      toy: MaskedToy | None = None, scheduler_name: str = "linear") -> dict:
+def convergence_study(
+    steps: Sequence[int] = DEFAULT_STEPS,
+    eps: Sequence[float] = DEFAULT_EPS,
+    *,
+    toy: MaskedToy | None = None,
+    scheduler_name: str = "linear",
+) -> dict:
     """TV and KL(P || sampler) on the grid of ``steps`` x ``eps`` for every mode of STUDY_MODES.
 
     Returns {"tv": {"steps", "eps", "values": [[per eps] per N]}, "kl": (same), "rate_in_steps",
@@ -352,15 +378,23 @@ def plot_convergence(study: dict, path: str | os.PathLike) -> None:
     for mode, result in study["modes"].items():
         grid = result["tv"]
         for j, e in enumerate(grid["eps"]):
-            ax.plot(grid["steps"], [row[j] for row in grid["values"]], styles.get(mode, ":"), color=f"C{j}",
-                    label=f"{mode}, eps = {e:g}")
+            ax.plot(
+                grid["steps"],
+                [row[j] for row in grid["values"]],
+                styles.get(mode, ":"),
+                color=f"C{j}",
+                label=f"{mode}, eps = {e:g}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sampler steps N")
     ax.set_ylabel("TV(source, sampler output)")
     toy = study["toy"]
-    ax.set_title(f"Exact masked sampler: V = {toy['vocab_size']}, L = {toy['length']}, K = {toy['num_sources']}, "
-                 f"{toy['scheduler']} schedule", fontsize=10)
+    ax.set_title(
+        f"Exact masked sampler: V = {toy['vocab_size']}, L = {toy['length']}, K = {toy['num_sources']}, "
+        f"{toy['scheduler']} schedule",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     with atomic_file(path, "wb") as handle:

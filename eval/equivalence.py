@@ -33,8 +33,9 @@ def _as_vector(values: Tensor | Sequence[float], name: str) -> Tensor:
     return vector
 
 
-def bootstrap_deltas(model_bits: Tensor, base_bits: Tensor, num_bytes: Tensor, resamples: int,
-                     generator: torch.Generator) -> Tensor:
+def bootstrap_deltas(
+    model_bits: Tensor, base_bits: Tensor, num_bytes: Tensor, resamples: int, generator: torch.Generator
+) -> Tensor:
     """(resamples,) paired bpb differences on documents drawn with replacement."""
     n = num_bytes.numel()
     chunk = max(1, _DRAWS_PER_CHUNK // n)
@@ -57,9 +58,14 @@ def verdict(lo: float, hi: float, margin: float) -> str:
     return "inconclusive"
 
 
-def equivalence(model_bits: Tensor | Sequence[float], base_bits: Tensor | Sequence[float],
-                bytes: Tensor | Sequence[int], margin_fraction: float = 0.02, resamples: int = 2000,
-                seed: int = 0) -> dict:
+def equivalence(
+    model_bits: Tensor | Sequence[float],
+    base_bits: Tensor | Sequence[float],
+    bytes: Tensor | Sequence[int],
+    margin_fraction: float = 0.02,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Paired bootstrap of delta bpb over documents (per-document total bits and UTF-8 bytes).
 
     Returns ``delta_bpb``, ``ci95`` [lo, hi], ``margin`` (in bpb), ``verdict`` and, for reference,
@@ -69,8 +75,10 @@ def equivalence(model_bits: Tensor | Sequence[float], base_bits: Tensor | Sequen
     base = _as_vector(base_bits, "baseline bits")
     num_bytes = _as_vector(bytes, "byte counts")
     if not model.numel() == base.numel() == num_bytes.numel():
-        raise DfmError(f"paired comparison needs the same documents: got {model.numel()} model, "
-                       f"{base.numel()} baseline and {num_bytes.numel()} byte counts")
+        raise DfmError(
+            f"paired comparison needs the same documents: got {model.numel()} model, "
+            f"{base.numel()} baseline and {num_bytes.numel()} byte counts"
+        )
     if model.numel() == 0 or num_bytes.sum() <= 0:
         raise DfmError("equivalence needs at least one non-empty document")
     if resamples < 1:
@@ -82,5 +90,13 @@ def equivalence(model_bits: Tensor | Sequence[float], base_bits: Tensor | Sequen
     deltas = bootstrap_deltas(model, base, num_bytes, resamples, torch.Generator().manual_seed(seed))
     lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     margin = margin_fraction * base_bpb
-    return {"delta_bpb": model_bpb - base_bpb, "ci95": [lo, hi], "margin": margin, "verdict": verdict(lo, hi, margin),
-            "model_bpb": model_bpb, "baseline_bpb": base_bpb, "documents": model.numel(), "resamples": resamples}
+    return {
+        "delta_bpb": model_bpb - base_bpb,
+        "ci95": [lo, hi],
+        "margin": margin,
+        "verdict": verdict(lo, hi, margin),
+        "model_bpb": model_bpb,
+        "baseline_bpb": base_bpb,
+        "documents": model.numel(),
+        "resamples": resamples,
+    }

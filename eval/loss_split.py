@@ -38,8 +38,13 @@ def _split(bits: dict[str, float], modes: Sequence[str]) -> dict:
     return out
 
 
-def loss_split(doc_bits: dict[str, Sequence[float]], clusters: Sequence[int], tokens: Sequence[int],
-               num_bytes: Sequence[int], context: int) -> dict:
+def loss_split(
+    doc_bits: dict[str, Sequence[float]],
+    clusters: Sequence[int],
+    tokens: Sequence[int],
+    num_bytes: Sequence[int],
+    context: int,
+) -> dict:
     """The split of every mode in ``doc_bits`` (per-document total bits of baseline, oracle, bayes
     and the modes) over all documents, per cluster and per length bucket; each group also says how
     many documents and bytes it holds."""
@@ -51,14 +56,22 @@ def loss_split(doc_bits: dict[str, Sequence[float]], clusters: Sequence[int], to
     for i, (cluster, count) in enumerate(zip(clusters, tokens, strict=True)):
         groups["cluster"].setdefault(str(cluster), []).append(i)
         groups["length"].setdefault(length_bucket(count, context), []).append(i)
-    out: dict = {"buckets": {"short": f"< {SHORT_TOKENS} tokens", "medium": f"{SHORT_TOKENS}-{context} tokens",
-                             "long": f"> {context} tokens, scored in windows"}}
+    out: dict = {
+        "buckets": {
+            "short": f"< {SHORT_TOKENS} tokens",
+            "medium": f"{SHORT_TOKENS}-{context} tokens",
+            "long": f"> {context} tokens, scored in windows",
+        }
+    }
     for kind, members in groups.items():
         out[kind] = {}
         for name, idx in sorted(members.items()):
             bits = {model: sum(float(values[i]) for i in idx) for model, values in doc_bits.items()}
-            out[kind][name] = {"documents": len(idx), "bytes": sum(int(num_bytes[i]) for i in idx),
-                               **_split(bits, modes)}
+            out[kind][name] = {
+                "documents": len(idx),
+                "bytes": sum(int(num_bytes[i]) for i in idx),
+                **_split(bits, modes),
+            }
     out["all"] = out["all"]["all"]
     return out
 
@@ -66,11 +79,19 @@ def loss_split(doc_bits: dict[str, Sequence[float]], clusters: Sequence[int], to
 def markdown_lines(split: dict) -> list[str]:
     """The split as a Markdown table: one row per group, experts / posterior, then each mode's routing and total."""
     modes = list(split["all"]["modes"])
-    head = "| group | documents | experts (oracle/baseline) | posterior (bayes/oracle) | " + " | ".join(
-        f"{m}: routing / total" for m in modes) + " |"
-    lines = ["## Where the loss goes", "",
-             "Each mode's ratio to the baseline = experts x posterior x routing (ratios of bits/byte).", "",
-             head, "|" + "---|" * (4 + len(modes))]
+    head = (
+        "| group | documents | experts (oracle/baseline) | posterior (bayes/oracle) | "
+        + " | ".join(f"{m}: routing / total" for m in modes)
+        + " |"
+    )
+    lines = [
+        "## Where the loss goes",
+        "",
+        "Each mode's ratio to the baseline = experts x posterior x routing (ratios of bits/byte).",
+        "",
+        head,
+        "|" + "---|" * (4 + len(modes)),
+    ]
 
     def row(label: str, group: dict) -> str:
         cells = " | ".join(f"{group['modes'][m]['routing']:.3f} / {group['modes'][m]['total']:.3f}" for m in modes)
@@ -78,6 +99,9 @@ def markdown_lines(split: dict) -> list[str]:
 
     lines.append(row("all", split["all"]))
     lines += [row(f"cluster {name}", group) for name, group in split["cluster"].items()]
-    lines += [row(f"{name} ({split['buckets'][name]})", split["length"][name])
-              for name in ("short", "medium", "long") if name in split["length"]]
+    lines += [
+        row(f"{name} ({split['buckets'][name]})", split["length"][name])
+        for name in ("short", "medium", "long")
+        if name in split["length"]
+    ]
     return lines

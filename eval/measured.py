@@ -50,8 +50,14 @@ def _generate(run_dir: str, new_tokens: str) -> dict:
     from models.generation import generate_text
 
     ensemble = Ensemble.from_run(run_dir)
-    generate_text(ensemble, [list(range(1, 17))], max_new_tokens=int(new_tokens), routing="mixture",
-                  temperature=0.0, stop_at_eos=False)
+    generate_text(
+        ensemble,
+        [list(range(1, 17))],
+        max_new_tokens=int(new_tokens),
+        routing="mixture",
+        temperature=0.0,
+        stop_at_eos=False,
+    )
     return {"peak_rss_kib": peak_rss_kib()}
 
 
@@ -73,8 +79,13 @@ def _prepare(*argv: str) -> dict:
 
     start = time.perf_counter()
     code = dfm.cli.main(list(argv))
-    return {"code": code, "seconds": time.perf_counter() - start, "peak_rss_kib": peak_rss_kib(),
-            "peak_anonymous_kib": peak_anon[0], "module": dfm.cli.__file__}
+    return {
+        "code": code,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_kib": peak_rss_kib(),
+        "peak_anonymous_kib": peak_anon[0],
+        "module": dfm.cli.__file__,
+    }
 
 
 def _topic_corpus(n: int, vocab: int, clusters: int, topic_ids: int, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -89,13 +100,17 @@ def _topic_corpus(n: int, vocab: int, clusters: int, topic_ids: int, seed: int) 
     lengths = rng.integers(100, 401, size=n)
     background = ids[rng.choice(vocab, size=int(lengths.sum()), p=zipf / zipf.sum())]
     own = rng.random(int(lengths.sum())) < 0.7
-    tokens = np.where(own, topics[np.repeat(labels, lengths), rng.integers(topic_ids, size=int(lengths.sum()))],
-                      background)
+    tokens = np.where(
+        own, topics[np.repeat(labels, lengths), rng.integers(topic_ids, size=int(lengths.sum()))], background
+    )
     return [doc.tolist() for doc in np.split(tokens, np.cumsum(lengths)[:-1])], labels.tolist()
 
 
 def _partition(mode: str, num_documents: str, vocab: str, clusters: str, topic_ids: str, directory: str) -> dict:
-    import training.partition as fitting
+    try:
+        import training.clustering as fitting
+    except ImportError:  # a checkout from before the module's rename
+        import training.partition as fitting
     from models.partition import Partition
 
     n, v, k, ids = int(num_documents), int(vocab), int(clusters), int(topic_ids)
@@ -121,16 +136,27 @@ def _partition(mode: str, num_documents: str, vocab: str, clusters: str, topic_i
         out["log_weights_seconds"] = time.perf_counter() - start
         out["peak_rss_mb"] = peak_rss_kib() / 1024
         stats = fitting.partition_stats(assigned, labels, k)
-    out.update(sizes=stats["sizes"], purity=stats["purity"], nmi=stats["nmi"],
-               scikit_learn=sys.modules["sklearn"].__version__ if "sklearn" in sys.modules else None)
+    out.update(
+        sizes=stats["sizes"],
+        purity=stats["purity"],
+        nmi=stats["nmi"],
+        scikit_learn=sys.modules["sklearn"].__version__ if "sklearn" in sys.modules else None,
+    )
     return out
 
 
-def run_measured(task: str, *args: str, what: str, env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None) -> dict:
+def run_measured(
+    task: str, *args: str, what: str, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None
+) -> dict:
     """``task`` in a fresh Python process; its result, or a one-line error naming ``what`` failed."""
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), task, *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, check=False)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), task, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         from dfm.errors import DfmError

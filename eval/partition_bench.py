@@ -35,19 +35,24 @@ TOPIC_IDS = 1000
 #: Where dfm's packages are imported from unless told otherwise: this checkout.
 HERE = Path(__file__).resolve().parents[1]
 
+
 def check_source(source: str | os.PathLike | None) -> Path:
     """The checkout root the measured processes import dfm from (``HERE`` when None)."""
     root = HERE if source is None else Path(source).resolve()
-    if not (root / "training" / "partition.py").is_file() or not (root / "models" / "partition.py").is_file():
-        raise DfmError(f"--prepare-source {root} is not a dfm checkout (no training/partition.py and "
-                       "models/partition.py): give the root of one, e.g. made with `git worktree add DIR COMMIT`")
+    fitting = [root / "training" / name for name in ("clustering.py", "partition.py")]  # its name before and after
+    if not any(path.is_file() for path in fitting) or not (root / "models" / "partition.py").is_file():
+        raise DfmError(
+            f"--prepare-source {root} is not a dfm checkout (no training/clustering.py and "
+            "models/partition.py): give the root of one, e.g. made with `git worktree add DIR COMMIT`"
+        )
     return root
 
 
 def source_version(root: Path) -> str | None:
     """``git describe --always --dirty`` of the checkout at ``root``, or None outside git."""
-    done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    )
     return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
@@ -59,14 +64,25 @@ def source_env(root: Path) -> dict[str, str]:
 def check_imported(module: str, root: Path) -> None:
     """Refuse a measurement whose process imported dfm's ``module`` from outside the checkout ``root``."""
     if not Path(module).resolve().is_relative_to(root):
-        raise DfmError(f"the measured process imported {module}, not the checkout {root}: "
-                       "unset PYTHONPATH entries or installs that shadow it")
+        raise DfmError(
+            f"the measured process imported {module}, not the checkout {root}: "
+            "unset PYTHONPATH entries or installs that shadow it"
+        )
 
 
 def _child(mode: str, num_documents: int, vocab: int, directory: Path, root: Path) -> dict:
-    result = run_measured("partition", mode, str(num_documents), str(vocab), str(CLUSTERS), str(TOPIC_IDS),
-                          str(directory), what=f"the partition {mode} on {num_documents} documents at vocabulary {vocab}",
-                          env=source_env(root), cwd=root)
+    result = run_measured(
+        "partition",
+        mode,
+        str(num_documents),
+        str(vocab),
+        str(CLUSTERS),
+        str(TOPIC_IDS),
+        str(directory),
+        what=f"the partition {mode} on {num_documents} documents at vocabulary {vocab}",
+        env=source_env(root),
+        cwd=root,
+    )
     check_imported(result["module"], root)
     return result
 
@@ -75,25 +91,42 @@ def measure_partition(num_documents: int, vocab: int, workdir: Path, root: Path 
     """Fit on ``num_documents`` documents, then assign and weigh ``ASSIGN_BATCH`` new ones, each in
     a fresh process importing dfm from ``root``."""
     if num_documents < 2 * CLUSTERS or vocab < CLUSTERS * TOPIC_IDS:
-        raise DfmError(f"the partition bench needs at least {2 * CLUSTERS} documents and a vocabulary of at least "
-                       f"{CLUSTERS * TOPIC_IDS} token ids, got {num_documents} and {vocab}")
+        raise DfmError(
+            f"the partition bench needs at least {2 * CLUSTERS} documents and a vocabulary of at least "
+            f"{CLUSTERS * TOPIC_IDS} token ids, got {num_documents} and {vocab}"
+        )
     fit = _child("fit", num_documents, vocab, workdir / "partition", root)
     batch = _child("assign", ASSIGN_BATCH, vocab, workdir / "partition", root)
-    return {"documents": num_documents, "vocab": vocab, "clusters": CLUSTERS, "module": fit["module"],
-            "scikit_learn": fit["scikit_learn"],
-            "fit": {key: fit[key] for key in ("seconds", "start_rss_mb", "peak_rss_mb", "sizes", "purity", "nmi")},
-            "batch": {"documents": ASSIGN_BATCH, **{key: batch[key] for key in (
-                "assign_seconds", "log_weights_seconds", "start_rss_mb", "peak_rss_mb", "purity")}}}
+    return {
+        "documents": num_documents,
+        "vocab": vocab,
+        "clusters": CLUSTERS,
+        "module": fit["module"],
+        "scikit_learn": fit["scikit_learn"],
+        "fit": {key: fit[key] for key in ("seconds", "start_rss_mb", "peak_rss_mb", "sizes", "purity", "nmi")},
+        "batch": {
+            "documents": ASSIGN_BATCH,
+            **{
+                key: batch[key]
+                for key in ("assign_seconds", "log_weights_seconds", "start_rss_mb", "peak_rss_mb", "purity")
+            },
+        },
+    }
 
 
 def format_partition_table(runs: list[dict]) -> str:
     """Markdown table of ``measure_partition``'s results."""
-    lines = ["| documents | vocabulary | fit s | fit peak RSS MB (at start) | purity | NMI | assign s | "
-             "centroid weights s | batch peak RSS MB (at start) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| documents | vocabulary | fit s | fit peak RSS MB (at start) | purity | NMI | assign s | "
+        "centroid weights s | batch peak RSS MB (at start) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         fit, batch = run["fit"], run["batch"]
-        lines.append(f"| {run['documents']} | {run['vocab']} | {fit['seconds']:.2f} | {fit['peak_rss_mb']:.0f} "
-                     f"({fit['start_rss_mb']:.0f}) | {fit['purity']:.3f} | {fit['nmi']:.3f} | "
-                     f"{batch['assign_seconds']:.3f} | {batch['log_weights_seconds']:.3f} | "
-                     f"{batch['peak_rss_mb']:.0f} ({batch['start_rss_mb']:.0f}) |")
+        lines.append(
+            f"| {run['documents']} | {run['vocab']} | {fit['seconds']:.2f} | {fit['peak_rss_mb']:.0f} "
+            f"({fit['start_rss_mb']:.0f}) | {fit['purity']:.3f} | {fit['nmi']:.3f} | "
+            f"{batch['assign_seconds']:.3f} | {batch['log_weights_seconds']:.3f} | "
+            f"{batch['peak_rss_mb']:.0f} ({batch['start_rss_mb']:.0f}) |"
+        )
     return "\n".join(lines)

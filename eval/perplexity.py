@@ -29,8 +29,10 @@ def mixed_token_log_probs(expert_log_probs: Sequence[Tensor], log_weights: Seque
     out = []
     for lp, lw in zip(expert_log_probs, log_weights):
         if lp.shape != lw.T.shape:
-            raise DfmError(f"expert log-probs {tuple(lp.shape)} do not match log-weights {tuple(lw.shape)} "
-                           "(expected (K, n) and (n, K))")
+            raise DfmError(
+                f"expert log-probs {tuple(lp.shape)} do not match log-weights {tuple(lw.shape)} "
+                "(expected (K, n) and (n, K))"
+            )
         out.append(mix_log_probs(lp.T.unsqueeze(-1), lw.to(lp.dtype)).squeeze(-1))
     return out
 
@@ -40,15 +42,20 @@ def summarize(nll_per_doc: Sequence[Tensor], bytes_per_doc: Sequence[int]) -> di
     mean NLL per token, perplexity, bits per UTF-8 byte (total bits / total bytes), counts."""
     if len(nll_per_doc) != len(bytes_per_doc):
         raise DfmError(f"{len(nll_per_doc)} documents of NLLs but {len(bytes_per_doc)} byte counts")
-    return summarize_totals([float(t.double().sum()) for t in nll_per_doc], [t.numel() for t in nll_per_doc],
-                            bytes_per_doc)
+    return summarize_totals(
+        [float(t.double().sum()) for t in nll_per_doc], [t.numel() for t in nll_per_doc], bytes_per_doc
+    )
 
 
-def summarize_totals(nats_per_doc: Sequence[float], tokens_per_doc: Sequence[int], bytes_per_doc: Sequence[int]) -> dict:
+def summarize_totals(
+    nats_per_doc: Sequence[float], tokens_per_doc: Sequence[int], bytes_per_doc: Sequence[int]
+) -> dict:
     """``summarize`` from each document's total NLL in nats (or its ELBO) and its token count."""
     if not len(nats_per_doc) == len(tokens_per_doc) == len(bytes_per_doc):
-        raise DfmError(f"{len(nats_per_doc)} documents of NLLs, {len(tokens_per_doc)} token counts and "
-                       f"{len(bytes_per_doc)} byte counts: give one of each per document")
+        raise DfmError(
+            f"{len(nats_per_doc)} documents of NLLs, {len(tokens_per_doc)} token counts and "
+            f"{len(bytes_per_doc)} byte counts: give one of each per document"
+        )
     tokens = sum(int(t) for t in tokens_per_doc)
     total_bytes = sum(int(b) for b in bytes_per_doc)
     if tokens == 0 or total_bytes == 0:
@@ -56,8 +63,13 @@ def summarize_totals(nats_per_doc: Sequence[float], tokens_per_doc: Sequence[int
     total = math.fsum(nats_per_doc)
     if total < 0:
         raise DfmError("summarize expects negative log-likelihoods (>= 0); pass minus the token log-probs")
-    return {"nll": total / tokens, "ppl": math.exp(total / tokens), "bpb": total / math.log(2.0) / total_bytes,
-            "tokens": tokens, "documents": len(nats_per_doc)}
+    return {
+        "nll": total / tokens,
+        "ppl": math.exp(total / tokens),
+        "bpb": total / math.log(2.0) / total_bytes,
+        "tokens": tokens,
+        "documents": len(nats_per_doc),
+    }
 
 
 def doc_bits(nll_per_doc: Sequence[Tensor]) -> Tensor:

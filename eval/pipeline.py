@@ -28,8 +28,8 @@ from models.masked_generation import generate_masked_text
 from training.assemble import assemble
 from training.config import is_masked, read_run_config, seed_phase
 from training.estimate import remaining_seconds
-from training.experts import train_baseline, train_expert, train_seed
 from training.layout import RunLayout
+from training.lm_training import train_baseline, train_expert, train_seed
 from training.prepare import prepare
 from training.router_training import train_router
 
@@ -88,8 +88,9 @@ def evaluate(run_dir: str | Path, **options) -> dict:
     samples, stride = options.pop("elbo_samples", None), options.pop("stride", None)
     if is_masked(read_run_config(run_dir)):
         if stride is not None:
-            raise DfmError("--stride is for autoregressive runs: a masked run scores each document in the rows it "
-                           "trained on")
+            raise DfmError(
+                "--stride is for autoregressive runs: a masked run scores each document in the rows it trained on"
+            )
         return evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options)
     if samples is not None:
         raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
@@ -111,8 +112,10 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
 
     def estimate(first: dict, experts_done: int) -> None:
         rest = remaining_seconds(run_dir, config, first, experts_done)
-        say(f"estimated: about {minutes(rest)} more of training, {minutes(clock.total + rest)} in all "
-            f"(from this stage's speed; evaluation not counted)")
+        say(
+            f"estimated: about {minutes(rest)} more of training, {minutes(clock.total + rest)} in all "
+            f"(from this stage's speed; evaluation not counted)"
+        )
 
     if seed_phase(config):
         summary = clock.stage("seed", lambda: train_seed(run_dir, resume=resume, device=device))
@@ -120,8 +123,10 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
         estimate(summary, 0)
     for k in range(config["partition"]["num_clusters"]):
         summary = clock.stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=resume, device=device))
-        say(f"expert-{k}: val loss {loss_text(summary['val_loss'])} nats/token, unigram entropy "
-            f"{summary['unigram_entropy']:.4f}")
+        say(
+            f"expert-{k}: val loss {loss_text(summary['val_loss'])} nats/token, unigram entropy "
+            f"{summary['unigram_entropy']:.4f}"
+        )
         if k == 0 and not seed_phase(config):
             estimate(summary, 1)
     if config["partition"]["num_clusters"] > 1:
@@ -132,9 +137,17 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
     clock.stage("assemble", lambda: assemble(run_dir))
 
 
-def run_pipeline(run_dir: str | Path, config: Callable[[], dict], *, resume: bool = False, overwrite: bool = False,
-                 modes: Sequence[str] | None = None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None, say: Say = lambda message: None) -> RunResult:
+def run_pipeline(
+    run_dir: str | Path,
+    config: Callable[[], dict],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    modes: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    say: Say = lambda message: None,
+) -> RunResult:
     """Every stage of a run into ``run_dir``. ``config`` is called only when the run is prepared
     (a resumed run keeps the configuration it was prepared with)."""
     device = torch.device("cpu") if device is None else device

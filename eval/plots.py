@@ -58,13 +58,18 @@ def plot_loss_split(report: dict, path: Path) -> None:
     """Per group (all, each cluster, each length bucket), the experts', the posterior's and the
     mixture's routing factor of the ratio to the baseline (eval.loss_split), as bars around 1."""
     split = report["loss_split"]
-    groups = [("all", split["all"])] + [(f"cluster {c}", g) for c, g in split["cluster"].items()] + [
-        (name, split["length"][name]) for name in ("short", "medium", "long") if name in split["length"]]
+    groups = (
+        [("all", split["all"])]
+        + [(f"cluster {c}", g) for c, g in split["cluster"].items()]
+        + [(name, split["length"][name]) for name in ("short", "medium", "long") if name in split["length"]]
+    )
     mode = "mixture" if "mixture" in split["all"]["modes"] else next(iter(split["all"]["modes"]))
-    factors = {"experts (oracle/baseline)": [g["experts"] for _, g in groups],
-               "posterior (bayes/oracle)": [g["posterior"] for _, g in groups],
-               f"routing ({mode}/bayes)": [g["modes"][mode]["routing"] for _, g in groups],
-               f"total ({mode}/baseline)": [g["modes"][mode]["total"] for _, g in groups]}
+    factors = {
+        "experts (oracle/baseline)": [g["experts"] for _, g in groups],
+        "posterior (bayes/oracle)": [g["posterior"] for _, g in groups],
+        f"routing ({mode}/bayes)": [g["modes"][mode]["routing"] for _, g in groups],
+        f"total ({mode}/baseline)": [g["modes"][mode]["total"] for _, g in groups],
+    }
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups)), 4))
     width = 0.8 / len(factors)
     for i, (label, values) in enumerate(factors.items()):

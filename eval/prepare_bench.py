@@ -24,12 +24,21 @@ from dfm.errors import DfmError
 from dfm.progress import progress
 from eval.bench import machine_info
 from eval.measured import run_measured
-from eval.partition_bench import (ASSIGN_BATCH, HERE, check_imported, check_source, format_partition_table,
-                                  measure_partition, source_env, source_version)
+from eval.partition_bench import (
+    ASSIGN_BATCH,
+    HERE,
+    check_imported,
+    check_source,
+    format_partition_table,
+    measure_partition,
+    source_env,
+    source_version,
+)
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 #: Documents the corpus writer samples at a time (its memory, not the measured process's).
 CHUNK = 10_000
+
 
 def write_corpus(path: Path, num_documents: int, seed: int = 0) -> int:
     """``num_documents`` synthetic documents as JSONL (text, domain) at ``path``; returns its bytes."""
@@ -47,18 +56,33 @@ def measure_prepare(num_documents: int, workdir: Path, root: Path = HERE) -> dic
     corpus = workdir / "corpus.jsonl"
     size = write_corpus(corpus, num_documents)
     env = {**source_env(root), "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
-    argv = ["prepare", "--out", str(workdir / "run"), "--dataset", "json", "--data-files", str(corpus),
-            "--label-column", "domain"]
+    argv = [
+        "prepare",
+        "--out",
+        str(workdir / "run"),
+        "--dataset",
+        "json",
+        "--data-files",
+        str(corpus),
+        "--label-column",
+        "domain",
+    ]
     # VmHWM counts the pages of memory-mapped Arrow files the process touched, which grow with the
     # corpus but are page cache the kernel can take back; the allocated peak is reported beside it
     done = run_measured("prepare", *argv, what=f"dfm prepare on {num_documents} documents", env=env, cwd=root)
     seconds, peak_kib, anon_kib = done["seconds"], done["peak_rss_kib"], done["peak_anonymous_kib"]
     check_imported(done["module"], root)
     summary = json.loads((workdir / "run" / "partition" / "stats.json").read_text())
-    return {"documents": num_documents, "corpus_mb": size / 1e6, "seconds": float(seconds),
-            "documents_per_second": num_documents / float(seconds), "peak_rss_mb": int(peak_kib) / 1024,
-            "peak_anonymous_mb": int(anon_kib) / 1024,
-            "cluster_sizes": summary["sizes"], "purity": summary["purity"]}
+    return {
+        "documents": num_documents,
+        "corpus_mb": size / 1e6,
+        "seconds": float(seconds),
+        "documents_per_second": num_documents / float(seconds),
+        "peak_rss_mb": int(peak_kib) / 1024,
+        "peak_anonymous_mb": int(anon_kib) / 1024,
+        "cluster_sizes": summary["sizes"],
+        "purity": summary["purity"],
+    }
 
 
 def _prepare_runs(sizes: Sequence[int], root: Path, say: Callable[[str], None]) -> list[dict]:
@@ -68,8 +92,10 @@ def _prepare_runs(sizes: Sequence[int], root: Path, say: Callable[[str], None]) 
         say(f"prepare on {n} documents")
         with tempfile.TemporaryDirectory(prefix="dfm-prepare-bench-") as tmp:
             runs.append(measure_prepare(n, Path(tmp), root))
-        say(f"  {runs[-1]['documents_per_second']:.0f} documents/s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB "
-            f"(allocated: {runs[-1]['peak_anonymous_mb']:.0f} MB)")
+        say(
+            f"  {runs[-1]['documents_per_second']:.0f} documents/s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB "
+            f"(allocated: {runs[-1]['peak_anonymous_mb']:.0f} MB)"
+        )
     for before, after in zip(runs, runs[1:]):
         after["rss_growth_vs_previous"] = after["peak_rss_mb"] / before["peak_rss_mb"]
         after["anonymous_growth_vs_previous"] = after["peak_anonymous_mb"] / before["peak_anonymous_mb"]
@@ -83,13 +109,20 @@ def _partition_runs(sizes: Sequence[int], vocab: int, root: Path, say: Callable[
         say(f"partition of {n} documents at a {vocab}-token vocabulary")
         with tempfile.TemporaryDirectory(prefix="dfm-partition-bench-") as tmp:
             runs.append(measure_partition(n, vocab, Path(tmp), root))
-        say(f"  fit {runs[-1]['fit']['seconds']:.1f}s, peak RSS {runs[-1]['fit']['peak_rss_mb']:.0f} MB; "
-            f"{ASSIGN_BATCH} documents assigned and weighed at peak RSS {runs[-1]['batch']['peak_rss_mb']:.0f} MB")
+        say(
+            f"  fit {runs[-1]['fit']['seconds']:.1f}s, peak RSS {runs[-1]['fit']['peak_rss_mb']:.0f} MB; "
+            f"{ASSIGN_BATCH} documents assigned and weighed at peak RSS {runs[-1]['batch']['peak_rss_mb']:.0f} MB"
+        )
     return runs
 
 
-def bench_prepare(sizes: Sequence[int], out: Path | None = None, say: Callable[[str], None] = lambda message: None,
-                  vocab: int | None = None, source: str | os.PathLike | None = None) -> dict:
+def bench_prepare(
+    sizes: Sequence[int],
+    out: Path | None = None,
+    say: Callable[[str], None] = lambda message: None,
+    vocab: int | None = None,
+    source: str | os.PathLike | None = None,
+) -> dict:
     """Whole `dfm prepare` runs at every corpus size (``"prepare"``), or with ``vocab`` the
     partition alone at that vocabulary (``"partition"``), dfm imported from the checkout
     ``source`` (default: this one); JSON to ``out``."""
@@ -112,14 +145,18 @@ def format_prepare_table(results: dict) -> str:
     """Markdown table of ``bench_prepare``'s results."""
     if "partition" in results:
         return format_partition_table(results["partition"])
-    lines = ["| documents | corpus MB | seconds | documents/s | peak RSS MB (growth) | of it allocated, MB (growth) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| documents | corpus MB | seconds | documents/s | peak RSS MB (growth) | of it allocated, MB (growth) |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def growth(run: dict, key: str) -> str:
         return f" ({run[key]:.2f}x)" if key in run else ""
 
     for run in results["prepare"]:
-        lines.append(f"| {run['documents']} | {run['corpus_mb']:.0f} | {run['seconds']:.1f} | "
-                     f"{run['documents_per_second']:.0f} | {run['peak_rss_mb']:.0f}{growth(run, 'rss_growth_vs_previous')} | "
-                     f"{run['peak_anonymous_mb']:.0f}{growth(run, 'anonymous_growth_vs_previous')} |")
+        lines.append(
+            f"| {run['documents']} | {run['corpus_mb']:.0f} | {run['seconds']:.1f} | "
+            f"{run['documents_per_second']:.0f} | {run['peak_rss_mb']:.0f}{growth(run, 'rss_growth_vs_previous')} | "
+            f"{run['peak_anonymous_mb']:.0f}{growth(run, 'anonymous_growth_vs_previous')} |"
+        )
     return "\n".join(lines)

@@ -24,8 +24,9 @@ def prefix_lengths(longest: int) -> list[int]:
     return out
 
 
-def accuracy_by_prefix_length(log_weights: Sequence[Tensor], clusters: Sequence[int],
-                              max_length: int | None = None) -> dict:
+def accuracy_by_prefix_length(
+    log_weights: Sequence[Tensor], clusters: Sequence[int], max_length: int | None = None
+) -> dict:
     """Accuracy of argmax_k P(k | prefix) against the document's cluster, for prefixes of
     1, 2, 4, ... document tokens (up to ``max_length``, e.g. the context; default the longest).
 
@@ -70,18 +71,26 @@ def expected_calibration_error(log_weights: Sequence[Tensor], clusters: Sequence
     return float(gap.sum() / count.sum())
 
 
-def router_quality(router_log_weights: Sequence[Tensor], bayes_log_weights: Sequence[Tensor],
-                   clusters: Sequence[int], max_length: int | None = None, bins: int = 15) -> dict:
+def router_quality(
+    router_log_weights: Sequence[Tensor],
+    bayes_log_weights: Sequence[Tensor],
+    clusters: Sequence[int],
+    max_length: int | None = None,
+    bins: int = 15,
+) -> dict:
     """Accuracy by prefix length, mean KL(Bayes posterior || router), and ECE in one dict."""
-    return {"accuracy_by_length": accuracy_by_prefix_length(router_log_weights, clusters, max_length),
-            "kl_bayes_router": mean_kl(bayes_log_weights, router_log_weights),
-            "ece": expected_calibration_error(router_log_weights, clusters, bins)}
+    return {
+        "accuracy_by_length": accuracy_by_prefix_length(router_log_weights, clusters, max_length),
+        "kl_bayes_router": mean_kl(bayes_log_weights, router_log_weights),
+        "ece": expected_calibration_error(router_log_weights, clusters, bins),
+    }
 
 
-def inference_accounting(*, expert_params: Sequence[int], router_params: int = 0, baseline_params: int = 0,
-                         top_k: Sequence[int] = (1, 2)) -> dict:
+def inference_accounting(
+    *, expert_params: Sequence[int], router_params: int = 0, baseline_params: int = 0, top_k: Sequence[int] = (1, 2)
+) -> dict:
     """Inference FLOPs per token (2 x params of the networks run) of every routing mode, and the
-    parameter counts; training FLOPs are compute matching's (``training.experts.compute_matching``).
+    parameter counts; training FLOPs are compute matching's (``training.lm_training.compute_matching``).
 
     Per token: mixture/bayes/centroid run all K experts, ``top{k}`` k experts (k x the mean
     expert size), switch and oracle one; mixture, top-k and switch also run the router (bayes,
@@ -98,5 +107,7 @@ def inference_accounting(*, expert_params: Sequence[int], router_params: int = 0
     inference = {"mixture": 2 * all_experts + router, "bayes": 2 * all_experts, "centroid": 2 * all_experts}
     inference.update({f"top{k}": 2 * k * mean_expert + router for k in top_k})
     inference.update({"switch": 2 * mean_expert + router, "oracle": 2 * mean_expert, "baseline": 2 * baseline_params})
-    return {"inference_flops_per_token": inference,
-            "parameters": {"experts": all_experts, "router": router_params, "baseline": baseline_params}}
+    return {
+        "inference_flops_per_token": inference,
+        "parameters": {"experts": all_experts, "router": router_params, "baseline": baseline_params},
+    }

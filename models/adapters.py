@@ -58,9 +58,13 @@ def check_lora(settings: dict) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise DfmError(f"config expert.lora.dropout must lie in [0, 1), got {dropout!r}")
     targets = settings.get("target_modules")
-    if not (targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        raise DfmError(f"config expert.lora.target_modules must be \"all-linear\" or a list of module names "
-                       f"(e.g. [\"q_proj\", \"v_proj\"]), got {targets!r}")
+    if not (
+        targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise DfmError(
+            f'config expert.lora.target_modules must be "all-linear" or a list of module names '
+            f'(e.g. ["q_proj", "v_proj"]), got {targets!r}'
+        )
 
 
 def add_lora(model: PreTrainedModel, settings: dict, base: str) -> nn.Module:
@@ -68,14 +72,21 @@ def add_lora(model: PreTrainedModel, settings: dict, base: str) -> nn.Module:
     adapter says its base model lies (relative to the adapter directory, or a hub name)."""
     peft = _peft()
     check_lora(settings)
-    config = peft.LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                             target_modules=settings["target_modules"], bias="none", task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=settings["r"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=settings["dropout"],
+        target_modules=settings["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         with _quiet_peft():
             wrapped = peft.get_peft_model(model, config)
     except ValueError as err:
-        raise DfmError(f"cannot attach LoRA to the seed model ({str(err).splitlines()[0]}): fix "
-                       f"expert.lora.target_modules") from err
+        raise DfmError(
+            f"cannot attach LoRA to the seed model ({str(err).splitlines()[0]}): fix expert.lora.target_modules"
+        ) from err
     wrapped.peft_config["default"].base_model_name_or_path = base  # peft sets the model's own (absolute) path
     return wrapped
 
@@ -100,25 +111,32 @@ def base_directory(path: str | os.PathLike) -> Path | None:
     return Path(path) / base if base and (Path(path) / base).is_dir() else None
 
 
-def load_merged(path: str | os.PathLike, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_merged(
+    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """The adapter at ``path`` merged into its own copy of its base model, in eval mode (in ``dtype`` if given)."""
     peft = _peft()
     path = Path(path)
     try:
         config = peft.PeftConfig.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as err:
-        raise DfmError(f"cannot read the adapter config at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
+        raise DfmError(
+            f"cannot read the adapter config at {path} ({str(err).splitlines()[0]}); retrain or re-copy it"
+        ) from err
     local = base_directory(path)
     base_name = str(local) if local is not None else config.base_model_name_or_path
     try:
         base = AutoModelForCausalLM.from_pretrained(base_name, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as err:
-        raise DfmError(f"the adapter at {path} adapts {base_name!r}, which cannot be loaded "
-                       f"({str(err).splitlines()[0]}): copy the run's seed/ beside experts/") from err
+        raise DfmError(
+            f"the adapter at {path} adapts {base_name!r}, which cannot be loaded "
+            f"({str(err).splitlines()[0]}): copy the run's seed/ beside experts/"
+        ) from err
     try:
         with _quiet_peft():
             merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise DfmError(f"cannot load the adapter at {path} ({str(err).splitlines()[0]}); retrain or re-copy it") from err
+        raise DfmError(
+            f"cannot load the adapter at {path} ({str(err).splitlines()[0]}); retrain or re-copy it"
+        ) from err
     return merged.to(device or "cpu", dtype).eval()

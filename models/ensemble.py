@@ -21,16 +21,22 @@ from dfm.routing import Routing, parse_mode
 from dfm.tensors import autocast_for, positions_from_mask
 from models.cache_argument import cache_kwargs
 from models.expert import load_expert
-from models.tokenizer import load_tokenizer
 from models.manifest import Manifest, resolve_inside, tokenizer_fingerprint
 from models.partition import Partition
 from models.router import Router
 from models.scoring import document_bos
-from models.weighers import (
-    DEFAULT_TEMPERATURE, AnyWeigher, BayesWeigher, CentroidWeigher, OracleWeigher, PriorWeigher, RouterWeigher,
-)
 from models.stacked import StackedLlama
 from models.stacked import supports as supports_stacking
+from models.tokenizer import load_tokenizer
+from models.weighers import (
+    DEFAULT_TEMPERATURE,
+    AnyWeigher,
+    BayesWeigher,
+    CentroidWeigher,
+    OracleWeigher,
+    PriorWeigher,
+    RouterWeigher,
+)
 
 
 class _ExpertState:
@@ -49,17 +55,27 @@ class Ensemble:
     own Hugging Face forward with a DynamicCache. ``engine="hf"`` forces the generic path.
     """
 
-    def __init__(self, experts: Sequence[PreTrainedModel], log_prior: Tensor, *, router: Router | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None,
-                 clusters: Sequence[int] | None = None, engine: str = "auto") -> None:
+    def __init__(
+        self,
+        experts: Sequence[PreTrainedModel],
+        log_prior: Tensor,
+        *,
+        router: Router | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        names: Sequence[str] | None = None,
+        clusters: Sequence[int] | None = None,
+        engine: str = "auto",
+    ) -> None:
         if not experts:
             raise DfmError("an ensemble needs at least one expert")
         vocab = {e.config.vocab_size for e in experts}
         if len(vocab) != 1:
             raise DfmError(f"experts have different vocabulary sizes {sorted(vocab)}: they must share one tokenizer")
         if router is not None and router.config.num_experts != len(experts):
-            raise DfmError(f"the router routes over {router.config.num_experts} experts but the ensemble has "
-                           f"{len(experts)}: retrain it with `dfm train-router`")
+            raise DfmError(
+                f"the router routes over {router.config.num_experts} experts but the ensemble has "
+                f"{len(experts)}: retrain it with `dfm train-router`"
+            )
         if engine not in ("auto", "hf"):
             raise DfmError(f"engine must be 'auto' or 'hf', got {engine!r}")
         self.experts = list(experts)
@@ -96,8 +112,9 @@ class Ensemble:
 
     # --- ExpertPool -------------------------------------------------------------------------
     @torch.inference_mode()
-    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
-                             rows: Tensor | None = None) -> Tensor:
+    def next_token_log_probs(
+        self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int], rows: Tensor | None = None
+    ) -> Tensor:
         self._start_batch(tokens)
         if self.engine is not None and (rows is not None or self._ragged):
             self._advance_pairs(tokens, attention_mask, experts, rows)
@@ -133,7 +150,12 @@ class Ensemble:
         behind = [e for e in experts if self._states[e].seen < length]
         everyone = range(self.num_experts)
         in_order = list(experts) == list(everyone)  # the stacked group returns experts 0..K-1 in order
-        if self.engine is not None and in_order and len(behind) == self.num_experts and len({s.seen for s in self._states}) == 1:
+        if (
+            self.engine is not None
+            and in_order
+            and len(behind) == self.num_experts
+            and len({s.seen for s in self._states}) == 1
+        ):
             return [everyone]
         return [range(e, e + 1) for e in behind]
 
@@ -142,8 +164,10 @@ class Ensemble:
         log-probs; with ``score``, return (B, len(group)) summed log-likelihoods of the real tokens."""
         seen, length = self._states[group[0]].seen, tokens.shape[1]
         if length > self.experts[0].config.max_position_embeddings:
-            raise DfmError(f"sequence of {length} tokens exceeds the experts' context of "
-                           f"{self.experts[0].config.max_position_embeddings}: truncate the prompt or generate less")
+            raise DfmError(
+                f"sequence of {length} tokens exceeds the experts' context of "
+                f"{self.experts[0].config.max_position_embeddings}: truncate the prompt or generate less"
+            )
         new = tokens[:, seen:]
         with autocast_for(self.device):
             if self.engine is not None:
@@ -151,7 +175,7 @@ class Ensemble:
             else:
                 logits = self._hf_forward(group[0], new, attention_mask, seen, score).unsqueeze(0)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (E, B, T', V)
-        self._last[group.start:group.stop] = log_probs[:, :, -1]
+        self._last[group.start : group.stop] = log_probs[:, :, -1]
         for e in group:
             self._states[e].seen = length
             self.forward_passes[e] += 1
@@ -162,8 +186,9 @@ class Ensemble:
         real = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
         return picked.masked_fill(~real, 0.0).sum(-1).double().T  # padding holds no evidence, even -inf
 
-    def _advance_pairs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
-                       rows: Tensor | None) -> None:
+    def _advance_pairs(
+        self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int], rows: Tensor | None
+    ) -> None:
         """Row routing on the stacked engine: every listed expert runs on the rows that need it
         (``rows`` (B, len(experts)) bool; None: all). The pairs that lack only the newest column
         run together in one forward, including rows of a running expert that do not weight it at
@@ -229,8 +254,14 @@ class Ensemble:
             raise DfmError("this ensemble has no router: train one with `dfm train-router`, or use --routing bayes")
         return RouterWeigher(self.router)
 
-    def weigher(self, mode: str, *, partition: Partition | None = None, oracle: Sequence[int] | None = None,
-                centroid_temperature: float = DEFAULT_TEMPERATURE) -> AnyWeigher:
+    def weigher(
+        self,
+        mode: str,
+        *,
+        partition: Partition | None = None,
+        oracle: Sequence[int] | None = None,
+        centroid_temperature: float = DEFAULT_TEMPERATURE,
+    ) -> AnyWeigher:
         """The weigher of a routing mode (``dfm eval`` and ``dfm generate`` names): the router for
         mixture, topN and switch; the priors and the experts' likelihoods for bayes; the
         partition's centres for centroid; the true ``oracle`` cluster of every prompt or document."""
@@ -239,7 +270,9 @@ class Ensemble:
             return BayesWeigher(self.log_prior)
         if routing is Routing.CENTROID:
             if partition is None:
-                raise DfmError("centroid routing needs the partition (RUN/partition): run `dfm prepare`, or drop the mode")
+                raise DfmError(
+                    "centroid routing needs the partition (RUN/partition): run `dfm prepare`, or drop the mode"
+                )
             bos_id = document_bos(self.tokenizer) if self.tokenizer is not None else None
             return CentroidWeigher(partition, centroid_temperature, bos_id=bos_id, clusters=self.clusters)
         if routing is Routing.ORACLE:
@@ -250,18 +283,31 @@ class Ensemble:
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                 allow_missing: bool = False, load_router: bool = True, dtype: torch.dtype | None = None) -> Ensemble:
+    def from_run(
+        cls,
+        run_dir: str | os.PathLike,
+        device: torch.device | str | None = None,
+        allow_missing: bool = False,
+        load_router: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> Ensemble:
         """Load experts (in ``dtype`` if given; the router stays float32), router, priors and
         tokenizer named by ``RUN/ensemble.json``.
 
         A missing or unreadable expert is an error naming it, unless ``allow_missing``: then it
         is left out with a warning and the priors (and router weights) of the rest renormalised.
         """
-        members = load_members(run_dir, load_expert, device=device, allow_missing=allow_missing,
-                               load_router=load_router, dtype=dtype)
-        return cls(members.experts, members.log_prior, router=members.router, tokenizer=members.tokenizer,
-                   names=members.names, clusters=members.clusters)
+        members = load_members(
+            run_dir, load_expert, device=device, allow_missing=allow_missing, load_router=load_router, dtype=dtype
+        )
+        return cls(
+            members.experts,
+            members.log_prior,
+            router=members.router,
+            tokenizer=members.tokenizer,
+            names=members.names,
+            clusters=members.clusters,
+        )
 
 
 @dataclass
@@ -277,21 +323,32 @@ class Members:
     manifest: Manifest
 
 
-def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedModel], *,
-                 device: torch.device | str | None = None, allow_missing: bool = False, load_router: bool = True,
-                 kind: str = "ar", dtype: torch.dtype | None = None) -> Members:
+def load_members(
+    run_dir: str | os.PathLike,
+    loader: Callable[..., PreTrainedModel],
+    *,
+    device: torch.device | str | None = None,
+    allow_missing: bool = False,
+    load_router: bool = True,
+    kind: str = "ar",
+    dtype: torch.dtype | None = None,
+) -> Members:
     """Load the members of a run's ensemble with ``loader(path, device, dtype=dtype)``, refusing a run of
     another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask) and any
     file whose sha256 differs from the one ``dfm assemble`` recorded."""
     manifest = Manifest.load(run_dir)
     if manifest.path_kind != kind:
-        raise DfmError(f"{run_dir} was trained on the {manifest.path_kind} path, not the {kind} path: "
-                       f"load it with {'MaskedEnsemble' if manifest.path_kind == 'masked' else 'Ensemble'}.from_run")
+        raise DfmError(
+            f"{run_dir} was trained on the {manifest.path_kind} path, not the {kind} path: "
+            f"load it with {'MaskedEnsemble' if manifest.path_kind == 'masked' else 'Ensemble'}.from_run"
+        )
     extra_symbols = 1 if kind == "masked" else 0
     tokenizer = load_tokenizer(resolve_inside(run_dir, manifest.tokenizer))
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
     if fingerprint != manifest.tokenizer_fingerprint:
-        raise DfmError(f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`")
+        raise DfmError(
+            f"the tokenizer in {run_dir} does not match ensemble.json: re-run `dfm assemble --run {run_dir}`"
+        )
     manifest.verify(run_dir, manifest.tokenizer)
     experts, kept = [], []
     for index, entry in enumerate(manifest.experts):
@@ -314,19 +371,30 @@ def load_members(run_dir: str | os.PathLike, loader: Callable[..., PreTrainedMod
         manifest.verify(run_dir, manifest.router)
         if len(kept) < len(manifest.experts):
             router = SubsetRouter(router, kept)
-    return Members(experts, (prior / prior.sum()).log(), [manifest.experts[i].name for i in kept], kept, router,
-                   tokenizer, manifest)
+    return Members(
+        experts,
+        (prior / prior.sum()).log(),
+        [manifest.experts[i].name for i in kept],
+        kept,
+        router,
+        tokenizer,
+        manifest,
+    )
 
 
 def check_expert_tokenizer(expert: PreTrainedModel, name: str, fingerprint: str, vocab_size: int) -> None:
     """Refuse an expert trained with another tokenizer."""
     theirs = getattr(expert.config, "dfm_tokenizer_fingerprint", None)
     if expert.config.vocab_size != vocab_size:
-        raise DfmError(f"{name} has a vocabulary of {expert.config.vocab_size} tokens but the ensemble's tokenizer "
-                       f"has {vocab_size}: retrain it on this run's tokenizer")
+        raise DfmError(
+            f"{name} has a vocabulary of {expert.config.vocab_size} tokens but the ensemble's tokenizer "
+            f"has {vocab_size}: retrain it on this run's tokenizer"
+        )
     if theirs is not None and theirs != fingerprint:
-        raise DfmError(f"{name} was trained with a different tokenizer (fingerprint {theirs[:12]}, ensemble "
-                       f"{fingerprint[:12]}): retrain it on this run's tokenizer")
+        raise DfmError(
+            f"{name} was trained with a different tokenizer (fingerprint {theirs[:12]}, ensemble "
+            f"{fingerprint[:12]}): retrain it on this run's tokenizer"
+        )
 
 
 class SubsetRouter(torch.nn.Module):
@@ -347,4 +415,3 @@ class SubsetRouter(torch.nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache=None) -> Tensor:
         return self.inner(input_ids, attention_mask, cache=cache)[..., self.kept]
-

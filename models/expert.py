@@ -27,8 +27,14 @@ DEFAULT_ARCH: dict[str, Any] = {
 }
 
 
-def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int,
-                  tokenizer_fingerprint: str, arch: dict[str, Any] | None = None) -> PretrainedConfig:
+def expert_config(
+    vocab_size: int,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    tokenizer_fingerprint: str,
+    arch: dict[str, Any] | None = None,
+) -> PretrainedConfig:
     """A causal-LM config for ``arch`` (a ``model_type`` plus its config fields; default Llama).
 
     The tokenizer fingerprint travels in config.json, so an expert trained elsewhere can be
@@ -38,8 +44,15 @@ def expert_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int,
     pads with EOS (``build_expert`` sets it in the generation config).
     """
     config = arch_config(DEFAULT_ARCH if arch is None else arch, "llama")
-    config.update({"vocab_size": vocab_size, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-                   "pad_token_id": None, "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+    config.update(
+        {
+            "vocab_size": vocab_size,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": None,
+            "dfm_tokenizer_fingerprint": tokenizer_fingerprint,
+        }
+    )
     return config
 
 
@@ -57,24 +70,31 @@ def arch_config(arch: dict[str, Any], default_type: str) -> PretrainedConfig:
     try:
         default = AutoConfig.for_model(model_type)
     except ValueError as err:
-        raise DfmError(f"unknown expert model_type {model_type!r}: use a Hugging Face model type such as "
-                       f"{default_type!r}") from err
+        raise DfmError(
+            f"unknown expert model_type {model_type!r}: use a Hugging Face model type such as {default_type!r}"
+        ) from err
     names = {name: default.attribute_map.get(name, name) for name in ("hidden_size", "num_attention_heads")}
     hidden, heads = (fields.get(names[n], getattr(default, n, None)) for n in ("hidden_size", "num_attention_heads"))
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         if "head_dim" not in fields and hidden % heads:
-            raise DfmError(f"config expert.arch: {names['hidden_size']} ({hidden}) must be divisible by "
-                           f"{names['num_attention_heads']} ({heads}); change one of them")
+            raise DfmError(
+                f"config expert.arch: {names['hidden_size']} ({hidden}) must be divisible by "
+                f"{names['num_attention_heads']} ({heads}); change one of them"
+            )
         head_dim = fields.get("head_dim") or hidden // heads
         if "rope_parameters" in default.to_dict() and isinstance(head_dim, int) and head_dim % 2:
-            raise DfmError(f"config expert.arch: the head size {head_dim} ({names['hidden_size']} / "
-                           f"{names['num_attention_heads']}) must be even for rotary position embeddings; "
-                           f"change one of them")
+            raise DfmError(
+                f"config expert.arch: the head size {head_dim} ({names['hidden_size']} / "
+                f"{names['num_attention_heads']}) must be even for rotary position embeddings; "
+                f"change one of them"
+            )
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except Exception as err:  # transformers checks field types and values, raising several error types
         detail = " ".join(line.strip() for line in str(err).splitlines())
-        raise DfmError(f"config expert.arch is not a valid {model_type} configuration ({detail}): fix that field") from err
+        raise DfmError(
+            f"config expert.arch is not a valid {model_type} configuration ({detail}): fix that field"
+        ) from err
     known = default.to_dict()
     unknown = sorted(set(config.to_dict()) - set(known))
     if unknown:
@@ -89,8 +109,10 @@ def seed_context(name_or_path: str | os.PathLike) -> int | None:
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise DfmError(f"cannot read the config of --init-from {str(name_or_path)!r} ({str(err).splitlines()[0]}): "
-                       f"pass a local save_pretrained directory or a hub name of a causal LM") from err
+        raise DfmError(
+            f"cannot read the config of --init-from {str(name_or_path)!r} ({str(err).splitlines()[0]}): "
+            f"pass a local save_pretrained directory or a hub name of a causal LM"
+        ) from err
     return getattr(config, "max_position_embeddings", None)
 
 
@@ -102,8 +124,12 @@ def build_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     return model
 
 
-def load_expert(path: str | os.PathLike, device: torch.device | str | None = None,
-                auto_class: type = AutoModelForCausalLM, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_expert(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    auto_class: type = AutoModelForCausalLM,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
     """Load a saved model (a causal LM unless ``auto_class`` says otherwise) from a local
     directory, safetensors only and no remote code, in eval mode, on ``device`` in ``dtype`` (as
     saved if None). A LoRA adapter (peft) is loaded merged into its base model (``models.adapters``)."""
@@ -111,8 +137,10 @@ def load_expert(path: str | os.PathLike, device: torch.device | str | None = Non
     if is_adapter(path) and auto_class is AutoModelForCausalLM:
         return load_merged(path, device, dtype)
     if not (path / "config.json").is_file():
-        raise DfmError(f"no model at {path}: expected config.json and model.safetensors from save_pretrained "
-                       f"(or a LoRA adapter's adapter_config.json)")
+        raise DfmError(
+            f"no model at {path}: expected config.json and model.safetensors from save_pretrained "
+            f"(or a LoRA adapter's adapter_config.json)"
+        )
     try:
         model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
@@ -132,8 +160,14 @@ def saved_config(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                tokenizer_fingerprint: str) -> PreTrainedModel:
+def branch_from(
+    name_or_path: str | os.PathLike,
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    tokenizer_fingerprint: str,
+) -> PreTrainedModel:
     """A causal LM initialised from a seed: a local ``save_pretrained`` directory or a hub name.
 
     The seed's vocabulary must cover the tokenizer's (rows beyond it, padding of pretrained
@@ -143,19 +177,30 @@ def branch_from(name_or_path: str | os.PathLike, *, vocab_size: int, bos_token_i
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or empty weights included
-        fix = (f"re-copy it, or, if it is a run's seed, delete it and retrain it with `dfm train-seed --run "
-               f"{Path(name_or_path).parent} --resume`" if Path(name_or_path).is_dir()
-               else "pass a local save_pretrained directory or a hub name of a causal LM")
+        fix = (
+            f"re-copy it, or, if it is a run's seed, delete it and retrain it with `dfm train-seed-model --run "
+            f"{Path(name_or_path).parent} --resume`"
+            if Path(name_or_path).is_dir()
+            else "pass a local save_pretrained directory or a hub name of a causal LM"
+        )
         raise DfmError(f"cannot load the seed model {str(name_or_path)!r} ({str(err).splitlines()[0]}): {fix}") from err
     have = model.get_input_embeddings().num_embeddings
     if have < vocab_size:
-        raise DfmError(f"the seed model {str(name_or_path)!r} has {have} embeddings but the tokenizer has "
-                       f"{vocab_size} tokens: use the seed's own tokenizer (drop --tokenizer)")
+        raise DfmError(
+            f"the seed model {str(name_or_path)!r} has {have} embeddings but the tokenizer has "
+            f"{vocab_size} tokens: use the seed's own tokenizer (drop --tokenizer)"
+        )
     if have > vocab_size:
         model.resize_token_embeddings(vocab_size)
     model.get_input_embeddings().padding_idx = None
-    model.config.update({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
-                         "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+    model.config.update(
+        {
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": None,
+            "dfm_tokenizer_fingerprint": tokenizer_fingerprint,
+        }
+    )
     model.generation_config.pad_token_id = eos_token_id
     return model
 

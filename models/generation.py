@@ -26,21 +26,20 @@ from models.scoring import document_bos
 from models.weighers import RouterWeigher
 
 
-
 @dataclass
 class Generation:
     """What ``generate_text`` produced, per prompt unless said otherwise."""
 
-    texts: list[str]                 # continuation, decoded, without the prompt and without the final EOS
-    token_ids: list[list[int]]       # generated ids, up to and including EOS if produced
-    prompt_ids: list[list[int]]      # prompt ids actually used (BOS first, possibly truncated)
-    weights: list[Tensor]            # (n_i, K) routing distribution of each generated token (before sparsification)
+    texts: list[str]  # continuation, decoded, without the prompt and without the final EOS
+    token_ids: list[list[int]]  # generated ids, up to and including EOS if produced
+    prompt_ids: list[list[int]]  # prompt ids actually used (BOS first, possibly truncated)
+    weights: list[Tensor]  # (n_i, K) routing distribution of each generated token (before sparsification)
     token_log_probs: list[list[float]]  # log-prob of each generated token under the mixture actually used
-    experts_ran: list[list[int]]     # per step, the experts that ran a forward pass
-    forward_passes: list[int]        # per expert
-    tokens_processed: list[int]      # per expert
-    truncated: list[bool]            # the prompt was cut from the left to fit the context
-    names: list[str]                 # expert names, in ensemble order
+    experts_ran: list[list[int]]  # per step, the experts that ran a forward pass
+    forward_passes: list[int]  # per expert
+    tokens_processed: list[int]  # per expert
+    truncated: list[bool]  # the prompt was cut from the left to fit the context
+    names: list[str]  # expert names, in ensemble order
 
     def to_json(self) -> dict:
         """A plain JSON-serialisable dict."""
@@ -92,8 +91,10 @@ def generate_text(
     if tokenizer is None:
         raise DfmError("the ensemble has no tokenizer: load it with Ensemble.from_run or build it with tokenizer=")
     if tokenizer.eos_token_id is None:
-        raise DfmError("the tokenizer has no EOS token (dfm ends every document with it, and pads with it "
-                       "when there is no pad token): rebuild the tokenizer with `dfm prepare`")
+        raise DfmError(
+            "the tokenizer has no EOS token (dfm ends every document with it, and pads with it "
+            "when there is no pad token): rebuild the tokenizer with `dfm prepare`"
+        )
     eos_id, bos_id = tokenizer.eos_token_id, document_bos(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     num_experts = ensemble.num_experts
@@ -103,8 +104,10 @@ def generate_text(
 
     context = _context_length(ensemble, uses_router=isinstance(weigher, RouterWeigher))
     if max_new_tokens >= context:
-        raise DfmError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
-                       f"{context} tokens: lower --max-new-tokens below {context}")
+        raise DfmError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
+            f"{context} tokens: lower --max-new-tokens below {context}"
+        )
     rows, truncated = [], []
     for ids in encode_prompts(prompts, tokenizer, ensemble.vocab_size):
         # the models read BOS, the prompt and every generated token but the last: P + n positions
@@ -113,9 +116,18 @@ def generate_text(
         truncated.append(cut)
     tokens, mask = _left_pad(rows, pad_id, ensemble.device)
 
-    config = DecodeConfig(routing=mode, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
-                          max_new_tokens=max_new_tokens, route_on=route_on, exclude=tuple(exclude),
-                          eos_id=eos_id if stop_at_eos else None, pad_id=pad_id)
+    config = DecodeConfig(
+        routing=mode,
+        k=k,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        route_on=route_on,
+        exclude=tuple(exclude),
+        eos_id=eos_id if stop_at_eos else None,
+        pad_id=pad_id,
+    )
     ensemble.reset()
     # on the models' device, so that sampling needs no copy to the host at every token (a CUDA
     # generator draws other numbers than the CPU's: the same seed repeats per device)
@@ -125,9 +137,16 @@ def generate_text(
         if on_token is not None:
             on_token(step, token.tolist())
 
-    result = generate(ensemble, tokens, mask, config, weigher=weigher,
-                      log_prior=ensemble.log_prior if mode is Routing.BAYES else None,
-                      generator=generator, on_step=on_step)
+    result = generate(
+        ensemble,
+        tokens,
+        mask,
+        config,
+        weigher=weigher,
+        log_prior=ensemble.log_prior if mode is Routing.BAYES else None,
+        generator=generator,
+        on_step=on_step,
+    )
 
     log_probs = result.token_log_probs
     lengths = result.lengths.tolist()
@@ -176,11 +195,14 @@ def _weigher_for(ensemble: Ensemble, mode: Routing, weigher: Weigher | None) -> 
     if weigher is not None:
         return weigher
     if mode is Routing.CENTROID:
-        raise DfmError("centroid routing needs the partition: run `dfm prepare` (it writes RUN/partition) and pass "
-                       "weigher=CentroidWeigher(Partition.load(RUN/partition))")
+        raise DfmError(
+            "centroid routing needs the partition: run `dfm prepare` (it writes RUN/partition) and pass "
+            "weigher=CentroidWeigher(Partition.load(RUN/partition))"
+        )
     if mode is Routing.ORACLE:
-        raise DfmError("oracle routing needs the true cluster of every prompt: "
-                       "pass weigher=OracleWeigher(clusters, num_experts)")
+        raise DfmError(
+            "oracle routing needs the true cluster of every prompt: pass weigher=OracleWeigher(clusters, num_experts)"
+        )
     return ensemble.router_weigher()
 
 
@@ -195,8 +217,9 @@ def _context_length(ensemble: Ensemble, uses_router: bool) -> int:
     return min(sizes)
 
 
-def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase,
-            vocab_size: int) -> list[list[int]]:
+def encode_prompts(
+    prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase, vocab_size: int
+) -> list[list[int]]:
     """Token ids of every prompt (strings encoded, id lists checked against ``vocab_size``), without BOS."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -210,8 +233,9 @@ def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], token
     rows = [p.tolist() if isinstance(p, Tensor) else [int(i) for i in p] for p in prompts]
     bad = sorted({i for row in rows for i in row if not 0 <= i < vocab_size})
     if bad:
-        raise DfmError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab_size}: "
-                       "use the run's tokenizer")
+        raise DfmError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab_size}: use the run's tokenizer"
+        )
     return rows
 
 
@@ -220,9 +244,10 @@ def fit_prompt(ids: list[int], room: int, context: int) -> tuple[list[int], bool
     a prompt longer than the room the generated tokens leave in a ``context``-token window."""
     if len(ids) <= room:
         return ids, False
-    warnings.warn(f"prompt of {len(ids)} tokens truncated from the left to {room} to fit the context of {context}",
-                  stacklevel=3)
-    return ids[len(ids) - room:], True
+    warnings.warn(
+        f"prompt of {len(ids)} tokens truncated from the left to {room} to fit the context of {context}", stacklevel=3
+    )
+    return ids[len(ids) - room :], True
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -230,6 +255,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        tokens[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        tokens[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     return tokens.to(device), mask.to(device)

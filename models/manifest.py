@@ -38,8 +38,8 @@ def tokenizer_fingerprint(vocab: dict[str, int]) -> str:
 @dataclass
 class ExpertEntry:
     name: str
-    path: str      # relative to the run directory
-    prior: float   # cluster share pi_k
+    path: str  # relative to the run directory
+    prior: float  # cluster share pi_k
 
 
 @dataclass
@@ -77,17 +77,22 @@ class Manifest:
             raw = json.loads(path.read_text())
             version = raw.get("format_version")
             if version not in READABLE_VERSIONS:
-                raise DfmError(f"{path} has format version {version}, this dfm reads versions "
-                               f"{', '.join(map(str, READABLE_VERSIONS))}: re-run `dfm assemble --run {run_dir}` "
-                               f"with this version")
+                raise DfmError(
+                    f"{path} has format version {version}, this dfm reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}: re-run `dfm assemble --run {run_dir}` "
+                    f"with this version"
+                )
             raw["experts"] = [ExpertEntry(**e) for e in raw["experts"]]
             manifest = cls(**raw)
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
             raise DfmError(f"{path} is corrupt ({err}); re-run `dfm assemble --run {run_dir}`") from err
         manifest._check(path, run_dir)
         if manifest.format_version < 2:  # stacklevel 1: one warning a run, however often a command loads it
-            warnings.warn(f"{path} has format version 1, without the sha256 of its artifacts: nothing it names is "
-                          f"verified; run `dfm assemble --run {run_dir}` to record them", stacklevel=1)
+            warnings.warn(
+                f"{path} has format version 1, without the sha256 of its artifacts: nothing it names is "
+                f"verified; run `dfm assemble --run {run_dir}` to record them",
+                stacklevel=1,
+            )
         return manifest
 
     def _check(self, path: Path, run_dir: str | os.PathLike) -> None:
@@ -96,15 +101,25 @@ class Manifest:
         if not isinstance(self.sha256, dict) or not all(isinstance(v, str) for v in self.sha256.values()):
             raise DfmError(f"{path}: sha256 must map file names to hex digests; {fix}")
         if self.format_version >= 2 and not self.sha256:
-            raise DfmError(f"{path} has format version {self.format_version} but records no sha256 of its artifacts, "
-                           f"so nothing it names could be verified; {fix}")
+            raise DfmError(
+                f"{path} has format version {self.format_version} but records no sha256 of its artifacts, "
+                f"so nothing it names could be verified; {fix}"
+            )
         for entry in self.experts:
             prior = entry.prior
-            if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (math.isfinite(prior) and 0 < prior <= 1):
-                raise DfmError(f"{path}: the prior of {entry.name} must be a number in (0, 1] (a cluster share), "
-                               f"got {prior!r}; {fix}")
-        for what, values in (("name", [e.name for e in self.experts]),
-                             ("path", [os.path.normpath(e.path) for e in self.experts])):
+            if (
+                isinstance(prior, bool)
+                or not isinstance(prior, (int, float))
+                or not (math.isfinite(prior) and 0 < prior <= 1)
+            ):
+                raise DfmError(
+                    f"{path}: the prior of {entry.name} must be a number in (0, 1] (a cluster share), "
+                    f"got {prior!r}; {fix}"
+                )
+        for what, values in (
+            ("name", [e.name for e in self.experts]),
+            ("path", [os.path.normpath(e.path) for e in self.experts]),
+        ):
             twice = sorted({v for v in values if values.count(v) > 1})
             if twice:
                 raise DfmError(f"{path} lists the expert {what} {twice[0]} more than once: {fix}")
@@ -118,24 +133,36 @@ class Manifest:
         prefix = os.path.normpath(relative) + os.sep
         recorded = {name: expected for name, expected in self.sha256.items() if name.startswith(prefix)}
         if not recorded:
-            raise DfmError(f"{MANIFEST} records no sha256 of {relative}, so it cannot be verified: "
-                           f"re-run `dfm assemble --run {run_dir}`")
+            raise DfmError(
+                f"{MANIFEST} records no sha256 of {relative}, so it cannot be verified: "
+                f"re-run `dfm assemble --run {run_dir}`"
+            )
         for name, expected in recorded.items():
             path = resolve_inside(run_dir, name)
             if not path.is_file():
-                raise DfmError(f"{path} is listed in {MANIFEST} but missing: restore it, or re-run "
-                               f"`dfm assemble --run {run_dir}` if it was removed on purpose")
+                raise DfmError(
+                    f"{path} is listed in {MANIFEST} but missing: restore it, or re-run "
+                    f"`dfm assemble --run {run_dir}` if it was removed on purpose"
+                )
             if file_sha256(path) != expected:
-                raise DfmError(f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
-                               f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended")
+                raise DfmError(
+                    f"{path} differs from the file `dfm assemble` recorded in {MANIFEST} (sha256): "
+                    f"restore it, or re-run `dfm assemble --run {run_dir}` if the change was intended"
+                )
 
     def verify_model(self, run_dir: str | os.PathLike, relative: str) -> None:
         """``verify`` the model directory ``relative`` and, for a LoRA adapter, its base model in the run."""
         for directory in model_directories(run_dir, relative):
             self.verify(run_dir, directory)
 
-    def load_model(self, run_dir: str | os.PathLike, relative: str, loader: Callable[..., PreTrainedModel],
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    def load_model(
+        self,
+        run_dir: str | os.PathLike,
+        relative: str,
+        loader: Callable[..., PreTrainedModel],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PreTrainedModel:
         """The model listed at ``relative``, loaded with ``loader(path, device, dtype=dtype)`` and then
         verified (``verify_model``): the loader's own error names a missing or unreadable model first."""
         model = loader(resolve_inside(run_dir, relative), device, dtype=dtype)
@@ -145,8 +172,10 @@ class Manifest:
     def load_partition(self, run_dir: str | os.PathLike) -> Partition:
         """The partition the manifest lists (centroid routing reads it), verified, then loaded."""
         if self.partition is None:
-            raise DfmError(f"{Path(run_dir) / MANIFEST} lists no partition: run `dfm prepare` and "
-                           f"`dfm assemble --run {run_dir}` again")
+            raise DfmError(
+                f"{Path(run_dir) / MANIFEST} lists no partition: run `dfm prepare` and "
+                f"`dfm assemble --run {run_dir}` again"
+            )
         self.verify(run_dir, self.partition)
         return Partition.load(resolve_inside(run_dir, self.partition))
 
@@ -184,8 +213,12 @@ def file_sha256(path: Path) -> str:
 
 def artifact_hashes(run_dir: str | os.PathLike, directories: list[str]) -> dict[str, str]:
     """{run-relative name: sha256} of the files directly in each of the run's ``directories``."""
-    return {os.path.join(os.path.normpath(relative), p.name): file_sha256(p) for relative in directories
-            for p in sorted(resolve_inside(run_dir, relative).iterdir()) if p.is_file()}
+    return {
+        os.path.join(os.path.normpath(relative), p.name): file_sha256(p)
+        for relative in directories
+        for p in sorted(resolve_inside(run_dir, relative).iterdir())
+        if p.is_file()
+    }
 
 
 def resolve_inside(run_dir: str | os.PathLike, relative: str) -> Path:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
-from dfm.masked_sampler import Denoiser
 from dfm.masked_path import MaskedPath
+from dfm.masked_sampler import Denoiser
 from dfm.mixing import exclude_log_weights, mix_log_probs, uniform_log_prior
 from dfm.routing import Routing, select_experts
 from dfm.schedulers import scheduler
@@ -36,17 +36,27 @@ def masked_routing(name: str | Routing) -> Routing:
     mode = name if isinstance(name, Routing) else next((r for r in Routing if r.value == name), None)
     if mode not in MASKED_ROUTINGS:
         choices = ", ".join(r.value for r in MASKED_ROUTINGS)
-        raise DfmError(f"routing {str(getattr(name, 'value', name))!r} is not available on the masked path; "
-                       f"choose one of: {choices} (or topN)")
+        raise DfmError(
+            f"routing {str(getattr(name, 'value', name))!r} is not available on the masked path; "
+            f"choose one of: {choices} (or topN)"
+        )
     return mode
 
 
 class MaskedEnsemble:
     """Masked experts (sharing one tokenizer and mask id) and a router over noisy states (None for one expert)."""
 
-    def __init__(self, experts: Sequence[nn.Module], router: nn.Module | None, *, log_prior: Tensor | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, names: Sequence[str] | None = None,
-                 clusters: Sequence[int] | None = None, path: MaskedPath | None = None) -> None:
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        router: nn.Module | None,
+        *,
+        log_prior: Tensor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        names: Sequence[str] | None = None,
+        clusters: Sequence[int] | None = None,
+        path: MaskedPath | None = None,
+    ) -> None:
         if not experts:
             raise DfmError("a masked ensemble needs at least one expert")
         self.experts = list(experts)
@@ -60,16 +70,35 @@ class MaskedEnsemble:
         self.path = path if path is not None else MaskedPath(vocab_size, scheduler("linear"))
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                 allow_missing: bool = False, load_router: bool = True,
-                 dtype: torch.dtype | None = None) -> MaskedEnsemble:
+    def from_run(
+        cls,
+        run_dir: str | os.PathLike,
+        device: torch.device | str | None = None,
+        allow_missing: bool = False,
+        load_router: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> MaskedEnsemble:
         """Load the masked experts (in ``dtype`` if given), noisy-state router, priors, tokenizer and
         path of a masked run."""
-        members = load_members(run_dir, load_masked_expert, device=device, allow_missing=allow_missing,
-                               load_router=load_router, kind="masked", dtype=dtype)
+        members = load_members(
+            run_dir,
+            load_masked_expert,
+            device=device,
+            allow_missing=allow_missing,
+            load_router=load_router,
+            kind="masked",
+            dtype=dtype,
+        )
         path = MaskedPath(len(members.tokenizer), scheduler(members.manifest.extra["path"]["scheduler"]))
-        return cls(members.experts, members.router, log_prior=members.log_prior, tokenizer=members.tokenizer,
-                   names=members.names, clusters=members.clusters, path=path)
+        return cls(
+            members.experts,
+            members.router,
+            log_prior=members.log_prior,
+            tokenizer=members.tokenizer,
+            names=members.names,
+            clusters=members.clusters,
+            path=path,
+        )
 
     @property
     def num_experts(self) -> int:
@@ -92,8 +121,15 @@ class MaskedEnsemble:
             raise DfmError("this routing needs the noisy-state router: run `dfm train-router` and `dfm assemble`")
         return torch.log_softmax(state_logits(self.router, xt, attention_mask).double(), dim=-1)
 
-    def denoiser(self, routing: Routing, *, k: int | None = None, oracle: Tensor | None = None,
-                 exclude: Sequence[int] = (), generator: torch.Generator | None = None) -> Denoiser:
+    def denoiser(
+        self,
+        routing: Routing,
+        *,
+        k: int | None = None,
+        oracle: Tensor | None = None,
+        exclude: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> Denoiser:
         """The ensemble's log p(x1_i | X_t), (B, N, V), under ``routing``; ``oracle`` (B,) names
         each sequence's expert for ``oracle`` routing; ``exclude`` opts experts out (weights renormalised)."""
         masked_routing(routing)
@@ -108,8 +144,9 @@ class MaskedEnsemble:
                 weights = self.log_weights(xt)
             weights = exclude_log_weights(weights, exclude) if exclude else weights
             selection = select_experts(weights, routing, k=k, generator=generator)
-            log_probs = torch.stack([clean_logits(self.experts[e], xt).double().log_softmax(-1)
-                                     for e in selection.active], dim=1)
+            log_probs = torch.stack(
+                [clean_logits(self.experts[e], xt).double().log_softmax(-1) for e in selection.active], dim=1
+            )
             return mix_log_probs(log_probs, selection.log_weights[:, selection.active].to(log_probs.device))
 
         return denoise

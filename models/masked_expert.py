@@ -36,8 +36,9 @@ DEFAULT_MASKED_ARCH: dict[str, Any] = {
 }
 
 
-def masked_expert_config(vocab_size: int, *, eos_token_id: int, tokenizer_fingerprint: str,
-                         arch: dict[str, Any] | None = None) -> PretrainedConfig:
+def masked_expert_config(
+    vocab_size: int, *, eos_token_id: int, tokenizer_fingerprint: str, arch: dict[str, Any] | None = None
+) -> PretrainedConfig:
     """A masked-LM config for ``arch`` over ``vocab_size`` tokens plus the mask symbol (id ``vocab_size``).
 
     Every special id of the model points at the tokenizer's EOS (dfm's document separator), and
@@ -48,11 +49,20 @@ def masked_expert_config(vocab_size: int, *, eos_token_id: int, tokenizer_finger
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except ValueError as err:
-        raise DfmError(f"unknown masked expert model_type {model_type!r}: use a Hugging Face masked-LM type "
-                       f"such as 'modernbert' or 'bert'") from err
+        raise DfmError(
+            f"unknown masked expert model_type {model_type!r}: use a Hugging Face masked-LM type "
+            f"such as 'modernbert' or 'bert'"
+        ) from err
     specials = {name: eos_token_id for name in ("bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")}
-    config.update({"vocab_size": vocab_size + 1, "mask_token_id": vocab_size, "pad_token_id": None, **specials,
-                   "dfm_tokenizer_fingerprint": tokenizer_fingerprint})
+    config.update(
+        {
+            "vocab_size": vocab_size + 1,
+            "mask_token_id": vocab_size,
+            "pad_token_id": None,
+            **specials,
+            "dfm_tokenizer_fingerprint": tokenizer_fingerprint,
+        }
+    )
     return config
 
 
@@ -62,8 +72,9 @@ def build_masked_expert(config: PretrainedConfig, seed: int = 0) -> PreTrainedMo
     return AutoModelForMaskedLM.from_config(config)
 
 
-def load_masked_expert(path: str | os.PathLike, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_masked_expert(
+    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """Load a saved masked LM from a local directory (safetensors only, no remote code), in ``dtype`` if given."""
     return load_expert(path, device, auto_class=AutoModelForMaskedLM, dtype=dtype)
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from dfm.errors import DfmError
-from dfm.mixing import check_k
 from dfm.masked_sampler import euler_sample
+from dfm.mixing import check_k
 from dfm.routing import Routing
 from dfm.sampling import check_sampling
 from models.generation import encode_prompts, fit_prompt
@@ -26,22 +26,38 @@ from models.masked_ensemble import MaskedEnsemble, masked_routing
 class MaskedGeneration:
     """What ``generate_masked_text`` produced, per prompt."""
 
-    texts: list[str]             # the generated text after the prompt, up to the first EOS
-    token_ids: list[list[int]]   # the generated ids, up to and including the first EOS
+    texts: list[str]  # the generated text after the prompt, up to the first EOS
+    token_ids: list[list[int]]  # the generated ids, up to and including the first EOS
     prompt_ids: list[list[int]]  # prompt ids actually used (possibly truncated from the left)
     steps: int
     seconds: float
     names: list[str]
 
     def to_json(self) -> dict:
-        return {"names": self.names, "texts": self.texts, "token_ids": self.token_ids,
-                "prompt_ids": self.prompt_ids, "steps": self.steps, "seconds": self.seconds}
+        return {
+            "names": self.names,
+            "texts": self.texts,
+            "token_ids": self.token_ids,
+            "prompt_ids": self.prompt_ids,
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
 
 
-def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
-                         length: int = 64, steps: int = 64, routing: str | Routing = "mixture", k: int | None = None,
-                         temperature: float = 1.0, seed: int = 0, clusters: Sequence[int] | None = None, exclude: Sequence[int] = (),
-                         on_step: Callable[[int, list[str]], None] | None = None) -> MaskedGeneration:
+def generate_masked_text(
+    ensemble: MaskedEnsemble,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    length: int = 64,
+    steps: int = 64,
+    routing: str | Routing = "mixture",
+    k: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    clusters: Sequence[int] | None = None,
+    exclude: Sequence[int] = (),
+    on_step: Callable[[int, list[str]], None] | None = None,
+) -> MaskedGeneration:
     """Fill ``length`` positions after every prompt (a string, strings, or token-id lists) in
     ``steps`` Euler steps of the masked path.
 
@@ -52,8 +68,9 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
     mode = masked_routing(routing)
     tokenizer = ensemble.tokenizer
     if tokenizer is None or tokenizer.eos_token_id is None:
-        raise DfmError("the masked ensemble needs the run's tokenizer with an EOS token: load it with "
-                       "MaskedEnsemble.from_run")
+        raise DfmError(
+            "the masked ensemble needs the run's tokenizer with an EOS token: load it with MaskedEnsemble.from_run"
+        )
     check_sampling(temperature, top_k=0, top_p=1.0)
     if length < 1:
         raise DfmError(f"--max-new-tokens must be at least 1, got {length}")
@@ -81,23 +98,29 @@ def generate_masked_text(ensemble: MaskedEnsemble, prompts: str | Sequence[str] 
     width = max(len(ids) for ids in encoded) + length
     x = torch.full((len(encoded), width), mask_id, dtype=torch.long)
     for row, ids in enumerate(encoded):
-        x[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        x[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     x = x.to(ensemble.experts[0].device)
 
     def report(step: int, state: Tensor) -> None:
         if on_step is not None:
-            on_step(step, [_show(tokenizer, row[len(ids):len(ids) + length].tolist(), mask_id)
-                           for row, ids in zip(state.cpu(), encoded)])
+            on_step(
+                step,
+                [
+                    _show(tokenizer, row[len(ids) : len(ids) + length].tolist(), mask_id)
+                    for row, ids in zip(state.cpu(), encoded)
+                ],
+            )
 
     started = time.perf_counter()
-    final = euler_sample(denoise, x, ensemble.path, steps, generator=generator, temperature=temperature,
-                         on_step=report).cpu()
+    final = euler_sample(
+        denoise, x, ensemble.path, steps, generator=generator, temperature=temperature, on_step=report
+    ).cpu()
     seconds = time.perf_counter() - started
     token_ids = []
     for row, ids in zip(final, encoded):
-        generated = row[len(ids):len(ids) + length].tolist()
+        generated = row[len(ids) : len(ids) + length].tolist()
         if tokenizer.eos_token_id in generated:
-            generated = generated[:generated.index(tokenizer.eos_token_id) + 1]
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
         token_ids.append(generated)
     texts = [tokenizer.decode([t for t in ids if t != tokenizer.eos_token_id]) for ids in token_ids]
     return MaskedGeneration(texts, token_ids, [list(ids) for ids in encoded], steps, seconds, list(ensemble.names))

@@ -27,7 +27,7 @@ def elbo_masks(n: int, samples: int, generator: torch.Generator | None = None) -
     (float64). The ELBO is the mean over rows of weight * sum of the masked positions' NLL."""
     if samples < 1:
         raise DfmError(f"the ELBO needs at least 1 sample, got {samples}")
-    strata = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=generator, dtype=torch.float64))
+    strata = torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=generator, dtype=torch.float64)
     masked_count = (strata / samples * n).floor().long().clamp(max=n - 1) + 1  # (samples,), in 1..n
     ranks = torch.rand(samples, n, generator=generator).argsort(-1).argsort(-1)
     return ranks < masked_count.unsqueeze(-1), n / masked_count.double()
@@ -40,8 +40,9 @@ def draw_nats(token_log_probs: Tensor, masked: Tensor, weight: Tensor) -> Tensor
 
 
 @torch.no_grad()
-def elbo_nats(denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: int = 8,
-              generator: torch.Generator | None = None) -> float:
+def elbo_nats(
+    denoise: Denoiser, sequence: Tensor, path: MaskedPath, samples: int = 8, generator: torch.Generator | None = None
+) -> float:
     """Monte-Carlo ELBO in nats of one clean ``sequence`` (n,): an upper bound on -log p(sequence).
 
     All draws go in one batch of ``samples`` rows, so no padding is ever read. The denoiser gets

@@ -1,5 +1,5 @@
 """A fitted partition, c-BTM style: tf-idf features and one centre per cluster (fitting lives in
-``training.partition``).
+``training.clustering``).
 
 A :class:`Partition` holds the fitted idf weights, an optional truncated-SVD projection, one
 L2-normalised centre per cluster and the cluster of every training document. It also scores new

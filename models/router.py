@@ -47,8 +47,7 @@ class RouterConfig:
                 raise DfmError(f"router config: {name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise DfmError(
-                f"router config: hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_heads ({self.num_heads})"
+                f"router config: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -112,8 +111,9 @@ class _Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None, cache: RouterCache | None, layer: int,
-                causal: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_bias: Tensor | None, cache: RouterCache | None, layer: int, causal: bool = False
+    ) -> Tensor:
         batch, time, hidden = x.shape
         qkv = self.qkv(self.ln1(x)).view(batch, time, 3, self.num_heads, hidden // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, time, head_dim)
@@ -230,7 +230,7 @@ class Router(nn.Module):
         _, _, directions = torch.linalg.svd(rows, full_matrices=False)
         projected = rows @ directions[:hidden].T
         if projected.shape[1] < hidden:  # a seed narrower than the router: the rest stays random
-            projected = torch.cat([projected, self.token_embedding.weight[:, projected.shape[1]:].double()], 1)
+            projected = torch.cat([projected, self.token_embedding.weight[:, projected.shape[1] :].double()], 1)
         scale = self.token_embedding.weight.std() / projected.std()
         self.token_embedding.weight.copy_((projected * scale).to(self.token_embedding.weight.dtype))
 
@@ -249,9 +249,7 @@ class Router(nn.Module):
         if not directory.is_dir():
             raise DfmError(f"router directory {directory} does not exist; train the router first")
         if not config_path.is_file() or not weights_path.is_file():
-            raise DfmError(
-                f"router directory {directory} lacks {CONFIG_NAME} or {WEIGHTS_NAME}; retrain or re-copy it"
-            )
+            raise DfmError(f"router directory {directory} lacks {CONFIG_NAME} or {WEIGHTS_NAME}; retrain or re-copy it")
         try:
             raw = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -262,13 +260,17 @@ class Router(nn.Module):
         try:
             state = load_file(str(weights_path), device="cpu")
         except (OSError, SafetensorError) as err:
-            raise DfmError(f"router weights {weights_path} are corrupt ({str(err).splitlines()[0]}): retrain the "
-                           f"router with `dfm train-router`, or re-copy {directory}") from err
+            raise DfmError(
+                f"router weights {weights_path} are corrupt ({str(err).splitlines()[0]}): retrain the "
+                f"router with `dfm train-router`, or re-copy {directory}"
+            ) from err
         try:
             router.load_state_dict(state, strict=True)
         except RuntimeError as err:  # torch lists every mismatched tensor, one per line
-            raise DfmError(f"router weights {weights_path} do not match {config_path} ({_mismatch(err)}): retrain "
-                           f"the router with `dfm train-router`, or re-copy {directory}") from err
+            raise DfmError(
+                f"router weights {weights_path} do not match {config_path} ({_mismatch(err)}): retrain "
+                f"the router with `dfm train-router`, or re-copy {directory}"
+            ) from err
         router.eval()
         return router if device is None else router.to(device)
 
@@ -283,6 +285,9 @@ def state_logits(router: nn.Module, states: Tensor, attention_mask: Tensor | Non
     """(B, K) logits of a router read causally over whole states (the masked path's X_t): its output
     at each row's last real position (right padding marked 0 in ``attention_mask``), which has seen
     the whole state."""
-    last = (attention_mask.sum(-1) - 1 if attention_mask is not None
-            else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device))
+    last = (
+        attention_mask.sum(-1) - 1
+        if attention_mask is not None
+        else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device)
+    )
     return router(states, attention_mask)[torch.arange(states.shape[0], device=states.device), last]

@@ -62,8 +62,18 @@ def windows(num_inputs: int, context: int, stride: int) -> list[tuple[int, int, 
     return out
 
 
-def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, eos_id: int | None, context: int, stride: int | None,
-              batch_size: int, device: torch.device, desc: str) -> list[Tensor]:
+def _windowed(
+    fn: WindowFn,
+    docs: Docs,
+    *,
+    bos_id: int,
+    eos_id: int | None,
+    context: int,
+    stride: int | None,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> list[Tensor]:
     """Run ``fn`` over the windows of every document (batched, right-padded) and return, per
     document, its values at the n + 1 scored positions in order, on the CPU. A progress bar
     named ``desc`` counts documents (a window of a document cut into w counts 1/w). ``eos_id``
@@ -72,8 +82,11 @@ def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, eos_id: int | None, cont
         raise DfmError(f"evaluation batch size must be >= 1, got {batch_size}")
     stride = context if stride is None else stride
     sequences = [[bos_id, *ids, bos_id if eos_id is None else eos_id] for ids in docs]
-    items = [(d, w, *span) for d, seq in enumerate(sequences)
-             for w, span in enumerate(windows(len(seq) - 1, context, stride))]
+    items = [
+        (d, w, *span)
+        for d, seq in enumerate(sequences)
+        for w, span in enumerate(windows(len(seq) - 1, context, stride))
+    ]
     items.sort(key=lambda item: item[3] - item[2], reverse=True)  # similar lengths share a batch
     pieces: list[dict[int, Tensor]] = [{} for _ in docs]
     per_doc = [0] * len(docs)
@@ -81,18 +94,18 @@ def _windowed(fn: WindowFn, docs: Docs, *, bos_id: int, eos_id: int | None, cont
         per_doc[d] += 1
     bar = progress(total=len(docs), desc=desc, unit="doc", bar_format=_BAR)
     for first in range(0, len(items), batch_size):
-        batch = items[first:first + batch_size]
+        batch = items[first : first + batch_size]
         width = batch[0][3] - batch[0][2]
         inputs = torch.full((len(batch), width), bos_id, dtype=torch.long)
         targets = torch.full((len(batch), width), bos_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (d, _, start, end, _) in enumerate(batch):
-            inputs[row, :end - start] = torch.tensor(sequences[d][start:end])
-            targets[row, :end - start] = torch.tensor(sequences[d][start + 1:end + 1])
-            mask[row, :end - start] = 1
+            inputs[row, : end - start] = torch.tensor(sequences[d][start:end])
+            targets[row, : end - start] = torch.tensor(sequences[d][start + 1 : end + 1])
+            mask[row, : end - start] = 1
         values = fn(inputs.to(device), mask.to(device), targets.to(device)).cpu()
         for row, (d, w, start, end, scored) in enumerate(batch):
-            pieces[d][w] = values[row, scored - start:end - start]
+            pieces[d][w] = values[row, scored - start : end - start]
         bar.update(sum(1 / per_doc[d] for d, *_ in batch))
     bar.close()
     return [torch.cat([p[w] for w in range(len(p))]) for p in pieces]
@@ -103,8 +116,17 @@ def _device(module: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, stride: int | None = None,
-                    batch_size: int = 8, desc: str = "scoring", eos_id: int | None = None) -> list[Tensor]:
+def token_log_probs(
+    model: nn.Module,
+    docs: Docs,
+    *,
+    bos_id: int,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    desc: str = "scoring",
+    eos_id: int | None = None,
+) -> list[Tensor]:
     """Per document, the (n + 1,) float64 log p(token) of a Hugging Face causal LM (see module doc).
 
     ``stride`` defaults to ``context`` (independent windows); ``eos_id`` to ``bos_id`` (one token for both).
@@ -115,23 +137,50 @@ def token_log_probs(model: nn.Module, docs: Docs, *, bos_id: int, context: int, 
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (picked - logits.logsumexp(-1)).double()
 
-    return _windowed(score, docs, bos_id=bos_id, eos_id=eos_id, context=context, stride=stride,
-                     batch_size=batch_size, device=_device(model), desc=desc)
+    return _windowed(
+        score,
+        docs,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+        device=_device(model),
+        desc=desc,
+    )
 
 
 @torch.inference_mode()
-def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: int, context: int,
-                           stride: int | None = None, batch_size: int = 8, desc: str = "experts scoring",
-                           eos_id: int | None = None) -> list[Tensor]:
+def expert_token_log_probs(
+    experts: Sequence[nn.Module],
+    docs: Docs,
+    *,
+    bos_id: int,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    desc: str = "experts scoring",
+    eos_id: int | None = None,
+) -> list[Tensor]:
     """Per document, (K, n + 1): each expert's own per-token log-probs.
 
     Llama experts sharing one configuration are scored together on the stacked engine (one
     batched forward for all K); others one after another.
     """
     if not supports_stacking(experts):
-        per_expert = [token_log_probs(e, docs, bos_id=bos_id, context=context, stride=stride, batch_size=batch_size,
-                                      desc=f"{desc} ({k + 1}/{len(experts)})", eos_id=eos_id)
-                      for k, e in enumerate(experts)]
+        per_expert = [
+            token_log_probs(
+                e,
+                docs,
+                bos_id=bos_id,
+                context=context,
+                stride=stride,
+                batch_size=batch_size,
+                desc=f"{desc} ({k + 1}/{len(experts)})",
+                eos_id=eos_id,
+            )
+            for k, e in enumerate(experts)
+        ]
         return [torch.stack(rows) for rows in zip(*per_expert)]
     engine = StackedLlama(experts)
     everyone = slice(0, len(experts))
@@ -142,14 +191,31 @@ def expert_token_log_probs(experts: Sequence[nn.Module], docs: Docs, *, bos_id: 
         picked = logits.gather(-1, targets.expand(len(experts), -1, -1).unsqueeze(-1)).squeeze(-1)
         return (picked - logits.logsumexp(-1)).permute(1, 2, 0).double()  # (B, T, K)
 
-    scored = _windowed(score, docs, bos_id=bos_id, eos_id=eos_id, context=context, stride=stride,
-                       batch_size=batch_size, device=_device(experts[0]), desc=desc)
+    scored = _windowed(
+        score,
+        docs,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+        device=_device(experts[0]),
+        desc=desc,
+    )
     return [values.T for values in scored]
 
 
 @torch.inference_mode()
-def router_log_weights(router: nn.Module, docs: Docs, *, bos_id: int, context: int, stride: int | None = None,
-                       batch_size: int = 8, desc: str = "router") -> list[Tensor]:
+def router_log_weights(
+    router: nn.Module,
+    docs: Docs,
+    *,
+    bos_id: int,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    desc: str = "router",
+) -> list[Tensor]:
     """Per document, (n + 1, K) float64 log P(k | prefix) for the prefix that predicts each token.
 
     The router reads the same ``[BOS] + ids`` inputs, windowed like the experts.
@@ -158,7 +224,14 @@ def router_log_weights(router: nn.Module, docs: Docs, *, bos_id: int, context: i
     def weigh(inputs: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
         return torch.log_softmax(router(inputs, mask).double(), dim=-1)
 
-    return _windowed(weigh, docs, bos_id=bos_id, eos_id=None, context=context, stride=stride,
-                     batch_size=batch_size, device=_device(router), desc=desc)
-
-
+    return _windowed(
+        weigh,
+        docs,
+        bos_id=bos_id,
+        eos_id=None,
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+        device=_device(router),
+        desc=desc,
+    )

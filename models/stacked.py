@@ -30,8 +30,18 @@ from dfm.tensors import positions_from_mask
 
 # The configuration fields the engine reproduces; any other value falls back to the generic path.
 _REQUIRED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-          "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_parameters")
+_SHAPE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope_parameters",
+)
 
 
 def supports(experts: Sequence[PreTrainedModel]) -> bool:
@@ -89,8 +99,9 @@ class _PairCache:
     reach the engine's per-expert caches only in ``write_back``, which must run before anything
     else reads those."""
 
-    def __init__(self, pairs: tuple, flat: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
-                 filled: int) -> None:
+    def __init__(
+        self, pairs: tuple, flat: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], filled: int
+    ) -> None:
         self.pairs, self.flat, self.filled, self.built = pairs, flat, filled, filled
         self.keys = [self._gather(k, flat, filled) for k in keys]
         self.values = [self._gather(v, flat, filled) for v in values]
@@ -135,8 +146,11 @@ class StackedLlama:
     def __init__(self, experts: Sequence[PreTrainedModel]) -> None:
         config = experts[0].config
         self.num_experts = len(experts)
-        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                    config.head_dim)
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.eps = config.rms_norm_eps
         self.context = config.max_position_embeddings
 
@@ -153,20 +167,32 @@ class StackedLlama:
         self.head = stack_linear(lambda e: e.get_output_embeddings().weight, norm=lambda e: e.model.norm.weight)
         self.layers = []
         for i in range(config.num_hidden_layers):
+
             def layer(e, i=i):
                 return e.model.layers[i]
-            self.layers.append({
-                "qkv": stack_linear(lambda e: layer(e).self_attn.q_proj.weight, lambda e: layer(e).self_attn.k_proj.weight,
-                                    lambda e: layer(e).self_attn.v_proj.weight,
-                                    norm=lambda e: layer(e).input_layernorm.weight),
-                "o": stack_linear(lambda e: layer(e).self_attn.o_proj.weight),
-                "gate_up": stack_linear(lambda e: layer(e).mlp.gate_proj.weight, lambda e: layer(e).mlp.up_proj.weight,
-                                        norm=lambda e: layer(e).post_attention_layernorm.weight),
-                "down": stack_linear(lambda e: layer(e).mlp.down_proj.weight),
-            })
+
+            self.layers.append(
+                {
+                    "qkv": stack_linear(
+                        lambda e: layer(e).self_attn.q_proj.weight,
+                        lambda e: layer(e).self_attn.k_proj.weight,
+                        lambda e: layer(e).self_attn.v_proj.weight,
+                        norm=lambda e: layer(e).input_layernorm.weight,
+                    ),
+                    "o": stack_linear(lambda e: layer(e).self_attn.o_proj.weight),
+                    "gate_up": stack_linear(
+                        lambda e: layer(e).mlp.gate_proj.weight,
+                        lambda e: layer(e).mlp.up_proj.weight,
+                        norm=lambda e: layer(e).post_attention_layernorm.weight,
+                    ),
+                    "down": stack_linear(lambda e: layer(e).mlp.down_proj.weight),
+                }
+            )
         theta = config.rope_parameters["rope_theta"]
         device = self.embed.device
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim)
+        )
         freqs = torch.arange(self.context, dtype=torch.float, device=device).unsqueeze(1) * inv_freq
         angles = torch.cat([freqs, freqs], dim=-1)  # (context, head_dim), as transformers builds them
         # in the weights' dtype, as transformers casts them (computed in float32)
@@ -185,8 +211,10 @@ class StackedLlama:
         the MLP) of one-token decoding steps through ``torch.compile`` with dynamic shapes; caches,
         attention and prompt prefill stay eager. Compiling takes seconds per new shape, and what it
         gains depends on the device: on a CPU it is slower (the README's Performance section)."""
-        self._compiled = (torch.compile(self._block_input, dynamic=True),
-                          torch.compile(self._block_output, dynamic=True))
+        self._compiled = (
+            torch.compile(self._block_input, dynamic=True),
+            torch.compile(self._block_output, dynamic=True),
+        )
 
     def _blocks(self, new: int) -> tuple[Callable, Callable]:
         """The per-layer functions for a step of ``new`` tokens: compiled for one token after ``compile``."""
@@ -210,9 +238,11 @@ class StackedLlama:
         key = (experts.start, experts.stop)
         if key not in self._views:
             self._views[key] = {
-                "embed": self.embed[experts], "head": self.head[experts],
+                "embed": self.embed[experts],
+                "head": self.head[experts],
                 "layers": [{name: weight[experts] for name, weight in layer.items()} for layer in self.layers],
-                "keys": [k[experts] for k in self.keys], "values": [v[experts] for v in self.values],
+                "keys": [k[experts] for k in self.keys],
+                "values": [v[experts] for v in self.values],
             }
         return self._views[key]
 
@@ -250,8 +280,9 @@ class StackedLlama:
             self.filled[e] = [end] * batch
         return logits
 
-    def forward_pairs(self, experts: Sequence[int], rows: Sequence[int], input_ids: Tensor,
-                      attention_mask: Tensor) -> Tensor:
+    def forward_pairs(
+        self, experts: Sequence[int], rows: Sequence[int], input_ids: Tensor, attention_mask: Tensor
+    ) -> Tensor:
         """Bring every (``experts[i]``, ``rows[i]``) pair up to the last column of ``input_ids`` /
         ``attention_mask`` (B, L) and return its next-token logits (P, V).
 
@@ -268,8 +299,11 @@ class StackedLlama:
         row_ids = torch.tensor(rows, device=device)
         flat = expert_ids * len(self.filled[0]) + row_ids  # index into caches viewed as (K * B, ...)
         linear = _GroupedLinear(experts, self.num_experts, new, device)
-        weights = (self._group(slice(linear.expert, linear.expert + 1)) if linear.single
-                   else {"layers": self.layers, "head": self.head})
+        weights = (
+            self._group(slice(linear.expert, linear.expert + 1))
+            if linear.single
+            else {"layers": self.layers, "head": self.head}
+        )
         block_input, block_output = self._blocks(new)
 
         ids = input_ids[row_ids, start:]
@@ -301,8 +335,16 @@ class StackedLlama:
             self._pair_cache.write_back(self.keys, self.values)
             self._pair_cache = None
 
-    def _block_input(self, x: Tensor, weight: Tensor, linear: Callable[[Tensor, Tensor], Tensor],
-                     lead: tuple[int, ...], new: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _block_input(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        linear: Callable[[Tensor, Tensor], Tensor],
+        lead: tuple[int, ...],
+        new: int,
+        cos: Tensor,
+        sin: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (S, heads, T, hd), keys and values (S, kv_heads, T, hd) of the S = prod(``lead``)
         sequences of T = ``new`` tokens whose residual stream is ``x``: RMSNorm, the fused q/k/v
         projection ``linear(x, weight)``, queries and keys rotated together in one pass (``cos``/``sin``
@@ -312,10 +354,11 @@ class StackedLlama:
         qk = _rotary(qkv[..., :width].reshape(*lead, new, heads, self.head_dim), cos, sin)
         qk = qk.reshape(-1, new, heads, self.head_dim)
         v = qkv[..., width:].reshape(-1, new, self.kv_heads, self.head_dim).transpose(1, 2)
-        return qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2), v
+        return qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :].transpose(1, 2), v
 
-    def _block_output(self, x: Tensor, attended: Tensor, layer: dict[str, Tensor],
-                      linear: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    def _block_output(
+        self, x: Tensor, attended: Tensor, layer: dict[str, Tensor], linear: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
         """The residual stream ``x`` after the attention output ``attended`` (S, heads, T, hd) went
         through its projection and the SiLU-gated MLP."""
         x = x + linear(attended.transpose(1, 2).reshape(*x.shape[:-1], -1), layer["o"])

@@ -1,4 +1,4 @@
-"""Loading a run's saved tokenizer (trained by training/tokenizer.py, saved with save_pretrained)."""
+"""Loading a run's saved tokenizer (trained by training/tokenizer_training.py, saved with save_pretrained)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     except Exception as err:  # tokenizers and transformers raise many types (even Exception) on damaged files
         damaged = next((f for f in sorted(path.glob("*.json")) if not _parses(f)), path)
         detail = str(err).splitlines()[0] if str(err) else "no details"
-        raise DfmError(f"cannot load the tokenizer: {damaged} is damaged ({type(err).__name__}: {detail}); re-copy "
-                       f"{path} from an intact copy (a new one from `dfm prepare` means retraining every model)") from err
+        raise DfmError(
+            f"cannot load the tokenizer: {damaged} is damaged ({type(err).__name__}: {detail}); re-copy "
+            f"{path} from an intact copy (a new one from `dfm prepare` means retraining every model)"
+        ) from err
 
 
 def _parses(path: Path) -> bool:

@@ -62,13 +62,20 @@ class RouterWeigher:
     def __call__(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         if self.cache is None or tokens.shape[1] < self.seen:
             self.cache, self.seen = self.router.new_cache(), 0
-        logits = self.router(tokens[:, self.seen:], attention_mask, cache=self.cache)
+        logits = self.router(tokens[:, self.seen :], attention_mask, cache=self.cache)
         self.seen = tokens.shape[1]
         return torch.log_softmax(logits[:, -1].double(), dim=-1)
 
     def documents(self, docs: Docs, expert_log_probs: Sequence[Tensor], scoring: Scoring) -> list[Tensor]:
-        return router_log_weights(self.router, docs, bos_id=scoring.bos_id, context=scoring.context,
-                                  stride=scoring.stride, batch_size=scoring.batch_size, desc="eval: router")
+        return router_log_weights(
+            self.router,
+            docs,
+            bos_id=scoring.bos_id,
+            context=scoring.context,
+            stride=scoring.stride,
+            batch_size=scoring.batch_size,
+            desc="eval: router",
+        )
 
 
 class PriorWeigher:
@@ -96,7 +103,8 @@ class BayesWeigher:
 
 
 class OracleWeigher:
-    """The true cluster's expert alone (evaluation): log-weight 0 on it, -inf elsewhere; one cluster per row/document."""
+    """The true cluster's expert alone (evaluation): log-weight 0 on it, -inf elsewhere; one cluster
+    per row or document."""
 
     def __init__(self, clusters: Sequence[int], num_experts: int) -> None:
         self.clusters = [int(c) for c in clusters]
@@ -108,8 +116,9 @@ class OracleWeigher:
 
     def _one_hot(self, rows: int) -> Tensor:
         if rows != len(self.clusters):
-            raise DfmError(f"oracle routing got {len(self.clusters)} clusters for {rows} prompts or documents: "
-                           "give one per prompt")
+            raise DfmError(
+                f"oracle routing got {len(self.clusters)} clusters for {rows} prompts or documents: give one per prompt"
+            )
         one_hot = torch.full((rows, self.num_experts), -math.inf, dtype=torch.float64)
         one_hot[torch.arange(rows), self.clusters] = 0.0
         return one_hot
@@ -134,8 +143,13 @@ class CentroidWeigher:
     ensemble's experts serve (all, unless some are missing).
     """
 
-    def __init__(self, partition: Partition, temperature: float = DEFAULT_TEMPERATURE,
-                 bos_id: int | None = None, clusters: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        partition: Partition,
+        temperature: float = DEFAULT_TEMPERATURE,
+        bos_id: int | None = None,
+        clusters: list[int] | None = None,
+    ) -> None:
         if not temperature > 0:
             raise DfmError(f"centroid routing temperature must be > 0, got {temperature}")
         self.partition = partition
@@ -158,8 +172,10 @@ class CentroidWeigher:
         return self._weigh(prefixes).to(tokens.device)
 
     def documents(self, docs: Docs, expert_log_probs: Sequence[Tensor], scoring: Scoring) -> list[Tensor]:
-        return [self._weigh([ids[:t] for t in range(len(ids) + 1)])
-                for ids in progress(docs, desc="eval: centroid distances", unit="doc")]
+        return [
+            self._weigh([ids[:t] for t in range(len(ids) + 1)])
+            for ids in progress(docs, desc="eval: centroid distances", unit="doc")
+        ]
 
 
 #: Any weigher of this module (BayesWeigher scores documents only: decoding's posterior is the core's).

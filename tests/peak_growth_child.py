@@ -9,7 +9,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path[0] = os.path.dirname(sys.path[0])  # the checkout's packages, not tests/ as top-level names
 
 from eval.measured import peak_rss_kib  # noqa: E402
-from training.partition import from_labels  # noqa: E402
+from training.clustering import from_labels  # noqa: E402
 
 vocab, rng = 1_000_000, random.Random(0)
 docs = [[rng.randrange(vocab) for _ in range(200)] for _ in range(100)]

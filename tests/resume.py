@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from training.experts import train_expert
 from training.layout import RunLayout
+from training.lm_training import train_expert
 
 
 def resumes_bit_identically(run: Path, scratch: Path, k: int, weights_file: str) -> bool:

@@ -1,6 +1,6 @@
 """One compute account: every FLOP of the decentralized side is charged (experts, router, the
 experts' scoring of the router's training and validation documents), computed in one place
-(training.experts.compute_matching) from the logged token counts, and shown once in report.json."""
+(training.lm_training.compute_matching) from the logged token counts, and shown once in report.json."""
 
 import json
 import math
@@ -9,11 +9,11 @@ import pytest
 
 from dfm.cli import main
 from models.expert import load_expert, num_parameters
+from tests.tiny_config import write_tiny_config
 from training.config import read_run_config
 from training.data import load_saved
-from training.experts import compute_matching, matched_steps
 from training.layout import RunLayout
-from tests.tiny_config import write_tiny_config
+from training.lm_training import compute_matching, matched_steps
 
 
 def _write(logs, name: str, summary: dict) -> None:
@@ -26,27 +26,57 @@ def test_the_account_is_the_logged_tokens_times_their_factors(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     for k, tokens in enumerate((320, 480)):  # LoRA experts: a frozen base of 1000, an adapter of 10
-        _write(logs, f"expert-{k}", {"parameters": 1000, "adapter_parameters": 10, "tokens": tokens,
-                                     "branched_from": "seed"})
-    _write(logs, "router", {"parameters": 50, "tokens": 96, "scoring_parameters": 2 * 1010,
-                            "scoring_tokens": {"train": 700, "validation": 90}})
+        _write(
+            logs,
+            f"expert-{k}",
+            {"parameters": 1000, "adapter_parameters": 10, "tokens": tokens, "branched_from": "seed"},
+        )
+    _write(
+        logs,
+        "router",
+        {
+            "parameters": 50,
+            "tokens": 96,
+            "scoring_parameters": 2 * 1010,
+            "scoring_tokens": {"train": 700, "validation": 90},
+        },
+    )
     _write(logs, "baseline", {"parameters": 1000, "adapter_parameters": 10, "tokens": 1024})
     _write(logs, "seed", {"parameters": 1000, "adapter_parameters": 0, "tokens": 64})
     experts = (4 * 1000 + 6 * 10) * (320 + 480)
     router, scoring = 6 * 50 * 96, 2 * 2020 * (700 + 90)
     baseline = (4 * 1000 + 6 * 10) * 1024
     assert compute_matching(tmp_path, ["expert-0", "expert-1"]) == {
-        "experts_flops": experts, "router_training_flops": router, "router_scoring_flops": scoring,
-        "decentralized_flops": experts + router + scoring, "baseline_flops": baseline,
+        "experts_flops": experts,
+        "router_training_flops": router,
+        "router_scoring_flops": scoring,
+        "decentralized_flops": experts + router + scoring,
+        "baseline_flops": baseline,
         "baseline_over_decentralized": baseline / (experts + router + scoring),
-        "seed_flops": 6 * 1000 * 64, "seed_from": "seed"}
+        "seed_flops": 6 * 1000 * 64,
+        "seed_from": "seed",
+    }
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("accounting")
-    assert main(["run", "--out", str(root / "run"), "--config", str(write_tiny_config(root)),
-                 "--set", "router.targets=bayes", "--set", "router.documents=1000"]) == 0  # targets the experts score
+    assert (
+        main(
+            [
+                "run",
+                "--out",
+                str(root / "run"),
+                "--config",
+                str(write_tiny_config(root)),
+                "--set",
+                "router.targets=bayes",
+                "--set",
+                "router.documents=1000",
+            ]
+        )
+        == 0
+    )  # targets the experts score
     return root / "run"
 
 
@@ -65,8 +95,10 @@ def test_the_router_is_charged_for_scoring_its_validation_documents_too(run):
     experts = sum(num_parameters(load_expert(layout.expert(k))) for k in range(3))
     scored = _scored_tokens(run, "train") + _scored_tokens(run, "validation")
     assert router["flops"] == 6 * router["parameters"] * router["tokens"] + 2 * experts * scored
-    assert router["scoring_tokens"] == {"train": _scored_tokens(run, "train"),
-                                        "validation": _scored_tokens(run, "validation")}
+    assert router["scoring_tokens"] == {
+        "train": _scored_tokens(run, "train"),
+        "validation": _scored_tokens(run, "validation"),
+    }
 
 
 def test_report_has_one_total_and_the_baseline_is_matched_to_it(run):

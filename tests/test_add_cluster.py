@@ -14,14 +14,14 @@ from datasets import DatasetDict
 from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble
+from models.partition import Partition
 from models.tokenizer import load_tokenizer
+from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.add_cluster import add_cluster, read_texts
 from training.data import DataSource, load_saved, packed_rows
 from training.layout import RunLayout
-from models.partition import Partition
 from training.prepare import write_shard
 from training.synthetic import SyntheticCorpus, SyntheticSpec
-from tests.tiny_config import TINY_RUN, write_tiny_config
 
 K = TINY_RUN["partition"]["num_clusters"]
 #: A fourth source: another seed draws other words, so its documents form a topic of their own.
@@ -33,7 +33,7 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("add")
     config = write_tiny_config(root)
     assert main(["prepare", "--out", str(root / "run"), "--config", str(config)]) == 0
-    assert main(["train-seed", "--run", str(root / "run")]) == 0
+    assert main(["train-seed-model", "--run", str(root / "run")]) == 0
     return root / "run"
 
 
@@ -111,8 +111,23 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     capsys.readouterr()
     assert main(["generate", "--run", str(run), "--max-new-tokens", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["names"] == [f"expert-{k}" for k in range(K + 1)]
-    assert main(["generate", "--run", str(run), "--max-new-tokens", "3", "--routing", "oracle", "--cluster",
-                 str(K), "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                str(run),
+                "--max-new-tokens",
+                "3",
+                "--routing",
+                "oracle",
+                "--cluster",
+                str(K),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert snapshot(others) == before  # the other experts, shards and checkpoints: same bytes, same mtime
 
 
@@ -135,8 +150,10 @@ def test_an_interrupted_addition_is_redone_cleanly(prepared, tmp_path) -> None:
     for name, split in load_saved(once / "data" / "documents", "documents").items():
         other = load_saved(twice / "data" / "documents", "documents")[name]
         assert split["input_ids"] == other["input_ids"] and split["cluster"] == other["cluster"]
-    assert load_saved(once / "data" / f"expert-{K}", "s")["train"]["input_ids"] == \
-        load_saved(twice / "data" / f"expert-{K}", "s")["train"]["input_ids"]
+    assert (
+        load_saved(once / "data" / f"expert-{K}", "s")["train"]["input_ids"]
+        == load_saved(twice / "data" / f"expert-{K}", "s")["train"]["input_ids"]
+    )
 
 
 @pytest.mark.slow
@@ -148,8 +165,12 @@ def test_texts_from_local_files_and_bad_input(prepared, tmp_path) -> None:
     run = tmp_path / "run"
     shutil.copytree(prepared, run)
     before = snapshot([run])
-    for bad, message in ((texts[:2], "too few"), ([], "no non-empty"), (["", " "], "no non-empty"),
-                         ("one string", "list of strings")):
+    for bad, message in (
+        (texts[:2], "too few"),
+        ([], "no non-empty"),
+        (["", " "], "no non-empty"),
+        ("one string", "list of strings"),
+    ):
         with pytest.raises(DfmError, match=message):
             add_cluster(run, bad)
     assert snapshot([run]) == before  # refused before anything was written

@@ -15,16 +15,24 @@ from dfm.errors import DfmError
 from eval import bench
 from eval.partition_bench import ASSIGN_BATCH, CLUSTERS, HERE, TOPIC_IDS
 from models.ensemble import Ensemble
-from models.tokenizer import load_tokenizer
-from models.weighers import RouterWeigher
 from models.generation import generate_text
 from models.manifest import tokenizer_fingerprint
-from training.tokenizer import save_tokenizer
+from models.tokenizer import load_tokenizer
+from models.weighers import RouterWeigher
+from training.tokenizer_training import save_tokenizer
 
 SECTIONS = {"machine", "peak", "training", "generation", "scaling", "masked", "scoring", "memory", "ratios"}
-RATIOS = {"trainer_vs_hf_trainer", "trainer_vs_plain_loop", "top1_vs_generate", "switch_vs_generate",
-          "mixture_vs_generate", "router_share", "top1_vs_generate_batch_2", "top1_fixed_rows_vs_generate_batch_2",
-          "mixture_vs_generate_batch_2"}
+RATIOS = {
+    "trainer_vs_hf_trainer",
+    "trainer_vs_plain_loop",
+    "top1_vs_generate",
+    "switch_vs_generate",
+    "mixture_vs_generate",
+    "router_share",
+    "top1_vs_generate_batch_2",
+    "top1_fixed_rows_vs_generate_batch_2",
+    "mixture_vs_generate_batch_2",
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,7 @@ def test_bench_run_directory_loads_and_generates_exactly_n_tokens(tokenizer, tmp
     for loaded, fresh in zip(ensemble.experts, built.experts):
         for (name, a), b in zip(loaded.state_dict().items(), fresh.state_dict().values()):
             assert torch.equal(a, b), name
-    out = generate_text(ensemble, [[1, 2, 3]], max_new_tokens=7, routing="mixture", temperature=0.0,
-                        stop_at_eos=False)
+    out = generate_text(ensemble, [[1, 2, 3]], max_new_tokens=7, routing="mixture", temperature=0.0, stop_at_eos=False)
     assert len(out.token_ids[0]) == 7
 
 
@@ -86,16 +93,28 @@ def test_chunk_seconds_is_the_median_per_step_time_of_chunks_after_warmup():
 
 def test_ratios_are_taken_between_figures_of_the_results():
     results = {
-        "training": {"trainer": {"tokens_per_second": 300.0}, "plain_loop": {"tokens_per_second": 400.0},
-                     "hf_trainer": {"tokens_per_second": 200.0}},
-        "generation": {"batch_1": {"reference_generate": {"tokens_per_second": 100.0},
-                                   "top1": {"vs_reference": 0.9, "router_share": 0.25},
-                                   "switch": {"vs_reference": 0.8},
-                                   "mixture": {"vs_reference": 0.5}}},
+        "training": {
+            "trainer": {"tokens_per_second": 300.0},
+            "plain_loop": {"tokens_per_second": 400.0},
+            "hf_trainer": {"tokens_per_second": 200.0},
+        },
+        "generation": {
+            "batch_1": {
+                "reference_generate": {"tokens_per_second": 100.0},
+                "top1": {"vs_reference": 0.9, "router_share": 0.25},
+                "switch": {"vs_reference": 0.8},
+                "mixture": {"vs_reference": 0.5},
+            }
+        },
     }
-    assert bench._ratios(results) == {"trainer_vs_hf_trainer": 1.5, "trainer_vs_plain_loop": 0.75,
-                                      "top1_vs_generate": 0.9, "switch_vs_generate": 0.8,
-                                      "mixture_vs_generate": 0.5, "router_share": 0.25}
+    assert bench._ratios(results) == {
+        "trainer_vs_hf_trainer": 1.5,
+        "trainer_vs_plain_loop": 0.75,
+        "top1_vs_generate": 0.9,
+        "switch_vs_generate": 0.8,
+        "mixture_vs_generate": 0.5,
+        "router_share": 0.25,
+    }
     results["training"]["hf_trainer"] = {"skipped": "pip install accelerate"}
     assert bench._ratios(results)["trainer_vs_hf_trainer"] is None
 
@@ -119,15 +138,25 @@ def test_quick_bench_writes_every_section_and_ratio(tmp_path):
     for mode in bench.MODES:
         assert written["generation"]["batch_1"][mode]["tokens_per_second"] > 0
     assert {f"k_{k}" for k in bench.QUICK.scaling} <= set(written["scaling"])
-    assert set(written["masked"]["batch_1"]) == {f"{mode}_n{n}" for mode in ("mixture", "switch")
-                                                 for n in bench.MASKED_STEPS}
+    assert set(written["masked"]["batch_1"]) == {
+        f"{mode}_n{n}" for mode in ("mixture", "switch") for n in bench.MASKED_STEPS
+    }
     numbers = {path: value for path, value in _numbers(written) if not path.startswith(".machine.load_average")}
     bad = {path: value for path, value in numbers.items() if not (math.isfinite(value) and value > 0)}
     assert not bad
     assert written["peak"]["bf16_flops"] is None or written["peak"]["bf16_flops"] > 0
     table = bench.format_table(results)
-    for label in ("peak matmul fp32", "dfm trainer", "transformers.Trainer", "top1", "mixture", "scoring",
-                  "memory", "ratio router_share", "masked b=1 K=4 N=256: switch"):
+    for label in (
+        "peak matmul fp32",
+        "dfm trainer",
+        "transformers.Trainer",
+        "top1",
+        "mixture",
+        "scoring",
+        "memory",
+        "ratio router_share",
+        "masked b=1 K=4 N=256: switch",
+    ):
         assert label in table
 
 
@@ -151,7 +180,7 @@ def test_prepare_bench_measures_fresh_processes(tmp_path):
 @pytest.mark.slow
 def test_prepare_vocab_bench_fits_and_assigns_in_fresh_processes(tmp_path):
     from eval.prepare_bench import bench_prepare, format_prepare_table
-    from training.partition import fit_kmeans
+    from training.clustering import fit_kmeans
 
     results = bench_prepare([150, 100], tmp_path / "partition.json", vocab=CLUSTERS * TOPIC_IDS)
     assert json.loads((tmp_path / "partition.json").read_text()) == results

@@ -12,15 +12,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble
-from models.tokenizer import load_tokenizer
 from models.expert import load_expert
 from models.generation import generate_text, single_model
 from models.scoring import document_bos, token_log_probs
+from models.tokenizer import load_tokenizer
+from tests.tiny_config import TINY_ARCH, write_tiny_config
 from training.data import load_saved, pack_blocks
 from training.layout import RunLayout
 from training.router_training import bayes_targets, router_examples
-from training.tokenizer import train_bpe
-from tests.tiny_config import TINY_ARCH, write_tiny_config
+from training.tokenizer_training import train_bpe
 
 TEXTS = [f"{'cats purr' if i % 2 else 'dogs bark'} loudly at number {i} every day" for i in range(120)]
 UNK, BOS, EOS = 0, 1, 2  # Llama's layout: <unk>, <s>, </s>
@@ -31,8 +31,12 @@ def llama_style_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -55,8 +59,26 @@ def run(tmp_path_factory):
     data = root / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
     out = root / "run"
-    assert main(["run", "--out", str(out), "--config", str(write_tiny_config(root)), "--dataset", "json",
-                 "--data-files", str(data), "--num-clusters", "2", "--init-from", str(pretrained)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--out",
+                str(out),
+                "--config",
+                str(write_tiny_config(root)),
+                "--dataset",
+                "json",
+                "--data-files",
+                str(data),
+                "--num-clusters",
+                "2",
+                "--init-from",
+                str(pretrained),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -131,8 +153,9 @@ def test_router_targets_and_sequences_read_from_bos(run):
     from_bos = bayes_targets(experts, docs, log_prior, bos_id=BOS, eos_id=EOS, context=32)[0]
     with torch.no_grad():
         seq = torch.tensor([[BOS, *docs[0], EOS]])
-        lp = torch.stack([torch.log_softmax(e(seq).logits[0, :-1].double(), -1).gather(-1, seq[0, 1:, None])[:, 0]
-                          for e in experts])
+        lp = torch.stack(
+            [torch.log_softmax(e(seq).logits[0, :-1].double(), -1).gather(-1, seq[0, 1:, None])[:, 0] for e in experts]
+        )
     by_hand = (log_prior[:, None] + lp.cumsum(1)).softmax(0)[:, :-1].T  # prefix j: evidence of its j tokens
     torch.testing.assert_close(from_bos[1:], by_hand.float(), rtol=1e-4, atol=1e-5)
     examples = router_examples(docs, [from_bos], max_length=8, bos_id=BOS)

@@ -47,8 +47,11 @@ def files(tmp_path_factory):
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_error_line(err: str) -> str:
@@ -67,30 +70,87 @@ BAD_INPUTS = [
     ("exclude every expert", ["generate", "--run", "{run}", "--exclude-expert", "0", "1", "2"], "exclude fewer"),
     ("exclude unknown expert", ["generate", "--run", "{run}", "--exclude-expert", "7"], "numbered"),
     ("oracle without cluster", ["generate", "--run", "{run}", "--routing", "oracle"], "--cluster"),
-    ("oracle with a bad cluster", ["generate", "--run", "{run}", "--routing", "oracle", "--cluster", "5"], "not experts"),
-    ("max new tokens beyond the context", ["generate", "--run", "{run}", "--max-new-tokens", "500"], "--max-new-tokens"),
-    ("negative temperature", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--temperature", "-1"], "temperature"),
+    (
+        "oracle with a bad cluster",
+        ["generate", "--run", "{run}", "--routing", "oracle", "--cluster", "5"],
+        "not experts",
+    ),
+    (
+        "max new tokens beyond the context",
+        ["generate", "--run", "{run}", "--max-new-tokens", "500"],
+        "--max-new-tokens",
+    ),
+    (
+        "negative temperature",
+        ["generate", "--run", "{run}", "--max-new-tokens", "5", "--temperature", "-1"],
+        "temperature",
+    ),
     ("top-p out of range", ["generate", "--run", "{run}", "--max-new-tokens", "5", "--top-p", "0"], "top-p"),
-    ("centroid with one model", ["generate", "--run", "{run}", "--model", "baseline", "--routing", "centroid"],
-     "--model ensemble"),
+    (
+        "centroid with one model",
+        ["generate", "--run", "{run}", "--model", "baseline", "--routing", "centroid"],
+        "--model ensemble",
+    ),
     ("unknown model", ["generate", "--run", "{run}", "--model", "expert-9"], "not in"),
     ("missing prompt file", ["generate", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
     ("json without data files", ["prepare", "--out", "{tmp}/p1", "--dataset", "json"], "--data-files"),
-    ("missing data file", ["prepare", "--out", "{tmp}/p2", "--dataset", "json", "--data-files", "{tmp}/none.jsonl"],
-     "not found"),
-    ("empty dataset", ["prepare", "--out", "{tmp}/p3", "--dataset", "json", "--data-files", "{files}/empty.jsonl"],
-     "empty"),
-    ("wrong text column", ["prepare", "--out", "{tmp}/p4", "--dataset", "json", "--data-files", "{files}/docs.jsonl"],
-     "--text-column"),
-    ("wrong cluster column", ["prepare", "--out", "{tmp}/p5", "--dataset", "json", "--data-files",
-                              "{files}/docs.jsonl", "--text-column", "body", "--cluster-column", "topic"], "topic"),
-    ("fewer documents than clusters", ["prepare", "--out", "{tmp}/p6", "--dataset", "json", "--data-files",
-                                       "{files}/few.jsonl", "--num-clusters", "20"], "fewer documents"),
-    ("non-UTF-8 text file", ["prepare", "--out", "{tmp}/p7", "--dataset", "text", "--data-files",
-                             "{files}/latin1.txt"], "UTF-8"),
-    ("streamed file without the text column", ["prepare", "--out", "{tmp}/p8", "--dataset", "json", "--data-files",
-                                               "{files}/docs.jsonl", "--streaming"],
-     "--text-column"),
+    (
+        "missing data file",
+        ["prepare", "--out", "{tmp}/p2", "--dataset", "json", "--data-files", "{tmp}/none.jsonl"],
+        "not found",
+    ),
+    (
+        "empty dataset",
+        ["prepare", "--out", "{tmp}/p3", "--dataset", "json", "--data-files", "{files}/empty.jsonl"],
+        "empty",
+    ),
+    (
+        "wrong text column",
+        ["prepare", "--out", "{tmp}/p4", "--dataset", "json", "--data-files", "{files}/docs.jsonl"],
+        "--text-column",
+    ),
+    (
+        "wrong cluster column",
+        [
+            "prepare",
+            "--out",
+            "{tmp}/p5",
+            "--dataset",
+            "json",
+            "--data-files",
+            "{files}/docs.jsonl",
+            "--text-column",
+            "body",
+            "--cluster-column",
+            "topic",
+        ],
+        "topic",
+    ),
+    (
+        "fewer documents than clusters",
+        [
+            "prepare",
+            "--out",
+            "{tmp}/p6",
+            "--dataset",
+            "json",
+            "--data-files",
+            "{files}/few.jsonl",
+            "--num-clusters",
+            "20",
+        ],
+        "fewer documents",
+    ),
+    (
+        "non-UTF-8 text file",
+        ["prepare", "--out", "{tmp}/p7", "--dataset", "text", "--data-files", "{files}/latin1.txt"],
+        "UTF-8",
+    ),
+    (
+        "streamed file without the text column",
+        ["prepare", "--out", "{tmp}/p8", "--dataset", "json", "--data-files", "{files}/docs.jsonl", "--streaming"],
+        "--text-column",
+    ),
     ("zero steps", ["prepare", "--out", "{tmp}/p9", "--steps", "0"], "steps must be positive"),
     ("non-finite learning rate", ["prepare", "--out", "{tmp}/p15", "--set", "expert.train.lr=.inf"], "finite"),
     ("negative clusters", ["prepare", "--out", "{tmp}/p10", "--num-clusters", "-2"], "num_clusters"),
@@ -102,94 +162,211 @@ BAD_INPUTS = [
     ("expert index out of range", ["train-expert", "--run", "{run}", "--expert", "7"], "between 0 and 2"),
     ("train again without --resume", ["train-expert", "--run", "{run}", "--expert", "0"], "--resume"),
     ("assemble before prepare", ["assemble", "--run", "{tmp}/nothing"], "dfm prepare"),
-    ("train the seed again without --resume", ["train-seed", "--run", "{run}"], "--resume"),
-    ("a seed model that does not exist", ["prepare", "--out", "{tmp}/p15", "--init-from", "{tmp}/no-model"], "--init-from"),
-    ("block longer than the context", ["prepare", "--out", "{tmp}/p16", "--set", "expert.block_size=4096"],
-     "max_position_embeddings"),
-    ("shared fraction out of range", ["prepare", "--out", "{tmp}/p17", "--set", "seed_model.shared_fraction=0"],
-     "shared_fraction"),
+    ("train the seed again without --resume", ["train-seed-model", "--run", "{run}"], "--resume"),
+    (
+        "a seed model that does not exist",
+        ["prepare", "--out", "{tmp}/p15", "--init-from", "{tmp}/no-model"],
+        "--init-from",
+    ),
+    (
+        "block longer than the context",
+        ["prepare", "--out", "{tmp}/p16", "--set", "expert.block_size=4096"],
+        "max_position_embeddings",
+    ),
+    (
+        "shared fraction out of range",
+        ["prepare", "--out", "{tmp}/p17", "--set", "seed_model.shared_fraction=0"],
+        "shared_fraction",
+    ),
     ("unknown router targets", ["prepare", "--out", "{tmp}/p18", "--set", "router.targets=magic"], "router.targets"),
-    ("data files with and without splits", ["prepare", "--out", "{tmp}/p19", "--dataset", "json", "--data-files",
-                                            "train={files}/docs.jsonl", "{files}/few.jsonl"], "SPLIT=PATH"),
+    (
+        "data files with and without splits",
+        [
+            "prepare",
+            "--out",
+            "{tmp}/p19",
+            "--dataset",
+            "json",
+            "--data-files",
+            "train={files}/docs.jsonl",
+            "{files}/few.jsonl",
+        ],
+        "SPLIT=PATH",
+    ),
     ("unknown eval mode", ["eval", "--run", "{run}", "--modes", "magic"], "unknown evaluation mode"),
     ("unknown eval split", ["eval", "--run", "{run}", "--split", "dev"], "no split"),
     ("zero threads", ["--threads", "0", "eval", "--run", "{run}"], "--threads must be a positive"),
-    ("sampler steps on an autoregressive run", ["generate", "--run", "{run}", "--steps", "8"], "masked path"),
+    ("sampler steps on an autoregressive run", ["generate", "--run", "{run}", "--sampler-steps", "8"], "masked path"),
     ("ELBO draws on an autoregressive run", ["eval", "--run", "{run}", "--elbo-samples", "2"], "masked runs"),
     ("top1 with another k", ["generate", "--run", "{run}", "--routing", "top1", "--k", "2"], "already says k = 1"),
     ("a device this machine lacks", ["run", "--out", "{tmp}/r2", "--device", "cuda:7"], "CUDA"),
     ("an inference dtype dfm does not run", ["generate", "--run", "{run}", "--dtype", "float16"], "--dtype"),
-    ("bench on a device this machine lacks", ["bench", "--quick", "--device", "cuda:7", "--out", "{tmp}/b.json"],
-     "CUDA"),
-    ("train on something that is no device", ["train-expert", "--run", "{run}", "--expert", "0", "--resume",
-                                              "--device", "banana"], "not a device"),
+    (
+        "bench on a device this machine lacks",
+        ["bench", "--quick", "--device", "cuda:7", "--out", "{tmp}/b.json"],
+        "CUDA",
+    ),
+    (
+        "train on something that is no device",
+        ["train-expert", "--run", "{run}", "--expert", "0", "--resume", "--device", "banana"],
+        "not a device",
+    ),
     ("unknown path kind", ["prepare", "--out", "{tmp}/p20", "--set", "path.kind=diffusion"], "path.kind"),
-    ("a masked mode for an autoregressive run", ["run", "--out", "{tmp}/r1", "--set", "synthetic.num_documents=100",
-                                                 "--vocab-size", "300", "--modes", "switch"], "unknown evaluation mode"),
+    (
+        "a masked mode for an autoregressive run",
+        [
+            "run",
+            "--out",
+            "{tmp}/r1",
+            "--set",
+            "synthetic.num_documents=100",
+            "--vocab-size",
+            "300",
+            "--modes",
+            "switch",
+        ],
+        "unknown evaluation mode",
+    ),
     # sampling options out of range: seeds outside [0, 2^63 - 1], NaN and inf
-    ("negative sampling seed", ["generate", "--run", "{run}", "--seed", "-1"], "--seed must be an integer from 0 to 2^63"),
+    (
+        "negative sampling seed",
+        ["generate", "--run", "{run}", "--seed", "-1"],
+        "--seed must be an integer from 0 to 2^63",
+    ),
     ("sampling seed beyond 64 bits", ["generate", "--run", "{run}", "--seed", str(2**64)], "--seed must be an integer"),
-    ("NaN temperature", ["generate", "--run", "{run}", "--temperature", "nan"], "--temperature must be a finite number"),
+    (
+        "NaN temperature",
+        ["generate", "--run", "{run}", "--temperature", "nan"],
+        "--temperature must be a finite number",
+    ),
     ("infinite temperature", ["generate", "--run", "{run}", "--temperature", "inf"], "--temperature must be a finite"),
     ("NaN top-p", ["generate", "--run", "{run}", "--top-p", "nan"], "--top-p must lie in (0, 1]"),
-    ("an expert excluded twice", ["generate", "--run", "{run}", "--exclude-expert", "1", "1"],
-     "--exclude-expert names expert 1 more than once"),
+    (
+        "an expert excluded twice",
+        ["generate", "--run", "{run}", "--exclude-expert", "1", "1"],
+        "--exclude-expert names expert 1 more than once",
+    ),
     ("negative run seed", ["prepare", "--out", "{tmp}/p21", "--seed", "-1"], "config seed (--seed) must be an integer"),
     ("run seed beyond 64 bits", ["run", "--out", "{tmp}/r3", "--seed", str(2**64)], "from 0 to 2^63 - 1"),
     # text columns that do not hold text
-    ("null texts", ["prepare", "--out", "{tmp}/p22", "--dataset", "json", "--data-files", "{files}/nulls.jsonl"],
-     "column 'text' of split 'train' has 20 of 40 rows whose value is null or not a string"),
-    ("numbers as texts", ["prepare", "--out", "{tmp}/p23", "--dataset", "json", "--data-files", "{files}/numbers.jsonl"],
-     "has 40 of 40 rows whose value is null or not a string"),
+    (
+        "null texts",
+        ["prepare", "--out", "{tmp}/p22", "--dataset", "json", "--data-files", "{files}/nulls.jsonl"],
+        "column 'text' of split 'train' has 20 of 40 rows whose value is null or not a string",
+    ),
+    (
+        "numbers as texts",
+        ["prepare", "--out", "{tmp}/p23", "--dataset", "json", "--data-files", "{files}/numbers.jsonl"],
+        "has 40 of 40 rows whose value is null or not a string",
+    ),
     # model settings that transformers would accept and then build something else, or fail on later
-    ("misspelt architecture field", ["prepare", "--out", "{tmp}/p24", "--set", "expert.arch.hiden_size=64"],
-     "hiden_size (did you mean hidden_size?)"),
-    ("hidden size the heads do not divide", ["prepare", "--out", "{tmp}/p25", "--set", "expert.arch.hidden_size=66"],
-     "hidden_size (66) must be divisible by num_attention_heads (4)"),
-    ("odd head size under rotary embeddings", ["prepare", "--out", "{tmp}/p26", "--set", "path.kind=masked",
-                                               "--set", "expert.arch.hidden_size=100"], "must be even for rotary"),
-    ("block longer than a masked expert's context", ["prepare", "--out", "{tmp}/p27", "--set", "path.kind=masked",
-                                                     "--set", "expert.block_size=512"],
-     "expert.block_size (512) exceeds the model context expert.arch.max_position_embeddings (256)"),
-    ("block longer than the seed's context", ["prepare", "--out", "{tmp}/p28", "--init-from", "{run}/seed",
-                                              "--set", "expert.block_size=128"], "max_position_embeddings of --init-from"),
-    ("router sequences longer than the context", ["prepare", "--out", "{tmp}/p29", "--set", "router.max_length=512"],
-     "router.max_length (512) exceeds the experts' context"),
-    ("more clusters than synthetic domains", ["prepare", "--out", "{tmp}/p30", "--set", "synthetic.num_domains=1"],
-     "partition.num_clusters (4) exceeds synthetic.num_domains (1)"),
-    ("25 clusters from 26 documents", ["prepare", "--out", "{tmp}/p31", "--dataset", "json", "--data-files",
-                                       "{files}/thirty.jsonl", "--num-clusters", "25"],
-     "only 26 training documents for 25 clusters"),
+    (
+        "misspelt architecture field",
+        ["prepare", "--out", "{tmp}/p24", "--set", "expert.arch.hiden_size=64"],
+        "hiden_size (did you mean hidden_size?)",
+    ),
+    (
+        "hidden size the heads do not divide",
+        ["prepare", "--out", "{tmp}/p25", "--set", "expert.arch.hidden_size=66"],
+        "hidden_size (66) must be divisible by num_attention_heads (4)",
+    ),
+    (
+        "odd head size under rotary embeddings",
+        ["prepare", "--out", "{tmp}/p26", "--set", "path.kind=masked", "--set", "expert.arch.hidden_size=100"],
+        "must be even for rotary",
+    ),
+    (
+        "block longer than a masked expert's context",
+        ["prepare", "--out", "{tmp}/p27", "--set", "path.kind=masked", "--set", "expert.block_size=512"],
+        "expert.block_size (512) exceeds the model context expert.arch.max_position_embeddings (256)",
+    ),
+    (
+        "block longer than the seed's context",
+        ["prepare", "--out", "{tmp}/p28", "--init-from", "{run}/seed", "--set", "expert.block_size=128"],
+        "max_position_embeddings of --init-from",
+    ),
+    (
+        "router sequences longer than the context",
+        ["prepare", "--out", "{tmp}/p29", "--set", "router.max_length=512"],
+        "router.max_length (512) exceeds the experts' context",
+    ),
+    (
+        "more clusters than synthetic domains",
+        ["prepare", "--out", "{tmp}/p30", "--set", "synthetic.num_domains=1"],
+        "partition.num_clusters (4) exceeds synthetic.num_domains (1)",
+    ),
+    (
+        "25 clusters from 26 documents",
+        [
+            "prepare",
+            "--out",
+            "{tmp}/p31",
+            "--dataset",
+            "json",
+            "--data-files",
+            "{files}/thirty.jsonl",
+            "--num-clusters",
+            "25",
+        ],
+        "only 26 training documents for 25 clusters",
+    ),
     # the other subcommands
-    ("train the seed before prepare", ["train-seed", "--run", "{tmp}/nothing"], "dfm prepare"),
+    ("train the seed before prepare", ["train-seed-model", "--run", "{tmp}/nothing"], "dfm prepare"),
     ("train the router before prepare", ["train-router", "--run", "{tmp}/nothing"], "dfm prepare"),
     ("train the router again without --resume", ["train-router", "--run", "{run}"], "--resume"),
     ("train the baseline before prepare", ["train-baseline", "--run", "{tmp}/nothing"], "dfm prepare"),
     ("train the baseline again without --resume", ["train-baseline", "--run", "{run}"], "--resume"),
-    ("add an expert to a run not prepared", ["add-expert", "--run", "{tmp}/nothing", "--dataset", "json",
-                                             "--data-files", "{files}/few.jsonl"], "dfm prepare"),
-    ("add an expert from a missing file", ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files",
-                                           "{tmp}/none.jsonl"], "not found"),
-    ("add an expert of null texts", ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files",
-                                     "{files}/nulls.jsonl"], "whose value is null or not a string"),
+    (
+        "add an expert to a run not prepared",
+        ["add-expert", "--run", "{tmp}/nothing", "--dataset", "json", "--data-files", "{files}/few.jsonl"],
+        "dfm prepare",
+    ),
+    (
+        "add an expert from a missing file",
+        ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files", "{tmp}/none.jsonl"],
+        "not found",
+    ),
+    (
+        "add an expert of null texts",
+        ["add-expert", "--run", "{run}", "--dataset", "json", "--data-files", "{files}/nulls.jsonl"],
+        "whose value is null or not a string",
+    ),
     ("evaluate a run not prepared", ["eval", "--run", "{tmp}/nothing"], "dfm prepare"),
     ("zero evaluation batch", ["eval", "--run", "{run}", "--batch-size", "0"], "batch size must be >= 1"),
     ("NaN equivalence margin", ["eval", "--run", "{run}", "--margin", "nan"], "margin fraction must be >= 0"),
-    ("bench output inside a file", ["bench", "--prepare", "100", "--out", "{run}/config.json/bench.json"],
-     "is a file, not a directory"),
+    (
+        "bench output inside a file",
+        ["bench", "--prepare", "100", "--out", "{run}/config.json/bench.json"],
+        "is a file, not a directory",
+    ),
     ("bench corpus too small", ["bench", "--prepare", "10", "--out", "{tmp}/bench.json"], "at least 100 documents"),
-    ("bench of a corpus and a run at once", ["bench", "--prepare", "100", "--run", "{run}", "--out", "{tmp}/b.json"],
-     "two different benchmarks"),
+    (
+        "bench of a corpus and a run at once",
+        ["bench", "--prepare", "100", "--run", "{run}", "--out", "{tmp}/b.json"],
+        "two different benchmarks",
+    ),
     ("bench of a missing run", ["bench", "--run", "{tmp}/nope", "--out", "{tmp}/b.json"], "not found"),
-    ("bench of a run whose context is too short", ["bench", "--run", "{run}", "--out", "{tmp}/b.json"],
-     "exceed the experts' context of 64"),
-    ("convergence with zero steps", ["convergence", "--steps", "0", "--out", "{tmp}/c.json"], "steps >= 1"),
-    ("convergence with a NaN router error", ["convergence", "--eps", "nan", "--out", "{tmp}/c.json"],
-     "eps must be in [0, 1]"),
-    ("convergence with an unknown scheduler", ["convergence", "--scheduler", "magic", "--out", "{tmp}/c.json"],
-     "unknown scheduler"),
-    ("convergence output inside a file", ["convergence", "--out", "{run}/config.json/c.json"],
-     "is a file, not a directory"),
+    (
+        "bench of a run whose context is too short",
+        ["bench", "--run", "{run}", "--out", "{tmp}/b.json"],
+        "exceed the experts' context of 64",
+    ),
+    ("convergence with zero steps", ["convergence", "--sampler-steps", "0", "--out", "{tmp}/c.json"], "steps >= 1"),
+    (
+        "convergence with a NaN router error",
+        ["convergence", "--eps", "nan", "--out", "{tmp}/c.json"],
+        "eps must be in [0, 1]",
+    ),
+    (
+        "convergence with an unknown scheduler",
+        ["convergence", "--scheduler", "magic", "--out", "{tmp}/c.json"],
+        "unknown scheduler",
+    ),
+    (
+        "convergence output inside a file",
+        ["convergence", "--out", "{run}/config.json/c.json"],
+        "is a file, not a directory",
+    ),
 ]
 
 
@@ -227,8 +404,22 @@ def test_missing_expert_named_or_skipped(run, tmp_path, capsys):
     assert "dfm: warning: expert-1 left out" in captured.err
     out = json.loads(captured.out)
     assert out["names"] == ["expert-0", "expert-2"]
-    assert main(["generate", "--run", str(copy), "--max-new-tokens", "3", "--allow-missing", "--routing", "centroid",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                str(copy),
+                "--max-new-tokens",
+                "3",
+                "--allow-missing",
+                "--routing",
+                "centroid",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert all(len(w) == 2 for w in out["weights"][0])
     assert main(["eval", "--run", str(copy)]) == 2
@@ -342,8 +533,12 @@ def test_resumed_run_adds_to_the_stage_timings(run, tmp_path):
     shutil.copytree(run, copy)
     before = json.loads((copy / "logs" / "timings.json").read_text())
     assert set(before) >= {"prepare", "seed", "expert-0", "router", "baseline", "eval"}
-    assert main(["run", "--out", str(copy), "--config", str(write_tiny_config(tmp_path)), "--resume",
-                 "--modes", "mixture"]) == 0
+    assert (
+        main(
+            ["run", "--out", str(copy), "--config", str(write_tiny_config(tmp_path)), "--resume", "--modes", "mixture"]
+        )
+        == 0
+    )
     after = json.loads((copy / "logs" / "timings.json").read_text())
     assert set(after) == set(before)
     # every stage ran again, briefly (a finished training stage returns at once), and added its seconds
@@ -357,8 +552,10 @@ def test_preparing_again_over_trained_models_needs_overwrite(run, tmp_path, caps
     shutil.copytree(run, copy)
     before = {str(f): f.read_bytes() for f in sorted(copy.rglob("*")) if f.is_file()}
     config = str(write_tiny_config(tmp_path))
-    for argv in (["prepare", "--out", str(copy), "--config", config, "--vocab-size", "280"],
-                 ["run", "--out", str(copy), "--config", config]):
+    for argv in (
+        ["prepare", "--out", str(copy), "--config", config, "--vocab-size", "280"],
+        ["run", "--out", str(copy), "--config", config],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "already holds trained artifacts (seed, experts, router, baseline" in err and "--overwrite" in err
@@ -379,8 +576,14 @@ def test_assemble_refuses_experts_of_another_tokenizer(run, tmp_path, capsys):
     assert "expert-1 of" in err and "another tokenizer" in err and "dfm train-expert" in err
 
 
-@pytest.mark.parametrize("argv", [["--debug", "generate", "--run", "{nope}"], ["generate", "--run", "{nope}", "--debug"],
-                                  ["generate", "--debug", "--run", "{nope}"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--debug", "generate", "--run", "{nope}"],
+        ["generate", "--run", "{nope}", "--debug"],
+        ["generate", "--debug", "--run", "{nope}"],
+    ],
+)
 def test_debug_shows_the_traceback(tmp_path, capsys, argv):
     """--debug before the command or anywhere after it."""
     assert main([a.format(nope=tmp_path / "nope") for a in argv]) == 2
@@ -402,9 +605,15 @@ def test_generate_streams_and_reports_json(run, capsys):
 
 @pytest.mark.slow
 def test_generate_modes_exclusion_and_baseline(run, capsys):
-    for extra in (["--routing", "switch", "--exclude-expert", "1"], ["--routing", "bayes"],
-                  ["--routing", "centroid", "--k", "2"], ["--routing", "oracle", "--cluster", "2"],
-                  ["--routing", "topk", "--route-on", "prompt"], ["--model", "baseline"], ["--model", "expert-0"]):
+    for extra in (
+        ["--routing", "switch", "--exclude-expert", "1"],
+        ["--routing", "bayes"],
+        ["--routing", "centroid", "--k", "2"],
+        ["--routing", "oracle", "--cluster", "2"],
+        ["--routing", "topk", "--route-on", "prompt"],
+        ["--model", "baseline"],
+        ["--model", "expert-0"],
+    ):
         assert main(["generate", "--run", str(run), "--max-new-tokens", "4", "--json", *extra]) == 0, extra
         out = json.loads(capsys.readouterr().out)
         if "--exclude-expert" in extra:
@@ -422,8 +631,7 @@ def test_eval_mode_names_work_in_generate(run, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,expected", [("banana", "not a device"), ("mps", "dfm runs on"),
-                                           ("cuda:99", "CUDA")])
+@pytest.mark.parametrize("name,expected", [("banana", "not a device"), ("mps", "dfm runs on"), ("cuda:99", "CUDA")])
 def test_device_option_is_checked(run, name, expected, capsys):
     for argv in (["eval", "--run", str(run)], ["generate", "--run", str(run), "--max-new-tokens", "3"]):
         assert main([*argv, "--device", name]) == 2
@@ -451,8 +659,23 @@ def test_bfloat16_inference_runs_on_the_cpu_too(run, capsys):
     BOS, and a maximum moves no more than the log-probs do (bf16 moves them by about 1e-3 here)."""
     first = {}
     for dtype in ("float32", "bfloat16"):
-        assert main(["generate", "--run", str(run), "--max-new-tokens", "8", "--temperature", "0", "--json",
-                     "--dtype", dtype]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--run",
+                    str(run),
+                    "--max-new-tokens",
+                    "8",
+                    "--temperature",
+                    "0",
+                    "--json",
+                    "--dtype",
+                    dtype,
+                ]
+            )
+            == 0
+        )
         out = json.loads(capsys.readouterr().out)
         first[dtype] = out["token_log_probs"][0][0]
     assert first["bfloat16"] == pytest.approx(first["float32"], abs=1e-2)
@@ -509,9 +732,14 @@ def test_a_prompt_file_is_one_prompt_a_line_decoded_in_batches(run, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content,flag,expected", [("\n\n", [], "holds no prompt"),
-                                                   ("a\nb\n", ["--show-routing"], "--json"),
-                                                   ("a\n", ["--batch-size", "0"], "--batch-size")])
+@pytest.mark.parametrize(
+    "content,flag,expected",
+    [
+        ("\n\n", [], "holds no prompt"),
+        ("a\nb\n", ["--show-routing"], "--json"),
+        ("a\n", ["--batch-size", "0"], "--batch-size"),
+    ],
+)
 def test_prompt_file_mistakes_are_one_line(run, tmp_path, capsys, content, flag, expected):
     path = tmp_path / "prompts.txt"
     path.write_text(content)
@@ -549,8 +777,9 @@ def test_a_vocabulary_bpe_cannot_reach_is_one_warning_when_asked_for(tmp_path, c
     err = capsys.readouterr().err.splitlines()
     warned = [line for line in err if "stopped at" in line]
     summary = json.loads(next(line for line in err if line.startswith("[dfm] prepared")).split(": ", 1)[1])
-    assert len(warned) == 1 and warned[0].startswith(f"dfm: warning: the BPE tokenizer stopped at "
-                                                     f"{summary['vocab_size']} tokens of the 2048 asked"), err
+    assert len(warned) == 1 and warned[0].startswith(
+        f"dfm: warning: the BPE tokenizer stopped at {summary['vocab_size']} tokens of the 2048 asked"
+    ), err
 
 
 # --- damaged runs: one shared copy; each test puts back what it damaged, and checks it did ---------
@@ -581,19 +810,30 @@ def call(root: Path, argv: list[str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["empty", "cut"])
-@pytest.mark.parametrize("weights,argv,expected", [
-    ("router/model.safetensors", ["generate", "--max-new-tokens", "3"], "retrain the router with `dfm train-router`"),
-    ("baseline/model.safetensors", ["eval", "--modes", "mixture"], "baseline"),
-    ("baseline/model.safetensors", ["generate", "--model", "baseline", "--max-new-tokens", "3"], "baseline"),
-    ("seed/model.safetensors", ["train-expert", "--expert", "0", "--resume"], "retrain it with `dfm train-seed --run"),
-    ("experts/expert-0/model.safetensors", ["assemble"], "then run `dfm assemble` again"),
-])
+@pytest.mark.parametrize(
+    "weights,argv,expected",
+    [
+        (
+            "router/model.safetensors",
+            ["generate", "--max-new-tokens", "3"],
+            "retrain the router with `dfm train-router`",
+        ),
+        ("baseline/model.safetensors", ["eval", "--modes", "mixture"], "baseline"),
+        ("baseline/model.safetensors", ["generate", "--model", "baseline", "--max-new-tokens", "3"], "baseline"),
+        (
+            "seed/model.safetensors",
+            ["train-expert", "--expert", "0", "--resume"],
+            "retrain it with `dfm train-seed-model --run",
+        ),
+        ("experts/expert-0/model.safetensors", ["assemble"], "then run `dfm assemble` again"),
+    ],
+)
 def test_unreadable_weights_are_named(copy, capsys, weights, argv, expected, size):
     """Empty or cut-off weights of a router, baseline, seed or expert (an expert's in generate and
     eval: test_a_corrupt_expert_is_a_missing_one) are one line naming them and what to do."""
     path = copy / weights
     with damaging(copy, path):
-        path.write_bytes(path.read_bytes()[:0 if size == "empty" else path.stat().st_size // 2])
+        path.write_bytes(path.read_bytes()[: 0 if size == "empty" else path.stat().st_size // 2])
         assert call(copy, argv) == 2
         line = one_error_line(capsys.readouterr().err)
         assert expected in line and str(Path(weights).parent) in line, line
@@ -611,12 +851,17 @@ def test_a_damaged_tokenizer_is_named(copy, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("edit,expected", [
-    (lambda m: m["experts"][0].update(prior="0.25"), "the prior of expert-0 must be a number in (0, 1]"),
-    (lambda m: m["experts"].append(dict(m["experts"][1])), "lists the expert name expert-1 more than once"),
-    (lambda m: m["experts"].append({**m["experts"][1], "name": "expert-3"}),
-     "lists the expert path experts/expert-1 more than once"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (lambda m: m["experts"][0].update(prior="0.25"), "the prior of expert-0 must be a number in (0, 1]"),
+        (lambda m: m["experts"].append(dict(m["experts"][1])), "lists the expert name expert-1 more than once"),
+        (
+            lambda m: m["experts"].append({**m["experts"][1], "name": "expert-3"}),
+            "lists the expert path experts/expert-1 more than once",
+        ),
+    ],
+)
 def test_a_manifest_with_a_bad_prior_or_a_repeated_expert_is_refused(copy, capsys, edit, expected):
     path = copy / "ensemble.json"
     with damaging(copy, path):
@@ -648,12 +893,19 @@ def test_swapped_weights_are_refused_until_assembled_again(copy, capsys):
     wherever it loads, until `dfm assemble` records the change as intended."""
     manifest, weights = copy / "ensemble.json", copy / "experts" / "expert-1" / "model.safetensors"
     recorded = json.loads(manifest.read_text())["sha256"]
-    assert {"tokenizer/tokenizer.json", "experts/expert-1/model.safetensors", "router/model.safetensors",
-            "baseline/model.safetensors"} <= set(recorded)
+    assert {
+        "tokenizer/tokenizer.json",
+        "experts/expert-1/model.safetensors",
+        "router/model.safetensors",
+        "baseline/model.safetensors",
+    } <= set(recorded)
     with damaging(copy, manifest, weights):
         shutil.copyfile(copy / "experts" / "expert-2" / "model.safetensors", weights)
-        for argv in (["generate", "--max-new-tokens", "3"], ["generate", "--model", "expert-1", "--max-new-tokens", "3"],
-                     ["eval", "--modes", "mixture"]):
+        for argv in (
+            ["generate", "--max-new-tokens", "3"],
+            ["generate", "--model", "expert-1", "--max-new-tokens", "3"],
+            ["eval", "--modes", "mixture"],
+        ):
             assert call(copy, argv) == 2
             line = one_error_line(capsys.readouterr().err)
             assert f"{weights.resolve()} differs from the file `dfm assemble` recorded" in line
@@ -709,6 +961,7 @@ def read_only(root: Path):
 
         def undo() -> None:
             subprocess.run(["chattr", "-R", "-i", str(root)], check=True, capture_output=True)
+
         made = subprocess.run(["chattr", "-R", "+i", str(root)], capture_output=True).returncode == 0
         if not made:
             undo()
@@ -730,9 +983,34 @@ def read_only(root: Path):
 def test_a_read_only_run_is_named(copy, capsys):
     before = snapshot(copy)
     with read_only(copy):
-        for argv, expected in ((["eval", "--modes", "mixture"], f"{copy / 'eval'} is not writable"),
-                               (["assemble"], f"cannot write {copy}")):
+        for argv, expected in (
+            (["eval", "--modes", "mixture"], f"{copy / 'eval'} is not writable"),
+            (["assemble"], f"cannot write {copy}"),
+        ):
             assert call(copy, argv) == 2
             line = one_error_line(capsys.readouterr().err)
             assert expected in line and "copy the run to a writable place and use the copy" in line
     assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (["convergence", "--steps", "1", "2"], ["convergence", "--sampler-steps", "1", "2"]),
+        (["prepare", "--split", "train"], ["prepare", "--train-split", "train"]),
+        (["prepare", "--seed-steps", "5"], ["prepare", "--seed-model-steps", "5"]),
+    ],
+)
+def test_a_renamed_option_still_parses_with_a_warning(old, new):
+    from dfm.cli import DeprecatedName, build_parser
+
+    with pytest.warns(DeprecatedName, match=f"{old[1]} is deprecated and will be removed: use {new[1]}"):
+        before = build_parser().parse_args(old)
+    assert vars(before) == vars(build_parser().parse_args(new))
+
+
+def test_the_seed_model_command_keeps_its_old_name(tmp_path, capsys):
+    assert main(["train-seed", "--run", str(tmp_path / "nothing")]) == 2  # it runs: the run is not prepared
+    err = capsys.readouterr().err
+    assert "dfm: warning: train-seed is deprecated and will be removed: use train-seed-model" in err
+    assert "dfm prepare" in err

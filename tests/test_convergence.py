@@ -81,13 +81,14 @@ def test_monte_carlo_sampler_agrees_with_the_exact_distribution():
 
     n, vocab = 100_000, TOY.vocab_size
     start = torch.full((n, TOY.length), vocab)
-    samples = euler_sample(denoise, start, MaskedPath(vocab, scheduler("linear")), 2,
-                           generator=torch.Generator().manual_seed(0))
-    empirical = torch.bincount(TOY.sequence_index(samples), minlength=vocab ** TOY.length).double() / n
+    samples = euler_sample(
+        denoise, start, MaskedPath(vocab, scheduler("linear")), 2, generator=torch.Generator().manual_seed(0)
+    )
+    empirical = torch.bincount(TOY.sequence_index(samples), minlength=vocab**TOY.length).double() / n
     # E TV(empirical, p) = 1/2 sum_y E|p^_y - p_y| <= 1/2 sum_y sqrt(p_y / n) <= 1/2 sqrt(S / n) (Jensen, then
     # Cauchy-Schwarz), S = 243 sequences: 0.0246 for n = 1e5. One sample moves TV by at most 1/n, so by
     # McDiarmid P(TV > E TV + 0.01) <= exp(-2 n 0.01^2) = exp(-20): the bound fails with probability < 1e-8.
-    bound = 0.5 * math.sqrt(vocab ** TOY.length / n) + 0.01
+    bound = 0.5 * math.sqrt(vocab**TOY.length / n) + 0.01
     assert total_variation(empirical, sampler_distribution(TOY, 2, 0.0, "mixture")) < bound
     # negative control: the one-step distribution is 0.18 away from the two-step one, far outside the bound
     assert total_variation(empirical, sampler_distribution(TOY, 1, 0.0, "mixture")) > bound
@@ -104,10 +105,11 @@ def test_monte_carlo_switch_agrees_with_the_exact_distribution():
         return mix_log_probs(log_p[state], chosen.log_weights)
 
     n, vocab = 100_000, TOY.vocab_size
-    samples = euler_sample(denoise, torch.full((n, TOY.length), vocab), MaskedPath(vocab, scheduler("cosine")), 3,
-                           generator=generator)
-    empirical = torch.bincount(TOY.sequence_index(samples), minlength=vocab ** TOY.length).double() / n
-    bound = 0.5 * math.sqrt(vocab ** TOY.length / n) + 0.01  # as in the mixture test above
+    samples = euler_sample(
+        denoise, torch.full((n, TOY.length), vocab), MaskedPath(vocab, scheduler("cosine")), 3, generator=generator
+    )
+    empirical = torch.bincount(TOY.sequence_index(samples), minlength=vocab**TOY.length).double() / n
+    bound = 0.5 * math.sqrt(vocab**TOY.length / n) + 0.01  # as in the mixture test above
     assert total_variation(empirical, sampler_distribution(TOY, 3, 0.1, "switch", "cosine")) < bound
     # negative control: mixture routing (independent reveals given X_t) is 0.1 away
     assert total_variation(empirical, sampler_distribution(TOY, 3, 0.1, "mixture", "cosine")) > bound
@@ -117,8 +119,14 @@ def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
     study = convergence_study([1, 2, 4], [0.0, 0.1, 0.3])
     assert set(study) == {"tv", "kl", "rate_in_steps", "rate_in_eps", "one_position_per_step_tv", "modes", "toy"}
     assert set(study["modes"]) == {"mixture", "switch"}
-    assert study["toy"] == {"vocab_size": 3, "length": 5, "num_sources": 3, "priors": TOY.priors.tolist(),
-                            "seed": 0, "scheduler": "linear"}
+    assert study["toy"] == {
+        "vocab_size": 3,
+        "length": 5,
+        "num_sources": 3,
+        "priors": TOY.priors.tolist(),
+        "seed": 0,
+        "scheduler": "linear",
+    }
     for result in study["modes"].values():
         for key in ("tv", "kl"):
             assert result[key]["steps"] == [1, 2, 4] and result[key]["eps"] == [0.0, 0.1, 0.3]
@@ -126,8 +134,9 @@ def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
         assert 0 < result["rate_in_steps"] < math.inf and 0 < result["rate_in_eps"] < math.inf
         exact, *noisy = result["one_position_per_step_tv"]["values"]
         assert exact < 1e-12 and min(noisy) > 1e-3
-    assert {k: study[k] for k in ("tv", "kl", "rate_in_steps", "rate_in_eps", "one_position_per_step_tv")} \
-        == study["modes"]["mixture"]
+    assert {k: study[k] for k in ("tv", "kl", "rate_in_steps", "rate_in_eps", "one_position_per_step_tv")} == study[
+        "modes"
+    ]["mixture"]
     two_steps = total_variation(P, sampler_distribution(TOY, 2, 0.0, "mixture"))
     assert study["tv"]["values"][1][0] == pytest.approx(two_steps, rel=1e-12)
 
@@ -138,12 +147,15 @@ def test_study_reports_the_documented_shape_and_round_trips(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.json", "study.png"]  # no temporary files left
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: sampler_distribution(TOY, 0, 0.0, "mixture"), "steps >= 1"),
-    (lambda: sampler_distribution(TOY, 4, 1.5, "mixture"), "in [0, 1]"),
-    (lambda: sampler_distribution(TOY, 4, 0.0, "bayes"), "mixture, switch, top1"),
-    (lambda: convergence_study([1, 2, 4], [0.1, 0.3]), "eps 0"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sampler_distribution(TOY, 0, 0.0, "mixture"), "steps >= 1"),
+        (lambda: sampler_distribution(TOY, 4, 1.5, "mixture"), "in [0, 1]"),
+        (lambda: sampler_distribution(TOY, 4, 0.0, "bayes"), "mixture, switch, top1"),
+        (lambda: convergence_study([1, 2, 4], [0.1, 0.3]), "eps 0"),
+    ],
+)
 def test_bad_arguments_say_what_to_pass(call, message):
     with pytest.raises(DfmError, match=re.escape(message)):
         call()
@@ -153,8 +165,26 @@ def test_cli_writes_the_study_and_the_plot(tmp_path, capsys):
     from dfm.cli import main
 
     out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
-    assert main(["convergence", "--out", str(out), "--plot", str(plot), "--steps", "1", "2", "8",
-                 "--eps", "0", "0.1", "0.3"]) == 0
+    assert (
+        main(
+            [
+                "convergence",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+                "--sampler-steps",
+                "1",
+                "2",
+                "8",
+                "--eps",
+                "0",
+                "0.1",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     study = json.loads(out.read_text())
     assert study["tv"]["steps"] == [1, 2, 8] and study["tv"]["eps"] == [0.0, 0.1, 0.3]
     assert study["rate_in_steps"] > 0 and set(study["modes"]) == {"mixture", "switch"}

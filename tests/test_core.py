@@ -6,9 +6,24 @@ import torch
 import torch.nn.functional as F
 
 from dfm import (
-    ARPath, BayesPosterior, DecodeConfig, DfmError, Routing, bayes_log_posterior, check_velocity, decode_step,
-    dfm_loss, exclude_log_weights, filter_log_probs, generate, mix_log_probs, normalize_log_weights,
-    parse_routing, sample_tokens, select_experts, top_k_log_weights,
+    ARPath,
+    BayesPosterior,
+    DecodeConfig,
+    DfmError,
+    Routing,
+    bayes_log_posterior,
+    check_velocity,
+    decode_step,
+    dfm_loss,
+    exclude_log_weights,
+    filter_log_probs,
+    generate,
+    mix_log_probs,
+    normalize_log_weights,
+    parse_routing,
+    sample_tokens,
+    select_experts,
+    top_k_log_weights,
 )
 from tests.toy import MarkovPool
 
@@ -242,8 +257,10 @@ def test_generate_same_seed_same_tokens_and_exclusion():
     tokens = torch.tensor([[9, 0, 1], [0, 2, 3]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     config = DecodeConfig(routing=Routing.SWITCH, max_new_tokens=8, exclude=[1])
-    runs = [generate(pool, tokens, mask, config, weigher=UniformRouter(3), generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [
+        generate(pool, tokens, mask, config, weigher=UniformRouter(3), generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert all(1 not in step for step in runs[0].experts_ran)
     assert (runs[0].weights[:, :, 1] == 0).all()

@@ -14,17 +14,17 @@ from dfm.cli import main
 from dfm.mixing import uniform_log_prior
 from models.ensemble import Ensemble
 from models.generation import generate_text
-from tests.test_generation import K, ROW_PROMPTS, tiny_expert, tiny_router, word_tokenizer
+from tests.test_generation import ROW_PROMPTS, K, tiny_expert, tiny_router, word_tokenizer
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = torch.device("cuda")
 
 
 def ensemble(device, dtype=torch.float32, engine="auto"):
     experts = [tiny_expert(s).to(device, dtype) for s in range(K)]
-    return Ensemble(experts, uniform_log_prior(K), router=tiny_router(K).to(device), tokenizer=word_tokenizer(),
-                    engine=engine)
+    return Ensemble(
+        experts, uniform_log_prior(K), router=tiny_router(K).to(device), tokenizer=word_tokenizer(), engine=engine
+    )
 
 
 @pytest.mark.parametrize("routing,k", [("mixture", None), ("topk", 1), ("topk", 2)])
@@ -60,8 +60,12 @@ def test_bfloat16_stacked_engine_on_the_gpu_errs_like_transformers_bfloat16():
 
     def log_probs(device, dtype, engine):
         pool = ensemble(device, dtype, engine)
-        return torch.stack([pool.next_token_log_probs(tokens[:, :t].to(device), mask[:, :t].to(device), [0, 1, 2])
-                            .float().cpu() for t in range(5, 11)])
+        return torch.stack(
+            [
+                pool.next_token_log_probs(tokens[:, :t].to(device), mask[:, :t].to(device), [0, 1, 2]).float().cpu()
+                for t in range(5, 11)
+            ]
+        )
 
     exact = log_probs(torch.device("cpu"), torch.float32, "hf")
     ours, theirs = log_probs(GPU, torch.bfloat16, "auto"), log_probs(GPU, torch.bfloat16, "hf")
@@ -79,8 +83,23 @@ def test_a_run_trains_evaluates_and_generates_on_the_gpu(tmp_path, capsys):
     from tests.tiny_config import write_tiny_config
 
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--config", str(write_tiny_config(tmp_path)), "--modes", "mixture", "top1",
-                 "--device", "cuda"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--out",
+                str(run),
+                "--config",
+                str(write_tiny_config(tmp_path)),
+                "--modes",
+                "mixture",
+                "top1",
+                "--device",
+                "cuda",
+            ]
+        )
+        == 0
+    )
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["models"]["mixture"]["bpb"] > 0
     capsys.readouterr()

@@ -11,8 +11,14 @@ from models.manifest import ExpertEntry, Manifest, resolve_inside, tokenizer_fin
 from models.router import Router, RouterConfig
 
 VOCAB = 40
-TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 64}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def word_tokenizer():
@@ -20,22 +26,26 @@ def word_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                   eos_token="t0", bos_token="t0", pad_token="t0")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+        eos_token="t0",
+        bos_token="t0",
+        pad_token="t0",
+    )
 
 
 FINGERPRINT = tokenizer_fingerprint(word_tokenizer().get_vocab())
 
 
 def tiny_expert(seed, vocab=VOCAB, fingerprint=FINGERPRINT):
-    config = expert_config(vocab, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint=fingerprint,
-                           arch=TINY)
+    config = expert_config(vocab, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint=fingerprint, arch=TINY)
     return build_expert(config, seed=seed).eval()
 
 
 def tiny_ensemble(k=3, engine="auto"):
-    router = Router(RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2,
-                                 max_positions=64)).eval()
+    router = Router(
+        RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2, max_positions=64)
+    ).eval()
     return Ensemble([tiny_expert(s) for s in range(k)], uniform_log_prior(k), router=router, engine=engine)
 
 
@@ -98,16 +108,28 @@ def test_stacked_engine_is_used_and_matches_experts_run_one_by_one():
     stacked, generic = tiny_ensemble(engine="auto"), tiny_ensemble(engine="hf")
     assert stacked.engine is not None and generic.engine is None
     tokens, mask = batch()
-    torch.testing.assert_close(stacked.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]),
-                               generic.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        stacked.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]),
+        generic.prefix_log_likelihood(tokens[:, :5], mask[:, :5], [0, 1, 2]),
+        atol=1e-5,
+        rtol=0,
+    )
     for t in range(5, 10):
-        torch.testing.assert_close(stacked.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]),
-                                   generic.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            stacked.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]),
+            generic.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]),
+            atol=1e-5,
+            rtol=0,
+        )
     assert stacked.forward_passes == generic.forward_passes == [5, 5, 5]
     stacked.reset()
     generic.reset()
-    torch.testing.assert_close(stacked.prefix_log_likelihood(tokens, mask, [2, 0, 1]),
-                               generic.prefix_log_likelihood(tokens, mask, [2, 0, 1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        stacked.prefix_log_likelihood(tokens, mask, [2, 0, 1]),
+        generic.prefix_log_likelihood(tokens, mask, [2, 0, 1]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_bfloat16_experts_on_the_stacked_engine_err_like_transformers_own_bfloat16():
@@ -120,8 +142,9 @@ def test_bfloat16_experts_on_the_stacked_engine_err_like_transformers_own_bfloat
     def log_probs(dtype, engine):
         ensemble = Ensemble([tiny_expert(s).to(dtype) for s in range(3)], uniform_log_prior(3), engine=engine)
         assert (ensemble.engine is not None) == (engine == "auto")
-        return torch.stack([ensemble.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]).clone()
-                            for t in range(5, 10)])
+        return torch.stack(
+            [ensemble.next_token_log_probs(tokens[:, :t], mask[:, :t], [0, 1, 2]).clone() for t in range(5, 10)]
+        )
 
     exact = log_probs(torch.float32, "hf")
     stacked, theirs = log_probs(torch.bfloat16, "auto"), log_probs(torch.bfloat16, "hf")
@@ -130,19 +153,24 @@ def test_bfloat16_experts_on_the_stacked_engine_err_like_transformers_own_bfloat
     assert 0 < (stacked - exact).abs().max() <= 2 * their_error
     assert 0.5 * (stacked.exp() - exact.exp()).abs().sum(-1).max() < 0.05  # total variation per next token
 
+
 def test_non_llama_experts_use_the_generic_path():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    experts = [GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
-               for _ in range(2)]
+    experts = [
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+        for _ in range(2)
+    ]
     ens = Ensemble(experts, uniform_log_prior(2))
     assert ens.engine is None
     tokens = torch.randint(1, VOCAB, (1, 6))
     mask = torch.ones_like(tokens)
     got = ens.next_token_log_probs(tokens, mask, [0, 1])
     with torch.no_grad():
-        torch.testing.assert_close(got[:, 1], torch.log_softmax(experts[1](tokens).logits[:, -1], -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            got[:, 1], torch.log_softmax(experts[1](tokens).logits[:, -1], -1), atol=1e-5, rtol=0
+        )
 
 
 def test_router_weigher_is_incremental():
@@ -171,7 +199,9 @@ def test_save_and_load_round_trip(tmp_path):
     save_expert(expert, tmp_path / "expert")
     loaded = load_expert(tmp_path / "expert")
     tokens, mask = batch()
-    torch.testing.assert_close(full_log_probs(loaded, tokens, mask), full_log_probs(expert, tokens, mask), atol=0, rtol=0)
+    torch.testing.assert_close(
+        full_log_probs(loaded, tokens, mask), full_log_probs(expert, tokens, mask), atol=0, rtol=0
+    )
     assert not list(tmp_path.glob(".*tmp"))
     with pytest.raises(DfmError, match="no model"):
         load_expert(tmp_path / "missing")
@@ -187,8 +217,9 @@ def write_run(tmp_path, experts, router=None):
         entries.append(ExpertEntry(f"expert-{k}", f"experts/expert-{k}", 1 / len(experts)))
     if router is not None:
         router.save_pretrained(tmp_path / "router")
-    Manifest(entries, "tokenizer", tokenizer_fingerprint(tok.get_vocab()), VOCAB,
-             router="router" if router else None).with_hashes(tmp_path).save(tmp_path)
+    Manifest(
+        entries, "tokenizer", tokenizer_fingerprint(tok.get_vocab()), VOCAB, router="router" if router else None
+    ).with_hashes(tmp_path).save(tmp_path)
 
 
 def test_ensemble_round_trip_from_run(tmp_path):
@@ -196,9 +227,15 @@ def test_ensemble_round_trip_from_run(tmp_path):
     write_run(tmp_path, ens.experts, ens.router)
     loaded = Ensemble.from_run(tmp_path)
     tokens, mask = batch()
-    torch.testing.assert_close(loaded.next_token_log_probs(tokens, mask, [0, 1, 2]),
-                               ens.next_token_log_probs(tokens, mask, [0, 1, 2]), atol=0, rtol=0)
-    torch.testing.assert_close(loaded.router_weigher()(tokens, mask), ens.router_weigher()(tokens, mask), atol=0, rtol=0)
+    torch.testing.assert_close(
+        loaded.next_token_log_probs(tokens, mask, [0, 1, 2]),
+        ens.next_token_log_probs(tokens, mask, [0, 1, 2]),
+        atol=0,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        loaded.router_weigher()(tokens, mask), ens.router_weigher()(tokens, mask), atol=0, rtol=0
+    )
     assert loaded.names == ["expert-0", "expert-1", "expert-2"]
 
 

@@ -20,12 +20,22 @@ CONFIG = {
     "tokenizer": {"vocab_size": 512},
     "partition": {"num_clusters": 3},
     "seed_model": {"train": {"steps": 200, "batch_size": 8, "warmup_steps": 10, "checkpoint_every": 0}},
-    "expert": {"arch": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192,
-                        "max_position_embeddings": 128},
-               "block_size": 128,
-               "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "checkpoint_every": 0}},
-    "router": {"max_length": 128, "documents": 400,
-               "train": {"steps": 100, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 0}},
+    "expert": {
+        "arch": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 192,
+            "max_position_embeddings": 128,
+        },
+        "block_size": 128,
+        "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "checkpoint_every": 0},
+    },
+    "router": {
+        "max_length": 128,
+        "documents": 400,
+        "train": {"steps": 100, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 0},
+    },
 }
 #: The margin, as a fraction of the baseline's bits per byte. At this test's scale (60 steps per
 #: expert) routed experts measured 1.074x the baseline and prior-weighted ones 1.398x: 15% lies
@@ -49,8 +59,13 @@ def test_routed_experts_match_the_central_baseline_and_prior_weights_do_not(tmp_
     ensemble = Ensemble.from_run(run)
     test = load_saved(RunLayout.of(run).documents, "documents")["test"]
     docs = list(test["input_ids"])
-    expert_lps = expert_token_log_probs(ensemble.experts, docs, bos_id=ensemble.tokenizer.eos_token_id,
-                                        context=report["context"], stride=report["stride"])
+    expert_lps = expert_token_log_probs(
+        ensemble.experts,
+        docs,
+        bos_id=ensemble.tokenizer.eos_token_id,
+        context=report["context"],
+        stride=report["stride"],
+    )
     prior = [ensemble.log_prior.expand(len(d) + 1, -1) for d in docs]
     uniform = summarize([-lp for lp in mixed_token_log_probs(expert_lps, prior)], list(test["num_bytes"]))
     assert uniform["bpb"] > baseline * (1 + MARGIN), (uniform["bpb"], baseline)

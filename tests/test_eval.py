@@ -10,30 +10,41 @@ from dfm.errors import DfmError
 from dfm.posterior import bayes_log_posterior
 from eval.equivalence import equivalence
 from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
-from models.weighers import BayesWeigher, CentroidWeigher, OracleWeigher, Scoring, mode_log_weights
-from eval.router_quality import (accuracy_by_prefix_length, expected_calibration_error, inference_accounting, mean_kl,
-                                 router_quality)
+from eval.router_quality import (
+    accuracy_by_prefix_length,
+    expected_calibration_error,
+    inference_accounting,
+    mean_kl,
+    router_quality,
+)
 from models.expert import build_expert, expert_config
 from models.router import Router, RouterConfig
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs, windows
-from training.partition import from_labels
+from models.weighers import BayesWeigher, CentroidWeigher, OracleWeigher, Scoring, mode_log_weights
+from training.clustering import from_labels
 
 VOCAB = 40
 BOS = 0
-TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 64}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def tiny_expert(seed):
-    config = expert_config(VOCAB, bos_token_id=BOS, eos_token_id=BOS,
-                           tokenizer_fingerprint="test", arch=TINY)
+    config = expert_config(VOCAB, bos_token_id=BOS, eos_token_id=BOS, tokenizer_fingerprint="test", arch=TINY)
     return build_expert(config, seed=seed).eval()
 
 
 def tiny_router(k):
     torch.manual_seed(100 + k)
-    return Router(RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2,
-                               max_positions=64)).eval()
+    return Router(
+        RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2, max_positions=64)
+    ).eval()
 
 
 def random_docs(lengths, seed=0):
@@ -49,7 +60,7 @@ def expert():
 def brute_force_log_prob(model, sequence, p, context, stride):
     """log p(sequence[p + 1]) with the context of the window that scores input position p."""
     i = 0 if p < context else math.ceil((p - context + 1) / stride)
-    prefix = torch.tensor([sequence[i * stride:p + 1]])
+    prefix = torch.tensor([sequence[i * stride : p + 1]])
     with torch.no_grad():
         return torch.log_softmax(model(prefix).logits[0, -1].double(), -1)[sequence[p + 1]]
 
@@ -84,10 +95,10 @@ def test_stride_equal_to_context_scores_independent_blocks(expert):
     inputs = sequence[:-1]
     blocks = []
     for start in range(0, len(inputs), context):
-        block = torch.tensor([inputs[start:start + context]])
+        block = torch.tensor([inputs[start : start + context]])
         with torch.no_grad():
             log_probs = torch.log_softmax(expert(block).logits[0].double(), -1)
-        targets = torch.tensor(sequence[start + 1:start + 1 + block.shape[1]])
+        targets = torch.tensor(sequence[start + 1 : start + 1 + block.shape[1]])
         blocks.append(log_probs.gather(-1, targets[:, None]).squeeze(-1))
     torch.testing.assert_close(lp, torch.cat(blocks), atol=1e-5, rtol=0)
 
@@ -108,8 +119,9 @@ def test_sliding_window_matches_brute_force(expert):
     for ids, lp in zip(docs, lps):
         sequence = [BOS, *ids, BOS]
         assert lp.shape == (len(ids) + 1,)
-        expected = torch.stack([brute_force_log_prob(expert, sequence, p, context, stride)
-                                for p in range(len(ids) + 1)])
+        expected = torch.stack(
+            [brute_force_log_prob(expert, sequence, p, context, stride) for p in range(len(ids) + 1)]
+        )
         torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
 
 
@@ -141,11 +153,14 @@ def test_every_mode_of_identical_experts_equals_the_expert(expert):
     partition = from_labels(random_docs([10] * 6, seed=6), [0, 1, 2, 0, 1, 2], VOCAB)
     log_prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).log()
     scoring = Scoring(BOS, 16, 8, 3)
-    modes = {"mixture": router, "top1": [mode_log_weights("top1", w) for w in router],
-             "top2": [mode_log_weights("top2", w) for w in router],
-             "bayes": BayesWeigher(log_prior).documents(docs, per_expert, scoring),
-             "centroid": CentroidWeigher(partition, temperature=0.1).documents(docs, per_expert, scoring),
-             "oracle": OracleWeigher(clusters, k).documents(docs, per_expert, scoring)}
+    modes = {
+        "mixture": router,
+        "top1": [mode_log_weights("top1", w) for w in router],
+        "top2": [mode_log_weights("top2", w) for w in router],
+        "bayes": BayesWeigher(log_prior).documents(docs, per_expert, scoring),
+        "centroid": CentroidWeigher(partition, temperature=0.1).documents(docs, per_expert, scoring),
+        "oracle": OracleWeigher(clusters, k).documents(docs, per_expert, scoring),
+    }
     for name, weights in modes.items():
         mixed = mixed_token_log_probs(per_expert, weights)
         for a, b in zip(mixed, single):
@@ -180,8 +195,10 @@ def test_summarize_and_bits():
 
 
 def test_entropy_floor_is_the_synthetic_corpus_floor():
-    config = {"data": {"dataset": None},
-              "synthetic": {"num_domains": 2, "num_documents": 5, "seed": 0, "vocab_size": 60, "common_words": 20}}
+    config = {
+        "data": {"dataset": None},
+        "synthetic": {"num_domains": 2, "num_documents": 5, "seed": 0, "vocab_size": 60, "common_words": 20},
+    }
     corpus = synthetic_corpus(config)
     texts = [text for text, _ in corpus.sample(5, seed=1)]
     assert entropy_floor_bpb(corpus, texts) == corpus.entropy_floor_bpb(texts)
@@ -197,8 +214,10 @@ def paired_bits(shift_bits, noise_bits, n=200):
     return base + shift_bits + noise, base, torch.full((n,), 100)
 
 
-@pytest.mark.parametrize("shift,noise,expected", [(0.0, 0.5, "equivalent"), (-5.0, 0.5, "better"),
-                                                  (5.0, 0.5, "worse"), (0.0, 50.0, "inconclusive")])
+@pytest.mark.parametrize(
+    "shift,noise,expected",
+    [(0.0, 0.5, "equivalent"), (-5.0, 0.5, "better"), (5.0, 0.5, "worse"), (0.0, 50.0, "inconclusive")],
+)
 def test_bootstrap_verdicts(shift, noise, expected):
     model, base, num_bytes = paired_bits(shift, noise)
     out = equivalence(model, base, num_bytes)

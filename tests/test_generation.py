@@ -12,15 +12,22 @@ from models.expert import build_expert, expert_config
 from models.generation import generate_text, single_model
 from models.router import Router, RouterConfig
 from models.weighers import DEFAULT_TEMPERATURE, CentroidWeigher, OracleWeigher
-from training.partition import from_labels
+from training.clustering import from_labels
 
 VOCAB = 40
 CONTEXT = 64
 K = 3
 # initializer_range 0.2 (not 0.02) gives peaked next-token distributions, so greedy choices are
 # not decided by float noise between the batched and the single-row paths.
-ARCH = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": CONTEXT, "initializer_range": 0.2}
+ARCH = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": CONTEXT,
+    "initializer_range": 0.2,
+}
 
 
 def word_tokenizer():
@@ -33,22 +40,23 @@ def word_tokenizer():
 
 
 def tiny_expert(seed):
-    config = expert_config(VOCAB, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint="test",
-                           arch=ARCH)
+    config = expert_config(VOCAB, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint="test", arch=ARCH)
     return build_expert(config, seed=seed).eval()
 
 
 def tiny_router(k, seed=0):
     torch.manual_seed(seed)
-    router = Router(RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2,
-                                 max_positions=CONTEXT))
+    router = Router(
+        RouterConfig(vocab_size=VOCAB, num_experts=k, hidden_size=16, num_layers=1, num_heads=2, max_positions=CONTEXT)
+    )
     torch.nn.init.normal_(router.head.weight, std=1.0)  # decisive weights: routing actually changes
     return router.eval()
 
 
 def tiny_ensemble(k=K):
-    return Ensemble([tiny_expert(s) for s in range(k)], uniform_log_prior(k), router=tiny_router(k),
-                    tokenizer=word_tokenizer())
+    return Ensemble(
+        [tiny_expert(s) for s in range(k)], uniform_log_prior(k), router=tiny_router(k), tokenizer=word_tokenizer()
+    )
 
 
 def tiny_partition(k=K):
@@ -86,21 +94,38 @@ def test_oracle_equals_the_experts_own_greedy_generation(stop_at_eos):
     ens = tiny_ensemble()
     n = 15
     for c in range(K):
-        gen = generate_text(ens, PROMPTS[0], routing="oracle", weigher=OracleWeigher([c], K), temperature=0,
-                            max_new_tokens=n, stop_at_eos=stop_at_eos)
+        gen = generate_text(
+            ens,
+            PROMPTS[0],
+            routing="oracle",
+            weigher=OracleWeigher([c], K),
+            temperature=0,
+            max_new_tokens=n,
+            stop_at_eos=stop_at_eos,
+        )
         ids = torch.tensor(gen.prompt_ids)
         eos = 0 if stop_at_eos else None  # HF stops after EOS like we do, or never
         with torch.no_grad():
-            hf = ens.experts[c].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                         eos_token_id=eos, pad_token_id=0)
-        assert gen.token_ids[0] == hf[0, ids.shape[1]:].tolist()
+            hf = ens.experts[c].generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        assert gen.token_ids[0] == hf[0, ids.shape[1] :].tolist()
         assert all(step == [c] for step in gen.experts_ran)
         assert [p > 0 for p in gen.forward_passes] == [e == c for e in range(K)]
 
 
 def test_sparse_top1_runs_one_expert_per_step_and_catches_up():
-    ens = Ensemble([tiny_expert(s) for s in range(4)], uniform_log_prior(4), router=tiny_router(4, seed=1),
-                   tokenizer=word_tokenizer())
+    ens = Ensemble(
+        [tiny_expert(s) for s in range(4)],
+        uniform_log_prior(4),
+        router=tiny_router(4, seed=1),
+        tokenizer=word_tokenizer(),
+    )
     ens.router.head.bias.data[3] = -30.0  # expert 3 is never selected
     gen = generate_text(ens, PROMPTS[0], routing="topk", k=1, max_new_tokens=30, seed=0, stop_at_eos=False)
     prompt_len = len(gen.prompt_ids[0])
@@ -142,14 +167,15 @@ def test_cached_decoding_equals_recomputation_from_scratch(case):
     mode, k, exclude = case["routing"], case.get("k"), case.get("exclude", [])
     prompts = PROMPTS[:1] if mode == "switch" else PROMPTS  # batch 1: experts_ran names the switched expert
     clusters = [1, 2]
-    gen = generate_text(ens, prompts, max_new_tokens=8, seed=3, weigher=weigher_for(mode, ens, clusters[:len(prompts)]),
-                        **case)
+    gen = generate_text(
+        ens, prompts, max_new_tokens=8, seed=3, weigher=weigher_for(mode, ens, clusters[: len(prompts)]), **case
+    )
     partition = tiny_partition()
     for i, prompt in enumerate(gen.prompt_ids):
         for t, token in enumerate(gen.token_ids[i]):
             seq = torch.tensor([prompt + gen.token_ids[i][:t]])
             mask = torch.ones_like(seq)
-            routed_on = seq[:, :len(prompt)] if case.get("route_on") == "prompt" else seq
+            routed_on = seq[:, : len(prompt)] if case.get("route_on") == "prompt" else seq
             ens.reset()
             if mode == "bayes":
                 ll = ens.prefix_log_likelihood(routed_on, torch.ones_like(routed_on), list(range(K)))
@@ -206,8 +232,9 @@ def test_batched_prompts_equal_generating_each_alone():
         alone = generate_text(ens, prompt, temperature=0, max_new_tokens=20)
         assert alone.token_ids[0] == batched.token_ids[i]
         assert alone.prompt_ids[0] == batched.prompt_ids[i]
-        torch.testing.assert_close(torch.tensor(alone.token_log_probs[0]), torch.tensor(batched.token_log_probs[i]),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(alone.token_log_probs[0]), torch.tensor(batched.token_log_probs[i]), atol=1e-5, rtol=0
+        )
 
 
 ROW_PROMPTS = ["", words([5]), words([3, 7, 12, 5, 30, 8, 8]), words([22, 9]), words([17, 2, 2])]
@@ -219,8 +246,10 @@ def test_row_routing_runs_each_expert_on_its_own_rows(routing, k):
     weight it only, and gives the tokens and log-probs of the generic path, which runs every
     selected expert on the whole batch."""
     experts = [tiny_expert(s) for s in range(K)]
-    stacked, generic = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(),
-                                 engine=engine) for engine in ("auto", "hf"))
+    stacked, generic = (
+        Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(), engine=engine)
+        for engine in ("auto", "hf")
+    )
     options = dict(routing=routing, k=k, max_new_tokens=20, seed=5, stop_at_eos=False)
     if routing == "oracle":
         options["weigher"] = OracleWeigher([0, 1, 2, 0, 1], K)
@@ -242,7 +271,6 @@ def test_row_routing_runs_each_expert_on_its_own_rows(routing, k):
         assert theirs.tokens_processed == [5 * (prompt_columns + 19)] * 3
 
 
-
 class _ScheduledRows:
     """Oracle routing whose per-row experts change at given steps: settle, switch, settle again."""
 
@@ -260,8 +288,10 @@ def test_row_routing_that_settles_switches_and_settles_again():
     change of expert drops them and later rebuilds them: tokens and log-probs stay those of the
     generic path throughout."""
     experts = [tiny_expert(s) for s in range(K)]
-    stacked, generic = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(),
-                                 engine=engine) for engine in ("auto", "hf"))
+    stacked, generic = (
+        Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer(), engine=engine)
+        for engine in ("auto", "hf")
+    )
     schedule = [(0, [0, 1, 2, 0, 1]), (6, [2, 1, 0, 0, 2]), (9, [1, 1, 1, 2, 0]), (10, [0, 1, 2, 0, 1])]
     built = []
     original = stacked.engine._steady_pairs
@@ -278,14 +308,20 @@ def test_row_routing_that_settles_switches_and_settles_again():
     assert ours.token_ids == theirs.token_ids
     for a, b in zip(ours.token_log_probs, theirs.token_log_probs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    assert True in built and False in built[built.index(True):]  # used, dropped, ...
+    assert True in built and False in built[built.index(True) :]  # used, dropped, ...
     assert built[-1]  # ... and rebuilt once the rows settled again
+
 
 def test_token_prompts_streaming_and_json():
     ens = tiny_ensemble()
     streamed = []
-    gen = generate_text(ens, [[3, 7, 12], [22]], max_new_tokens=6, stop_at_eos=False,
-                        on_token=lambda step, tokens: streamed.append((step, tokens)))
+    gen = generate_text(
+        ens,
+        [[3, 7, 12], [22]],
+        max_new_tokens=6,
+        stop_at_eos=False,
+        on_token=lambda step, tokens: streamed.append((step, tokens)),
+    )
     assert gen.prompt_ids == [[0, 3, 7, 12], [0, 22]]
     assert [s for s, _ in streamed] == list(range(6))
     assert [list(row) for row in zip(*[tokens for _, tokens in streamed])] == gen.token_ids
@@ -309,8 +345,14 @@ def test_single_model_takes_the_same_path():
     model = single_model(expert, word_tokenizer())
     ids = torch.tensor([[0, 3, 7, 12]])
     with torch.no_grad():
-        hf = expert.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+        hf = expert.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 4:].tolist()
     for routing in ["mixture", "topk", "switch", "bayes"]:
         gen = generate_text(model, [[3, 7, 12]], routing=routing, temperature=0, max_new_tokens=10, stop_at_eos=False)
         assert gen.token_ids == [hf]
@@ -364,14 +406,15 @@ def test_centroid_weigher_matches_the_partition():
     tokens = torch.zeros(len(prefixes), width, dtype=torch.long)
     mask = torch.zeros_like(tokens)
     for i, p in enumerate(prefixes):  # left-padded, BOS first
-        tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) - 1:] = 1
+        tokens[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) - 1 :] = 1
     log_weights = weigher(tokens, mask)
     assert log_weights.dtype == torch.float64 and log_weights.shape == (4, K)
     torch.testing.assert_close(log_weights.exp().sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0)
     assert log_weights[:3].argmax(-1).tolist() == partition.assign(prefixes[:3]).tolist() == [1, 2, 0]
-    torch.testing.assert_close(log_weights[3].exp(), torch.full((K,), 1 / K, dtype=torch.float64),
-                               atol=1e-6, rtol=0)  # an empty prefix is equally far from every centre
+    torch.testing.assert_close(
+        log_weights[3].exp(), torch.full((K,), 1 / K, dtype=torch.float64), atol=1e-6, rtol=0
+    )  # an empty prefix is equally far from every centre
     with pytest.raises(DfmError, match="temperature"):
         CentroidWeigher(partition, temperature=0)
 
@@ -384,8 +427,9 @@ def test_compiled_decoding_step_gives_the_eager_tokens():
     from torch._dynamo.utils import counters
 
     experts = [tiny_expert(s) for s in range(K)]
-    eager, compiled = (Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer())
-                       for _ in range(2))
+    eager, compiled = (
+        Ensemble(experts, uniform_log_prior(K), router=tiny_router(K), tokenizer=word_tokenizer()) for _ in range(2)
+    )
     compiled.compile()
     graphs = counters["stats"]["unique_graphs"]
     for routing, k in (("mixture", None), ("topk", 1), ("topk", 2)):

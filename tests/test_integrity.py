@@ -117,8 +117,11 @@ def test_a_checkpoint_without_the_data_sha256_resumes_with_a_warning(tmp_path: P
 def test_fsdp_in_a_single_process_is_refused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, fsdp=True)
-    with pytest.raises(DfmError, match=r"fsdp shards over torchrun ranks and this is a single process: run under "
-                                       r"torchrun --nproc_per_node N or drop fsdp"):
+    with pytest.raises(
+        DfmError,
+        match=r"fsdp shards over torchrun ranks and this is a single process: run under "
+        r"torchrun --nproc_per_node N or drop fsdp",
+    ):
         run(tmp_path, tiny_llama(), random_blocks(8), config, desc="expert-0")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
 
@@ -134,7 +137,8 @@ def assembled(tmp_path: Path) -> Path:
         save_expert(tiny_expert(k), run_dir / "experts" / f"expert-{k}")
     centres = torch.nn.functional.normalize(torch.rand(2, VOCAB, generator=torch.Generator().manual_seed(0)), dim=1)
     Partition(centres=centres, idf=torch.ones(VOCAB), projection=None, assignments=torch.tensor([0, 1, 1])).save(
-        run_dir / "partition")
+        run_dir / "partition"
+    )
     write_json(run_dir / "partition" / "stats.json", {"priors": [1 / 3, 2 / 3]})
     write_json(run_dir / "config.json", {})
     assemble(run_dir)
@@ -148,8 +152,21 @@ def one_error_line(stderr: str) -> str:
 
 
 def centroid_generate(run_dir: Path) -> int:
-    return main(["generate", "--run", str(run_dir), "--routing", "centroid", "--prompt", "t3 t4",
-                 "--max-new-tokens", "2", "--device", "cpu"])
+    return main(
+        [
+            "generate",
+            "--run",
+            str(run_dir),
+            "--routing",
+            "centroid",
+            "--prompt",
+            "t3 t4",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
 
 
 def test_assemble_records_the_partition_and_centroid_routing_verifies_it(assembled: Path, capsys) -> None:
@@ -181,14 +198,18 @@ def test_a_partition_a_manifest_does_not_cover_is_refused(assembled: Path, capsy
     assert f"{MANIFEST} records no sha256 of partition" in line and f"re-run `dfm assemble --run {assembled}`" in line
 
 
-@pytest.mark.parametrize("listed", ["partition/stats.json", "experts/expert-1/generation_config.json",
-                                    "tokenizer/tokenizer_config.json"])
+@pytest.mark.parametrize(
+    "listed", ["partition/stats.json", "experts/expert-1/generation_config.json", "tokenizer/tokenizer_config.json"]
+)
 def test_a_listed_file_that_is_missing_is_refused(assembled: Path, listed: str) -> None:
     """Files the loaders do not need (so they fail on nothing) but `dfm assemble` recorded."""
     assert listed in Manifest.load(assembled).sha256
     (assembled / listed).unlink()
-    load = (lambda: Manifest.load(assembled).load_partition(assembled)) if listed.startswith("partition") else (
-        lambda: Ensemble.from_run(assembled))
+    load = (
+        (lambda: Manifest.load(assembled).load_partition(assembled))
+        if listed.startswith("partition")
+        else (lambda: Ensemble.from_run(assembled))
+    )
     with pytest.raises(DfmError) as err:
         load()
     message = str(err.value)
@@ -199,8 +220,10 @@ def test_a_listed_file_that_is_missing_is_refused(assembled: Path, listed: str) 
 def test_a_version_2_manifest_without_hashes_is_refused(assembled: Path, capsys) -> None:
     path = assembled / MANIFEST
     path.write_text(json.dumps({**json.loads(path.read_text()), "sha256": {}}))
-    with pytest.raises(DfmError, match=f"has format version 2 but records no sha256 of its artifacts.*"
-                                       f"re-run `dfm assemble --run {assembled}`"):
+    with pytest.raises(
+        DfmError,
+        match=f"has format version 2 but records no sha256 of its artifacts.*re-run `dfm assemble --run {assembled}`",
+    ):
         Ensemble.from_run(assembled)
     assert main(["generate", "--run", str(assembled), "--max-new-tokens", "2", "--routing", "bayes"]) == 2
     assert "records no sha256" in one_error_line(capsys.readouterr().err)
@@ -213,8 +236,10 @@ def test_a_version_1_manifest_loads_with_a_one_line_warning(assembled: Path, cap
     path.write_text(json.dumps({**old, "format_version": 1}))
     weights = assembled / "experts" / "expert-1" / "model.safetensors"
     shutil.copyfile(assembled / "experts" / "expert-0" / "model.safetensors", weights)  # nothing to refuse it by
-    with pytest.warns(UserWarning, match=f"{path} has format version 1, without the sha256 of its artifacts: "
-                                         f"nothing it names is verified"):
+    with pytest.warns(
+        UserWarning,
+        match=f"{path} has format version 1, without the sha256 of its artifacts: nothing it names is verified",
+    ):
         Ensemble.from_run(assembled)
     assert main(["generate", "--run", str(assembled), "--max-new-tokens", "2", "--routing", "bayes"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dfm: warning:")]

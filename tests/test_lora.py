@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from dfm.cli import main
 from dfm.errors import DfmError
 from models.ensemble import Ensemble
-from training.config import parse_override, resolve_config
-from training.layout import RunLayout
 from tests.resume import resumes_bit_identically
 from tests.tiny_config import write_tiny_config
+from training.config import parse_override, resolve_config
+from training.layout import RunLayout
 
 LORA = ["--set", "expert.adapter=lora", "--set", "expert.lora.r=4"]
 
@@ -67,15 +67,18 @@ def test_a_lora_expert_resumes_bit_identically(lora_run, tmp_path):
     assert resumes_bit_identically(lora_run, tmp_path, 2, "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["expert.adapter=qlora"], "expert.adapter"),
-    (["expert.adapter=lora", "path.kind=masked"], "path.kind=ar"),
-    (["expert.adapter=lora", "seed_model.phase=false"], "seed phase"),
-    (["expert.adapter=lora", "expert.lora.r=0"], "expert.lora.r"),
-    (["expert.adapter=lora", "expert.lora.dropout=1"], "expert.lora.dropout"),
-    (["expert.adapter=lora", 'expert.lora.target_modules="q_proj"'], "target_modules"),
-    (["expert.lora.rank=4"], "expert.lora.rank"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["expert.adapter=qlora"], "expert.adapter"),
+        (["expert.adapter=lora", "path.kind=masked"], "path.kind=ar"),
+        (["expert.adapter=lora", "seed_model.phase=false"], "seed phase"),
+        (["expert.adapter=lora", "expert.lora.r=0"], "expert.lora.r"),
+        (["expert.adapter=lora", "expert.lora.dropout=1"], "expert.lora.dropout"),
+        (["expert.adapter=lora", 'expert.lora.target_modules="q_proj"'], "target_modules"),
+        (["expert.lora.rank=4"], "expert.lora.rank"),
+    ],
+)
 def test_bad_lora_settings_name_the_key(overrides, message):
     with pytest.raises(DfmError, match=message):
         resolve_config(None, [parse_override(o) for o in overrides])

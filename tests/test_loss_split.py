@@ -9,8 +9,13 @@ from eval.loss_split import length_bucket, loss_split, markdown_lines
 
 
 def _bits():
-    return {"baseline": [10.0, 20.0, 30.0, 40.0], "oracle": [11.0, 21.0, 29.0, 44.0],
-            "bayes": [10.5, 20.5, 29.5, 43.0], "mixture": [12.0, 22.0, 31.0, 45.0], "top1": [13.0, 21.0, 33.0, 46.0]}
+    return {
+        "baseline": [10.0, 20.0, 30.0, 40.0],
+        "oracle": [11.0, 21.0, 29.0, 44.0],
+        "bayes": [10.5, 20.5, 29.5, 43.0],
+        "mixture": [12.0, 22.0, 31.0, 45.0],
+        "top1": [13.0, 21.0, 33.0, 46.0],
+    }
 
 
 def test_factors_multiply_to_the_total_in_every_group() -> None:

@@ -23,8 +23,14 @@ from training.trainer import TrainConfig, train
 
 V, EOS, BLOCK, LENGTH = 12, 0, 8, 6
 SETS = [range(1, 6), range(6, 12)]  # cluster k's documents repeat one token of SETS[k]
-ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": BLOCK}
+ARCH = {
+    "model_type": "modernbert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": BLOCK,
+}
 
 
 def cluster_rows(k: int, n: int, seed: int) -> Dataset:
@@ -40,8 +46,16 @@ def cluster_rows(k: int, n: int, seed: int) -> Dataset:
 def _train(model, rows, loss, root: Path, steps: int):
     config = TrainConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=10, checkpoint_every=0, log_every=0)
     save = save_expert if not isinstance(model, Router) else (lambda m, p: m.save_pretrained(p))
-    train(model.train(), rows, loss, config, save_fn=save, out_dir=root / "out", checkpoint_dir=root / "ckpt",
-          log_path=root / "log.jsonl")
+    train(
+        model.train(),
+        rows,
+        loss,
+        config,
+        save_fn=save,
+        out_dir=root / "out",
+        checkpoint_dir=root / "ckpt",
+        log_path=root / "log.jsonl",
+    )
     return model.eval()
 
 
@@ -50,11 +64,16 @@ def ensemble(tmp_path_factory) -> MaskedEnsemble:
     root = tmp_path_factory.mktemp("masked")
     path = MaskedPath(V, scheduler("cosine"))
     config = masked_expert_config(V, eos_token_id=EOS, tokenizer_fingerprint="test", arch=ARCH)
-    experts = [_train(build_masked_expert(config, seed=k), cluster_rows(k, 300, k), masked_loss(path),
-                      root / f"expert-{k}", 600) for k in range(2)]
+    experts = [
+        _train(
+            build_masked_expert(config, seed=k), cluster_rows(k, 300, k), masked_loss(path), root / f"expert-{k}", 600
+        )
+        for k in range(2)
+    ]
     torch.manual_seed(7)
-    router = Router(RouterConfig(vocab_size=V + 1, num_experts=2, hidden_size=32, num_layers=1, num_heads=2,
-                                 max_positions=BLOCK))
+    router = Router(
+        RouterConfig(vocab_size=V + 1, num_experts=2, hidden_size=32, num_layers=1, num_heads=2, max_positions=BLOCK)
+    )
     rows = concatenate_datasets([cluster_rows(k, 300, 10 + k) for k in range(2)])
     _train(router, rows, noisy_router_loss(path), root / "router", 200)
     return MaskedEnsemble(experts, router)
@@ -65,7 +84,7 @@ def _pure(samples: torch.Tensor) -> float:
     (what both clusters generate: every document repeats one token and ends with EOS)."""
     pure = []
     for row in samples.tolist():
-        text = row[:row.index(EOS)] if EOS in row else row
+        text = row[: row.index(EOS)] if EOS in row else row
         pure.append(len(text) >= 2 and len(set(text)) == 1)
     return sum(pure) / len(pure)
 

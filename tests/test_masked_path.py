@@ -126,7 +126,8 @@ def test_masked_loss_is_the_bound_per_real_token():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     elbo = masked_elbo(logits, x1, xt, t, path, mask)
     nll = -logits.log_softmax(-1).gather(-1, x1.unsqueeze(-1)).squeeze(-1)
-    expected = torch.stack([path.loss_weight(t[0]) * (nll[0, 0] + nll[0, 2]),
-                            path.loss_weight(t[1]) * (nll[1, 0] + nll[1, 1])])
+    expected = torch.stack(
+        [path.loss_weight(t[0]) * (nll[0, 0] + nll[0, 2]), path.loss_weight(t[1]) * (nll[1, 0] + nll[1, 1])]
+    )
     torch.testing.assert_close(elbo, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(masked_dfm_loss(logits, x1, xt, t, path, mask), expected.sum() / 7, atol=1e-12, rtol=0)

@@ -15,13 +15,19 @@ from dfm.cli import main
 from dfm.errors import DfmError
 from eval.masked_report import masked_nats
 from models.masked_ensemble import MaskedEnsemble
-from training.config import resolve_config
-from training.layout import RunLayout
 from tests.resume import resumes_bit_identically
 from tests.tiny_config import TINY_RUN
+from training.config import resolve_config
+from training.layout import RunLayout
 
-TINY_MASKED_ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "intermediate_size": 64, "max_position_embeddings": 64}
+TINY_MASKED_ARCH = {
+    "model_type": "modernbert",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,17 @@ def masked_run(tmp_path_factory) -> Path:
 def test_masked_run_writes_an_elbo_report_for_every_mode(masked_run, capsys):
     report = json.loads((masked_run / "eval" / "report.json").read_text())
     assert report["path"] == "masked" and report["bound"] == "elbo"
-    assert set(report["models"]) == {"baseline", "expert-0", "expert-1", "expert-2",
-                                     "mixture", "top1", "top2", "switch", "oracle"}
+    assert set(report["models"]) == {
+        "baseline",
+        "expert-0",
+        "expert-1",
+        "expert-2",
+        "mixture",
+        "top1",
+        "top2",
+        "switch",
+        "oracle",
+    }
     assert report["equivalence"]["verdict"] in ("equivalent", "better", "worse", "inconclusive")
     assert report["compute"]["matching"]["baseline_over_decentralized"] == pytest.approx(1.0, abs=0.1)
     assert "ELBO bound" in (masked_run / "eval" / "report.md").read_text()
@@ -63,17 +78,48 @@ def test_eval_scores_all_models_on_the_same_draws(masked_run):
     the same model, and differs (negative control)."""
     ensemble = MaskedEnsemble.from_run(masked_run)
     docs = [[5, 6, 7, 8, 9] * 3, [10, 11, 12]]
-    one = MaskedEnsemble([ensemble.experts[1]], None, tokenizer=ensemble.tokenizer, names=["expert-1"],
-                         path=ensemble.path)
-    nats = masked_nats(one, None, docs, [0, 0], eos_id=ensemble.tokenizer.eos_token_id, block_size=32,
-                       modes=["mixture", "top1", "switch", "oracle"], samples=4, batch_size=2, seed=0)
+    one = MaskedEnsemble(
+        [ensemble.experts[1]], None, tokenizer=ensemble.tokenizer, names=["expert-1"], path=ensemble.path
+    )
+    nats = masked_nats(
+        one,
+        None,
+        docs,
+        [0, 0],
+        eos_id=ensemble.tokenizer.eos_token_id,
+        block_size=32,
+        modes=["mixture", "top1", "switch", "oracle"],
+        samples=4,
+        batch_size=2,
+        seed=0,
+    )
     for mode in ("mixture", "top1", "switch", "oracle"):
         assert torch.equal(nats[mode], nats["expert-1"])
-    other = masked_nats(ensemble, None, docs, [0, 0], eos_id=ensemble.tokenizer.eos_token_id, block_size=32,
-                        modes=["oracle"], samples=4, batch_size=2, seed=0)
+    other = masked_nats(
+        ensemble,
+        None,
+        docs,
+        [0, 0],
+        eos_id=ensemble.tokenizer.eos_token_id,
+        block_size=32,
+        modes=["oracle"],
+        samples=4,
+        batch_size=2,
+        seed=0,
+    )
     assert torch.equal(other["oracle"], other["expert-0"]) and not torch.equal(other["oracle"], other["expert-1"])
-    again = masked_nats(ensemble, None, docs, [0, 0], eos_id=ensemble.tokenizer.eos_token_id, block_size=32,
-                        modes=["oracle"], samples=4, batch_size=2, seed=0)
+    again = masked_nats(
+        ensemble,
+        None,
+        docs,
+        [0, 0],
+        eos_id=ensemble.tokenizer.eos_token_id,
+        block_size=32,
+        modes=["oracle"],
+        samples=4,
+        batch_size=2,
+        seed=0,
+    )
     assert torch.equal(again["oracle"], other["oracle"])  # seeded: the same report twice
 
 
@@ -100,8 +146,15 @@ def test_every_mode_is_scored_on_the_same_draws_whatever_the_others(masked_run):
 def test_generate_runs_the_n_step_sampler(masked_run, capsys):
     argv = ["generate", "--run", str(masked_run), "--prompt", "the", "--max-new-tokens", "12", "--json"]
     outputs = []
-    for extra in ([], [], ["--seed", "5"], ["--routing", "switch", "--steps", "4"], ["--routing", "top1"],
-                  ["--routing", "oracle", "--cluster", "2"], ["--model", "expert-1", "--device", "cpu"]):
+    for extra in (
+        [],
+        [],
+        ["--seed", "5"],
+        ["--routing", "switch", "--sampler-steps", "4"],
+        ["--routing", "top1"],
+        ["--routing", "oracle", "--cluster", "2"],
+        ["--model", "expert-1", "--device", "cpu"],
+    ):
         assert main(argv + extra) == 0
         outputs.append(json.loads(capsys.readouterr().out))
     assert outputs[0] == {**outputs[1], "seconds": outputs[0]["seconds"]}  # same seed, same text
@@ -111,7 +164,10 @@ def test_generate_runs_the_n_step_sampler(masked_run, capsys):
         assert 1 <= len(out["token_ids"][0]) <= 12 and out["prompt_ids"] == outputs[0]["prompt_ids"]
     assert main(argv + ["--routing", "oracle", "--cluster", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] != outputs[5]["token_ids"]  # another expert
-    assert main(["generate", "--run", str(masked_run), "--max-new-tokens", "8", "--steps", "3", "--show-steps"]) == 0
+    assert (
+        main(["generate", "--run", str(masked_run), "--max-new-tokens", "8", "--sampler-steps", "3", "--show-steps"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "step 1/3:" in err and "step 3/3:" in err and "_" in err.split("step 1/3:")[1].splitlines()[0]
 
@@ -120,7 +176,7 @@ MASKED_BAD_INPUTS = [
     (["generate", "--routing", "bayes"], "not available on the masked path"),
     (["generate", "--routing", "oracle"], "--cluster"),
     (["generate", "--top-p", "0.5"], "autoregressive runs only"),
-    (["generate", "--steps", "0", "--max-new-tokens", "4"], "at least 1 step"),
+    (["generate", "--sampler-steps", "0", "--max-new-tokens", "4"], "at least 1 step"),
     (["generate", "--max-new-tokens", "500"], "context"),
     (["generate", "--model", "baseline"], "--model baseline"),
     (["eval", "--modes", "bayes"], "not available on the masked path"),
@@ -141,13 +197,16 @@ def test_masked_bad_input_is_one_line(masked_run, argv, expected, capsys):
     assert len(err) == 1 and expected in err[0], err
 
 
-@pytest.mark.parametrize("override,expected", [
-    ({"path": {"kind": "diffusion"}}, "path.kind"),
-    ({"path": {"kind": "masked", "scheduler": "magic"}}, "unknown scheduler"),
-    ({"path": {"kind": "masked"}, "expert": {"arch": {"model_type": "llama"}}}, "masked LM"),
-    ({"path": {"kind": "masked"}, "seed_model": {"init_from": "gpt2"}}, "--init-from"),
-    ({"expert": {"arch": {"model_type": "modernbert"}}}, "causal LM"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ({"path": {"kind": "diffusion"}}, "path.kind"),
+        ({"path": {"kind": "masked", "scheduler": "magic"}}, "unknown scheduler"),
+        ({"path": {"kind": "masked"}, "expert": {"arch": {"model_type": "llama"}}}, "masked LM"),
+        ({"path": {"kind": "masked"}, "seed_model": {"init_from": "gpt2"}}, "--init-from"),
+        ({"expert": {"arch": {"model_type": "modernbert"}}}, "causal LM"),
+    ],
+)
 def test_path_config_is_checked(override, expected):
     with pytest.raises(DfmError, match=expected):
         resolve_config(overrides=[override])

@@ -67,7 +67,7 @@ def test_mixture_of_expert_posteriors_is_the_global_posterior_on_every_masked_st
 
 def _tv(samples: torch.Tensor, log_probs: torch.Tensor) -> float:
     index = sum(samples[:, i] * V ** (N - 1 - i) for i in range(N))
-    empirical = torch.bincount(index, minlength=V ** N).double() / len(samples)
+    empirical = torch.bincount(index, minlength=V**N).double() / len(samples)
     return 0.5 * float((empirical - log_probs.exp()).abs().sum())
 
 
@@ -97,8 +97,14 @@ def test_prompt_prefix_stays_and_every_mask_is_filled():
     path = MaskedPath(V, scheduler("linear"))
     start = torch.tensor([[2, M, M]] * 50)
     seen = []
-    out = euler_sample(denoise, start, path, 4, generator=torch.Generator().manual_seed(4),
-                       on_step=lambda step, x: seen.append((step, (x == M).sum().item())))
+    out = euler_sample(
+        denoise,
+        start,
+        path,
+        4,
+        generator=torch.Generator().manual_seed(4),
+        on_step=lambda step, x: seen.append((step, (x == M).sum().item())),
+    )
     assert (out[:, 0] == 2).all() and (out != M).all()
     assert [s for s, _ in seen] == list(range(len(seen))) and seen[-1][1] == 0
     assert [m for _, m in seen] == sorted((m for _, m in seen), reverse=True)

@@ -41,7 +41,9 @@ def test_elbo_of_a_context_free_denoiser_is_larger_on_average():
     sequences = [torch.tensor(s) for s in itertools.product(range(V), repeat=N)]
     exact = _table_denoiser(_conditionals(joint))
     wrong = lambda xt, t: marginals.expand(xt.shape[0], -1, -1)  # noqa: E731 - ignores the revealed tokens
-    expected = [sum(float(p[i]) * elbo_nats(d, s, path, 400, g) for i, s in enumerate(sequences)) for d in (exact, wrong)]
+    expected = [
+        sum(float(p[i]) * elbo_nats(d, s, path, 400, g) for i, s in enumerate(sequences)) for d in (exact, wrong)
+    ]
     entropy = -float((p * p.log()).sum())
     assert expected[0] == pytest.approx(entropy, abs=0.05)
     assert expected[1] > entropy + 0.5

@@ -13,19 +13,26 @@ from dfm.errors import DfmError
 from dfm.loss import masked_dfm_loss
 from dfm.masked_path import MaskedPath
 from dfm.schedulers import scheduler
-from models.masked_expert import build_masked_expert, clean_logits, load_masked_expert, masked_expert_config
 from models.expert import save_expert
+from models.masked_expert import build_masked_expert, clean_logits, load_masked_expert, masked_expert_config
 from training.masked_training import document_rows, masked_loss
 from training.trainer import TrainConfig, train
 
 V, EOS, BLOCK = 12, 0, 8
-ARCH = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": BLOCK}
+ARCH = {
+    "model_type": "modernbert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": BLOCK,
+}
 
 
 def tiny_masked(seed: int = 0):
-    return build_masked_expert(masked_expert_config(V, eos_token_id=EOS, tokenizer_fingerprint="test", arch=ARCH),
-                               seed=seed)
+    return build_masked_expert(
+        masked_expert_config(V, eos_token_id=EOS, tokenizer_fingerprint="test", arch=ARCH), seed=seed
+    )
 
 
 def patterned_docs(n: int, seed: int) -> Dataset:
@@ -77,8 +84,16 @@ def test_masked_expert_learns_and_is_reproducible(tmp_path: Path):
     models = [tiny_masked(), tiny_masked()]
     untrained = _held_out_bound(tiny_masked(), held_out, path)
     for name, model in zip("ab", models, strict=True):
-        train(model.train(), train_rows, masked_loss(path), config, save_fn=save_expert, out_dir=tmp_path / name / "out",
-              checkpoint_dir=tmp_path / name / "ckpt", log_path=tmp_path / name / "log.jsonl")
+        train(
+            model.train(),
+            train_rows,
+            masked_loss(path),
+            config,
+            save_fn=save_expert,
+            out_dir=tmp_path / name / "out",
+            checkpoint_dir=tmp_path / name / "ckpt",
+            log_path=tmp_path / name / "log.jsonl",
+        )
     for (key, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     trained = _held_out_bound(models[0], held_out, path)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from dfm.errors import DfmError
 from models.partition import Partition
-from training.partition import balanced_assign, fit_kmeans, from_labels, partition_stats
+from training.clustering import balanced_assign, fit_kmeans, from_labels, partition_stats
 
 VOCAB = 200
 TOPICS = 4
@@ -183,8 +183,13 @@ def test_features_stay_sparse_and_projections_dense(corpus, fitted):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_assign_and_log_weights_never_densify():
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "tests" / "peak_growth_child.py")], cwd=root,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(root / "tests" / "peak_growth_child.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     growth_mb = int(done.stdout.split()[-1]) / 1024
     assert growth_mb < 100, f"assigning 100 documents raised peak RSS by {growth_mb:.0f} MB"
 
@@ -204,11 +209,22 @@ def test_empty_batch(fitted):
 def test_loads_a_version_1_partition_and_applies_its_idf(tmp_path):
     """The on-disk format as `dfm prepare` has written it since version 1, written here by hand."""
     centres = torch.zeros(2, 6)
-    centres[0, :2] = centres[1, 3:5] = 2 ** -0.5
-    save_file({"centres": centres, "idf": torch.ones(6), "assignments": torch.tensor([0, 1, 1])},
-              str(tmp_path / "centres.safetensors"))
-    meta = {"format": "dfm-partition", "version": 1, "num_clusters": 2, "dim": 6, "vocab_size": 6,
-            "num_documents": 3, "projection": False, "label_values": ["a", "b"], "sizes": [1, 2]}
+    centres[0, :2] = centres[1, 3:5] = 2**-0.5
+    save_file(
+        {"centres": centres, "idf": torch.ones(6), "assignments": torch.tensor([0, 1, 1])},
+        str(tmp_path / "centres.safetensors"),
+    )
+    meta = {
+        "format": "dfm-partition",
+        "version": 1,
+        "num_clusters": 2,
+        "dim": 6,
+        "vocab_size": 6,
+        "num_documents": 3,
+        "projection": False,
+        "label_values": ["a", "b"],
+        "sizes": [1, 2],
+    }
     (tmp_path / "partition.json").write_text(json.dumps(meta))
     part = Partition.load(tmp_path)
     assert part.assign([[0, 1], [4, 3, 3], [5]]).tolist() == [0, 1, 0]  # [5] is equally far: lowest id

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfm.cli import main
 from dfm.errors import DfmError
-from training.config import parse_override, read_run_config, resolve_config
+from tests.tiny_config import write_tiny_config
 from training import data
+from training.config import parse_override, read_run_config, resolve_config
 from training.data import DataSource, load_documents, pack_blocks, tokenize
 from training.estimate import remaining_flops
-from training.tokenizer import train_bpe
-from tests.tiny_config import write_tiny_config
+from training.tokenizer_training import train_bpe
 
 TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'dogs'} and more words {i * 7}" for i in range(40)]
 
@@ -23,8 +23,9 @@ TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'dogs'} and mor
 def test_json_files_load_with_carved_splits(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": t, "topic": i % 2}) for i, t in enumerate(TEXTS)))
-    source = DataSource(dataset="json", data_files=[str(path)], text_column="body", validation_fraction=0.1,
-                        test_fraction=0.1)
+    source = DataSource(
+        dataset="json", data_files=[str(path)], text_column="body", validation_fraction=0.1, test_fraction=0.1
+    )
     splits = load_documents(source)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
     every = sorted([*splits["train"]["body"], *splits["validation"]["body"], *splits["test"]["body"]])
@@ -41,9 +42,13 @@ def test_text_files_load_one_document_per_line(tmp_path):
 
 
 def test_load_from_disk_and_existing_splits(tmp_path):
-    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:30]}),
-                               "validation": datasets.Dataset.from_dict({"text": TEXTS[30:35]}),
-                               "test": datasets.Dataset.from_dict({"text": TEXTS[35:]})})
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": TEXTS[:30]}),
+            "validation": datasets.Dataset.from_dict({"text": TEXTS[30:35]}),
+            "test": datasets.Dataset.from_dict({"text": TEXTS[35:]}),
+        }
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     splits = load_documents(DataSource(dataset=str(tmp_path / "saved")))
     assert list(splits["validation"]["text"]) == TEXTS[30:35]
@@ -59,15 +64,17 @@ def test_bad_data_sources_give_actionable_errors(tmp_path):
     with pytest.raises(DfmError, match="--text-column"):
         load_documents(DataSource(dataset="json", data_files=[str(path)]))
     with pytest.raises(DfmError, match="--text-column"):
-        load_documents(DataSource(dataset="json", data_files=[str(path)], text_column="nope", streaming=True),
-                       tmp_path / "scratch")
+        load_documents(
+            DataSource(dataset="json", data_files=[str(path)], text_column="nope", streaming=True), tmp_path / "scratch"
+        )
 
 
 def test_streaming_reads_up_to_the_cap_or_everything(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
-    splits = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True, max_documents=20),
-                            tmp_path / "a")
+    splits = load_documents(
+        DataSource(dataset="json", data_files=[str(path)], streaming=True, max_documents=20), tmp_path / "a"
+    )
     assert sum(len(s) for s in splits.values()) == 20
     # without a cap the whole stream is written to disk, split exactly as the file read in memory is
     streamed = load_documents(DataSource(dataset="json", data_files=[str(path)], streaming=True), tmp_path / "b")
@@ -131,11 +138,25 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     config = write_tiny_config(tmp_path)
     run = tmp_path / "run"
     assert main(["run", "--out", str(run), "--config", str(config)]) == 0
-    for path in ["config.json", "tokenizer/tokenizer.json", "partition/centres.safetensors", "partition/stats.json",
-                 "data/documents/dataset_dict.json", "data/expert-0/dataset_dict.json", "experts/expert-2/model.safetensors",
-                 "router/model.safetensors", "router/config.json", "baseline/model.safetensors", "ensemble.json",
-                 "logs/expert-0.jsonl", "logs/timings.json", "eval/report.json", "eval/report.md",
-                 "eval/bpb_by_cluster.png", "eval/router_accuracy.png"]:
+    for path in [
+        "config.json",
+        "tokenizer/tokenizer.json",
+        "partition/centres.safetensors",
+        "partition/stats.json",
+        "data/documents/dataset_dict.json",
+        "data/expert-0/dataset_dict.json",
+        "experts/expert-2/model.safetensors",
+        "router/model.safetensors",
+        "router/config.json",
+        "baseline/model.safetensors",
+        "ensemble.json",
+        "logs/expert-0.jsonl",
+        "logs/timings.json",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/bpb_by_cluster.png",
+        "eval/router_accuracy.png",
+    ]:
         assert (run / path).exists(), path
     stats = json.loads((run / "partition/stats.json").read_text())
     assert sum(stats["sizes"]) == 150 - 2 * round(150 * 0.05) and stats["purity"] is not None
@@ -157,8 +178,10 @@ def test_tiny_dfm_run_writes_every_artifact(tmp_path, capsys):
     assert "| mixture |" in captured.out
     # the time estimate printed after the seed prices the later stages within 20% of what they spent
     assert "estimated: about" in captured.err
-    spent = sum(json.loads((run / f"logs/{name}.summary.json").read_text())["flops"]
-                for name in ["expert-0", "expert-1", "expert-2", "router", "baseline"])
+    spent = sum(
+        json.loads((run / f"logs/{name}.summary.json").read_text())["flops"]
+        for name in ["expert-0", "expert-1", "expert-2", "router", "baseline"]
+    )
     seed = json.loads((run / "logs/seed.summary.json").read_text())
     assert 0.8 < remaining_flops(run, read_run_config(run), seed["parameters"]) / spent < 1.2
     # artifacts load with plain Hugging Face calls
@@ -195,8 +218,9 @@ def test_packing_streams_across_read_batches(monkeypatch):
 def _prepared(tmp_path, name: str, **sections) -> tuple:
     from training.prepare import prepare
 
-    config = resolve_config(write_tiny_config(tmp_path), [parse_override(f"{k}={json.dumps(v)}")
-                                                         for k, v in sections.items()])
+    config = resolve_config(
+        write_tiny_config(tmp_path), [parse_override(f"{k}={json.dumps(v)}") for k, v in sections.items()]
+    )
     run = tmp_path / name
     prepare(config, run)
     documents = datasets.load_from_disk(str(run / "data" / "documents"))
@@ -206,8 +230,9 @@ def _prepared(tmp_path, name: str, **sections) -> tuple:
 def test_tokenizer_and_partition_fit_on_samples_then_assign_every_document(tmp_path):
     from models.partition import Partition
 
-    run, documents, meta = _prepared(tmp_path, "sampled", **{"partition.sample_documents": 40,
-                                                            "tokenizer.sample_documents": 30})
+    run, documents, meta = _prepared(
+        tmp_path, "sampled", **{"partition.sample_documents": 40, "tokenizer.sample_documents": 30}
+    )
     train = documents["train"]
     partition = Partition.load(run / "partition")
     assert meta["num_documents"] == len(train) > 40
@@ -221,8 +246,9 @@ def test_tokenizer_and_partition_fit_on_samples_then_assign_every_document(tmp_p
 
 
 def test_label_partition_fit_on_a_sample_keeps_every_label(tmp_path):
-    run, documents, meta = _prepared(tmp_path, "labels", **{"partition.sample_documents": 5,
-                                                           "data.cluster_column": "domain"})
+    run, documents, meta = _prepared(
+        tmp_path, "labels", **{"partition.sample_documents": 5, "data.cluster_column": "domain"}
+    )
     values = meta["label_values"]
     assert values == [0, 1, 2]
     for split in documents.values():

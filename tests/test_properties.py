@@ -77,8 +77,9 @@ def test_mixture_is_normalised_and_equals_the_probability_sum(case) -> None:
 def test_top_k_with_k_equal_to_k_is_the_mixture(case) -> None:
     log_probs, log_weights = case
     num_experts = log_weights.shape[-1]
-    assert_close(mix_log_probs(log_probs, top_k_log_weights(log_weights, num_experts)),
-                 mix_log_probs(log_probs, log_weights))
+    assert_close(
+        mix_log_probs(log_probs, top_k_log_weights(log_weights, num_experts)), mix_log_probs(log_probs, log_weights)
+    )
 
 
 @EXAMPLES
@@ -112,8 +113,9 @@ def test_exclusion_is_the_mixture_of_the_rest(case, data) -> None:
         return
     routed = exclude_log_weights(log_weights, excluded)
     assert (routed[:, excluded] == NEG_INF).all()
-    assert_close(mix_log_probs(log_probs, routed),
-                 mix_log_probs(log_probs[:, rest], normalize_log_weights(log_weights[:, rest])))
+    assert_close(
+        mix_log_probs(log_probs, routed), mix_log_probs(log_probs[:, rest], normalize_log_weights(log_weights[:, rest]))
+    )
 
 
 @st.composite
@@ -183,8 +185,7 @@ def test_sampling_filters_keep_a_valid_distribution(case, temperature, top_k, to
     scores = mix_log_probs(log_probs, log_weights)
     filtered = filter_log_probs(scores, temperature, top_k, top_p)
     assert not filtered.isnan().any()
-    assert torch.allclose(torch.logsumexp(filtered, -1), torch.zeros(scores.shape[0], dtype=torch.float64),
-                          atol=ATOL)
+    assert torch.allclose(torch.logsumexp(filtered, -1), torch.zeros(scores.shape[0], dtype=torch.float64), atol=ATOL)
     kept = torch.isfinite(filtered)
     assert not (kept & ~torch.isfinite(scores)).any()  # never revives an impossible token
     assert kept.gather(-1, scores.argmax(-1, keepdim=True)).all()  # the most likely token always stays

@@ -34,8 +34,8 @@ from dfm.decode import DecodeConfig, generate
 from dfm.errors import DfmError
 from dfm.routing import Routing
 from models.ensemble import Ensemble
-from models.tokenizer import load_tokenizer
 from models.manifest import ExpertEntry, Manifest, artifact_hashes, tokenizer_fingerprint
+from models.tokenizer import load_tokenizer
 from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.lock import lock_path, training_lock
 
@@ -49,10 +49,17 @@ SEED_STEPS = 16
 EXPERTS_STEPS = 8
 #: Crash runs checkpoint after every step, so a kill often lands in a checkpoint write; dropout
 #: makes the result depend on the restored RNG state too.
-CRASH_SETTINGS = [f"expert.train.steps={STEPS}", f"router.train.steps={ROUTER_STEPS}",
-                  f"seed_model.train.steps={SEED_STEPS}", "expert.arch.attention_dropout=0.1",
-                  *(f"{section}.train.{option}=1" for section in ("expert", "router", "seed_model")
-                    for option in ("checkpoint_every", "log_every"))]
+CRASH_SETTINGS = [
+    f"expert.train.steps={STEPS}",
+    f"router.train.steps={ROUTER_STEPS}",
+    f"seed_model.train.steps={SEED_STEPS}",
+    "expert.arch.attention_dropout=0.1",
+    *(
+        f"{section}.train.{option}=1"
+        for section in ("expert", "router", "seed_model")
+        for option in ("checkpoint_every", "log_every")
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,16 @@ class Stage:
 
 
 STAGES = (
-    Stage(f"expert-{EXPERT}", ("train-expert", "--expert", str(EXPERT)), f"experts/expert-{EXPERT}", "prepared",
-          "reference"),
+    Stage(
+        f"expert-{EXPERT}",
+        ("train-expert", "--expert", str(EXPERT)),
+        f"experts/expert-{EXPERT}",
+        "prepared",
+        "reference",
+    ),
     Stage("router", ("train-router",), "router", "experts", "router_reference"),  # its experts score documents first
     Stage("baseline", ("train-baseline",), "baseline", "experts", "baseline_reference"),  # matched to the experts
-    Stage("seed", ("train-seed",), "seed", "unseeded", "prepared"),
+    Stage("seed", ("train-seed-model",), "seed", "unseeded", "prepared"),
 )
 EXPERT_STAGE, ROUTER_STAGE, BASELINE_STAGE, SEED_STAGE = STAGES
 
@@ -111,8 +123,14 @@ FAST_KILLS = {
     "seed": ("checkpoint-write",),
 }
 SLOW_KILLS = {
-    f"expert-{EXPERT}": ("while-starting", "after-checkpoint", "checkpoint-write", "after-step", "checkpoint-write",
-                         "final-save"),
+    f"expert-{EXPERT}": (
+        "while-starting",
+        "after-checkpoint",
+        "checkpoint-write",
+        "after-step",
+        "checkpoint-write",
+        "final-save",
+    ),
     "router": ("while-starting", "after-step", "checkpoint-write", "final-save"),
     "baseline": ("while-starting", "after-checkpoint", "checkpoint-write", "after-step"),
     "seed": ("while-starting", "after-checkpoint", "after-step", "final-save"),
@@ -262,14 +280,21 @@ def test_readme_island_command_ships_what_an_island_needs(prepared, tmp_path) ->
     if shutil.which("rsync"):
         demo = tmp_path / "runs" / "demo"
         shutil.copytree(prepared, demo)
-        subprocess.run(["rsync", "-aR", *[f"runs/demo/./{part}" for part in parts], f"{island}/"], cwd=tmp_path,
-                       check=True)
+        subprocess.run(
+            ["rsync", "-aR", *[f"runs/demo/./{part}" for part in parts], f"{island}/"], cwd=tmp_path, check=True
+        )
     else:
         make_island(prepared, island, parts)
     assert [p.name for p in (island / "data").iterdir()] == ["expert-2"]
     assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "seed", "tokenizer"]
-    proc = subprocess.run(dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
-                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (message,) = error_lines(proc.stderr)
     assert f"data shard of expert {EXPERT} not found" in message and f"data/expert-{EXPERT}/" in message
@@ -280,8 +305,14 @@ def test_island_training_is_bit_identical_to_training_in_place(prepared, referen
     island = make_island(prepared, tmp_path / "island")
     assert sorted(p.name for p in island.iterdir()) == ["config.json", "data", "seed", "tokenizer"]
     assert [p.name for p in (island / "data").iterdir()] == [f"expert-{EXPERT}"]
-    proc = subprocess.run(dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
-                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        dfm_command("train-expert", "--run", str(island), "--expert", str(EXPERT)),
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     home = copy_run(prepared, tmp_path / "home")  # back on the coordinator: copy the expert in
     shutil.copytree(expert_dir(island), expert_dir(home))
@@ -295,8 +326,22 @@ def test_island_training_is_bit_identical_to_training_in_place(prepared, referen
 def test_island_under_torchrun_writes_the_expert(prepared, tmp_path) -> None:
     """torchrun's own parser takes `--run` for its `--run-path`: the `--` separator is required."""
     island = make_island(prepared, tmp_path / "island")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dfm.cli",
-           "--", "train-expert", "--run", str(island), "--expert", str(EXPERT)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dfm.cli",
+        "--",
+        "train-expert",
+        "--run",
+        str(island),
+        "--expert",
+        str(EXPERT),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = load_file(expert_dir(island) / "model.safetensors")
@@ -407,12 +452,14 @@ class Trigger:
 
 def start_training(run: Path, stage: Stage, log: Path, resume: bool) -> subprocess.Popen:
     with open(log, "a") as handle:
-        return subprocess.Popen(dfm_command(*stage.args(run, resume)), env=subprocess_env(), stdout=handle,
-                                stderr=handle, cwd=run.parent)
+        return subprocess.Popen(
+            dfm_command(*stage.args(run, resume)), env=subprocess_env(), stdout=handle, stderr=handle, cwd=run.parent
+        )
 
 
-def kill_and_resume(run: Path, stage: Stage, kinds: tuple[str, ...], seed: int, steps: int, tmp: Path,
-                    attempts: int = 3) -> list[str]:
+def kill_and_resume(
+    run: Path, stage: Stage, kinds: tuple[str, ...], seed: int, steps: int, tmp: Path, attempts: int = 3
+) -> list[str]:
     """SIGKILL ``stage``'s training once per kind, each time resuming the previous run, then resume
     to the end. A kill point the run finished without reaching is retried from a copy of the state
     before it. Every resume starts despite the lock file its killed predecessor left: no stale
@@ -555,8 +602,14 @@ def test_a_second_trainer_of_the_same_model_is_refused(unseeded, prepared, tmp_p
     try:
         wait_for(lambda: _logged_step(run, SEED_STAGE) >= 1, first, log)
         first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the lock, whatever the second takes
-        second = subprocess.run(dfm_command(*SEED_STAGE.args(run, resume=True)), env=subprocess_env(),
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            dfm_command(*SEED_STAGE.args(run, resume=True)),
+            env=subprocess_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
@@ -636,8 +689,15 @@ def test_generation_survives_experts_that_rule_tokens_out(routing) -> None:
     log_prior = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     tokens, mask = torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long)
     config = DecodeConfig(routing=routing, k=2, max_new_tokens=30)
-    result = generate(pool, tokens, mask, config, weigher=lambda t, m: log_prior.expand(t.shape[0], -1),
-                      log_prior=log_prior, generator=torch.Generator().manual_seed(1))
+    result = generate(
+        pool,
+        tokens,
+        mask,
+        config,
+        weigher=lambda t, m: log_prior.expand(t.shape[0], -1),
+        log_prior=log_prior,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.isfinite(result.token_log_probs).all()  # never samples a token of probability 0
     assert not result.weights.isnan().any()
     assert torch.allclose(result.weights.sum(-1), torch.ones_like(result.weights[..., 0]))
@@ -684,9 +744,13 @@ def fake_run(prepared: Path, root: Path, expert_path: str, *, tokenizer: str = "
     run = root / "run"
     shutil.copytree(prepared / "tokenizer", run / "tokenizer")
     vocab = load_tokenizer(run / "tokenizer").get_vocab()
-    Manifest(experts=[ExpertEntry("expert-0", expert_path, 1.0)], tokenizer=tokenizer,
-             tokenizer_fingerprint=tokenizer_fingerprint(vocab), vocab_size=len(vocab),
-             sha256=artifact_hashes(run, ["tokenizer"])).save(run)
+    Manifest(
+        experts=[ExpertEntry("expert-0", expert_path, 1.0)],
+        tokenizer=tokenizer,
+        tokenizer_fingerprint=tokenizer_fingerprint(vocab),
+        vocab_size=len(vocab),
+        sha256=artifact_hashes(run, ["tokenizer"]),
+    ).save(run)
     return run
 
 
@@ -694,8 +758,12 @@ def fake_run(prepared: Path, root: Path, expert_path: str, *, tokenizer: str = "
 @pytest.mark.parametrize("field,path", [("expert", "../../etc"), ("expert", "/etc"), ("tokenizer", "../tokenizer")])
 def test_manifest_paths_cannot_escape_the_run_directory(prepared, tmp_path, capsys, field, path) -> None:
     shutil.copytree(prepared / "tokenizer", tmp_path / "tokenizer")  # a real tokenizer right outside
-    run = fake_run(prepared, tmp_path, path if field == "expert" else "experts/expert-0",
-                   tokenizer=path if field == "tokenizer" else "tokenizer")
+    run = fake_run(
+        prepared,
+        tmp_path,
+        path if field == "expert" else "experts/expert-0",
+        tokenizer=path if field == "tokenizer" else "tokenizer",
+    )
     with pytest.raises(DfmError, match="outside the run directory") as err:
         Ensemble.from_run(run)
     assert str(run.resolve()) in str(err.value)
@@ -710,9 +778,18 @@ def test_weights_only_from_safetensors(prepared, tmp_path, capsys) -> None:
     run = fake_run(prepared, tmp_path, "experts/expert-0")
     expert = run / "experts" / "expert-0"
     expert.mkdir(parents=True)
-    (expert / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 32,
-                                                     "intermediate_size": 64, "num_hidden_layers": 1,
-                                                     "num_attention_heads": 2}))
+    (expert / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 300,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -744,12 +821,18 @@ def test_artifacts_honour_the_umask(tmp_path, umask, file_mode, dir_mode) -> Non
         os.umask(previous)
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
-    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "model").iterdir()} == \
-        {"inner.json": file_mode, "weights.bin": file_mode}
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "model").iterdir()} == {
+        "inner.json": file_mode,
+        "weights.bin": file_mode,
+    }
 
 
 @pytest.mark.slow
 def test_a_prepared_run_is_readable_by_others(prepared) -> None:
-    for path in (prepared / "config.json", prepared / "tokenizer", prepared / "seed" / "model.safetensors",
-                 prepared / "partition" / "stats.json"):
+    for path in (
+        prepared / "config.json",
+        prepared / "tokenizer",
+        prepared / "seed" / "model.safetensors",
+        prepared / "partition" / "stats.json",
+    ):
         assert path.stat().st_mode & 0o004, f"{path} is not world-readable under umask 022"

@@ -16,9 +16,7 @@ ATOL = 1e-5  # float32 reductions in a different order (cache concatenation, ext
 
 def make_router(seed: int = 0, **overrides) -> Router:
     torch.manual_seed(seed)
-    config = RouterConfig(
-        vocab_size=VOCAB, num_experts=K, hidden_size=32, num_heads=4, max_positions=64, **overrides
-    )
+    config = RouterConfig(vocab_size=VOCAB, num_experts=K, hidden_size=32, num_heads=4, max_positions=64, **overrides)
     return Router(config).eval()
 
 

@@ -39,7 +39,11 @@ def _documents(count: int, seed: int, chains: torch.Tensor) -> tuple[list[list[i
     for _ in range(count):
         k = int(torch.multinomial(PRIORS, 1, generator=g))
         short = torch.rand(1, generator=g).item() < 0.5
-        n = int(torch.randint(2, 8, (1,), generator=g)) if short else int(torch.randint(30, CONTEXT - 1, (1,), generator=g))
+        n = (
+            int(torch.randint(2, 8, (1,), generator=g))
+            if short
+            else int(torch.randint(30, CONTEXT - 1, (1,), generator=g))
+        )
         ids, prev = [], BOS
         for _ in range(n):
             prev = int(torch.multinomial(chains[k, prev].exp(), 1, generator=g))
@@ -54,12 +58,22 @@ def _documents(count: int, seed: int, chains: torch.Tensor) -> tuple[list[list[i
 
 def _trained_router(tmp_path, name: str, docs, targets) -> Router:
     torch.manual_seed(0)
-    router = Router(RouterConfig(vocab_size=VOCAB, num_experts=K, hidden_size=32, num_layers=1, num_heads=2,
-                                 max_positions=CONTEXT))
+    router = Router(
+        RouterConfig(vocab_size=VOCAB, num_experts=K, hidden_size=32, num_layers=1, num_heads=2, max_positions=CONTEXT)
+    )
     examples = router_examples(docs, targets, CONTEXT, BOS)
     options = TrainConfig(steps=150, batch_size=32, lr=3e-3, warmup_steps=10, checkpoint_every=0, log_every=0)
-    train(router, examples, router_loss, options, save_fn=lambda m, d: m.save_pretrained(d), out_dir=tmp_path / name,
-          checkpoint_dir=tmp_path / f"ckpt-{name}", log_path=tmp_path / f"{name}.jsonl", desc=name)
+    train(
+        router,
+        examples,
+        router_loss,
+        options,
+        save_fn=lambda m, d: m.save_pretrained(d),
+        out_dir=tmp_path / name,
+        checkpoint_dir=tmp_path / f"ckpt-{name}",
+        log_path=tmp_path / f"{name}.jsonl",
+        desc=name,
+    )
     return router
 
 
@@ -88,8 +102,9 @@ def test_fitted_temperature_recovers_a_known_one(tmp_path, held_out) -> None:
     exactly where softmax(logits / T) equals them, at T = 3."""
     _, examples = held_out
     torch.manual_seed(0)
-    router = Router(RouterConfig(vocab_size=VOCAB, num_experts=K, hidden_size=32, num_layers=1, num_heads=2,
-                                 max_positions=CONTEXT))
+    router = Router(
+        RouterConfig(vocab_size=VOCAB, num_experts=K, hidden_size=32, num_layers=1, num_heads=2, max_positions=CONTEXT)
+    )
     torch.nn.init.normal_(router.head.weight, std=2.0)  # confident logits, far from uniform
     docs = [row[1:length] for row, length in zip(examples["input_ids"], examples["length"])]
     with torch.no_grad():

@@ -19,13 +19,14 @@ def test_bayes_rows_then_the_cluster_for_the_unscored_prefixes() -> None:
 
 
 def test_windows_start_inside_long_documents_without_bos() -> None:
-    docs = datasets.Dataset.from_dict({"input_ids": [list(range(100, 120)), list(range(5)), list(range(200, 208))],
-                                       "cluster": [1, 0, 2]})
+    docs = datasets.Dataset.from_dict(
+        {"input_ids": [list(range(100, 120)), list(range(5)), list(range(200, 208))], "cluster": [1, 0, 2]}
+    )
     windows = _windows(docs, max_length=8, num_clusters=3, seed=0, bos_id=0)
     assert len(windows) == 2  # the 5-token document is shorter than a window
     first = windows[0]["input_ids"]
     assert 101 <= first[0] <= 112 and first == list(range(first[0], first[0] + 8))  # 8 tokens from inside, no BOS
-    assert windows[1]["input_ids"][:windows[1]["length"]] == list(range(201, 208))  # as long as a window: from token 1
+    assert windows[1]["input_ids"][: windows[1]["length"]] == list(range(201, 208))  # as long as a window: from token 1
     assert torch.tensor(windows[0]["targets"]).argmax(-1).tolist() == [1] * 8
     assert _windows(docs, 8, 3, seed=0, bos_id=0)["input_ids"] == windows["input_ids"]  # seeded
 
@@ -35,11 +36,17 @@ def test_starts_replace_bos() -> None:
     assert rows[0]["input_ids"] == [9, 5, 6, 0] and rows[0]["length"] == 3
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("init", "pretrained", "router.init"), ("temperature", 2.0, "router.temperature"),
-    ("windows", "yes", "router.windows"), ("label_documents", -1, "router.label_documents"),
-    ("scored_length", 0, "router.scored_length"), ("dropout", 1.5, "dropout"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("init", "pretrained", "router.init"),
+        ("temperature", 2.0, "router.temperature"),
+        ("windows", "yes", "router.windows"),
+        ("label_documents", -1, "router.label_documents"),
+        ("scored_length", 0, "router.scored_length"),
+        ("dropout", 1.5, "dropout"),
+    ],
+)
 def test_bad_router_options_are_refused(key, value, match) -> None:
     with pytest.raises(DfmError, match=match):
         resolve_config(overrides=[{"router": {key: value}}])
@@ -54,7 +61,10 @@ def test_seed_embedding_keeps_the_seed_geometry() -> None:
     router.init_token_embedding(seed)
     exact = "donot_use_mm_for_euclid_dist"
     weight = router.token_embedding.weight.detach().double()
-    got, want = torch.cdist(weight, weight, compute_mode=exact), torch.cdist(seed.double(), seed.double(), compute_mode=exact)
+    got, want = (
+        torch.cdist(weight, weight, compute_mode=exact),
+        torch.cdist(seed.double(), seed.double(), compute_mode=exact),
+    )
     ratio = got[~torch.eye(30, dtype=torch.bool)] / want[~torch.eye(30, dtype=torch.bool)]
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5)  # float32 weights
     with pytest.raises(DfmError, match="rows"):
@@ -67,12 +77,12 @@ def test_default_router_trains_on_clusters_at_no_scoring_cost_and_keeps_its_temp
     import json
 
     from dfm.cli import main
-    from training.layout import RunLayout
     from tests.tiny_config import write_tiny_config
+    from training.layout import RunLayout
 
     run = tmp_path / "run"
     assert main(["prepare", "--out", str(run), "--config", str(write_tiny_config(tmp_path))]) == 0
-    for stage in (["train-seed"], *[["train-expert", "--expert", str(k)] for k in range(3)], ["train-router"]):
+    for stage in (["train-seed-model"], *[["train-expert", "--expert", str(k)] for k in range(3)], ["train-router"]):
         assert main([*stage, "--run", str(run)]) == 0
     summary = RunLayout.of(run).read_summary("router")
     assert summary["targets"] == "cluster" and summary["scoring_flops"] == 0 and summary["scoring_tokens"] == {}

@@ -12,11 +12,11 @@ from dfm.errors import DfmError
 from dfm.posterior import bayes_log_posterior, prefix_log_posteriors
 from models.expert import branch_from
 from models.manifest import tokenizer_fingerprint
-from training.data import pack_blocks
-from training.experts import lm_loss, matched_steps
-from training.router_training import bayes_targets, router_examples, router_loss
-from training.tokenizer import save_tokenizer, train_bpe
 from tests.tiny_config import TINY_ARCH, write_tiny_config
+from training.data import pack_blocks
+from training.lm_training import lm_loss, matched_steps
+from training.router_training import bayes_targets, router_examples, router_loss
+from training.tokenizer_training import save_tokenizer, train_bpe
 
 
 def _tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
@@ -89,7 +89,9 @@ def test_compute_matching_counts_experts_router_and_world_size(tmp_path):
     logs.mkdir()
     config = {"partition": {"num_clusters": 2}, "expert": {"block_size": 8, "train": {"batch_size": 4}}}
     for k in range(2):
-        (logs / f"expert-{k}.summary.json").write_text(json.dumps({"flops": 6 * 100 * 320, "tokens": 320, "parameters": 100}))
+        (logs / f"expert-{k}.summary.json").write_text(
+            json.dumps({"flops": 6 * 100 * 320, "tokens": 320, "parameters": 100})
+        )
     with pytest.warns(UserWarning, match="router is not trained"):
         assert matched_steps(tmp_path, config, world_size=1) == 20  # 640 tokens / 32 per step
     (logs / "router.summary.json").write_text(json.dumps({"parameters": 100, "tokens": 32 * 3}))  # 6 * 100 * 96 FLOPs
@@ -116,7 +118,9 @@ def test_branch_from_a_pretrained_directory(tmp_path):
     model = branch_from(directory, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, tokenizer_fingerprint="f")
     original = AutoModelForCausalLM.from_pretrained(directory)
     assert model.config.vocab_size == len(tokenizer) and model.config.dfm_tokenizer_fingerprint == "f"
-    torch.testing.assert_close(model.get_input_embeddings().weight, original.get_input_embeddings().weight[:len(tokenizer)])
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight, original.get_input_embeddings().weight[: len(tokenizer)]
+    )
     with pytest.raises(DfmError, match="embeddings but the tokenizer has"):
         branch_from(directory, vocab_size=len(tokenizer) + 6, bos_token_id=0, eos_token_id=0, tokenizer_fingerprint="f")
     with pytest.raises(DfmError, match="cannot load the seed model"):
@@ -130,8 +134,21 @@ def test_run_with_init_from_uses_the_seed_and_its_tokenizer(tmp_path, capsys):
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     run = tmp_path / "run"
-    argv = ["run", "--out", str(run), "--config", str(write_tiny_config(tmp_path)), "--dataset", "json",
-            "--data-files", str(data), "--num-clusters", "2", "--init-from", str(directory)]
+    argv = [
+        "run",
+        "--out",
+        str(run),
+        "--config",
+        str(write_tiny_config(tmp_path)),
+        "--dataset",
+        "json",
+        "--data-files",
+        str(data),
+        "--num-clusters",
+        "2",
+        "--init-from",
+        str(directory),
+    ]
     assert main(argv) == 0
     assert not (run / "seed").exists()  # the pretrained model is the seed: no seed phase
     saved = AutoTokenizer.from_pretrained(run / "tokenizer")

@@ -10,8 +10,15 @@ from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 # Tiny corpus: 6 words (2 common + 2 topical per domain), every document can be enumerated.
 TINY = SyntheticSpec(
-    num_domains=2, num_documents=10, seed=3, vocab_size=6, common_words=2,
-    min_successors=1, max_successors=2, min_length=2, mean_length=3.0,
+    num_domains=2,
+    num_documents=10,
+    seed=3,
+    vocab_size=6,
+    common_words=2,
+    min_successors=1,
+    max_successors=2,
+    min_length=2,
+    mean_length=3.0,
 )
 
 
@@ -57,16 +64,22 @@ def test_prefix_probabilities_sum_to_probability_of_reaching_that_length():
         texts = all_texts(corpus, length)
         lls = torch.stack([corpus.domain_log_likelihoods(t, complete=False) for t in texts])
         expected = (1 - s) ** max(0, length - m)
-        assert torch.allclose(lls.exp().sum(dim=0), torch.full((2,), expected, dtype=torch.float64),
-                              rtol=0, atol=1e-12)
+        assert torch.allclose(lls.exp().sum(dim=0), torch.full((2,), expected, dtype=torch.float64), rtol=0, atol=1e-12)
         mixture = math.fsum(math.exp(corpus.log_prob(t, complete=False)) for t in texts)
         assert mixture == pytest.approx(expected, abs=1e-12)
 
 
 def test_empirical_frequencies_match_exact_probabilities():
     spec = SyntheticSpec(
-        num_domains=2, seed=5, vocab_size=6, common_words=2, min_successors=1,
-        max_successors=2, min_length=1, mean_length=1.5, priors=(0.3, 0.7),
+        num_domains=2,
+        seed=5,
+        vocab_size=6,
+        common_words=2,
+        min_successors=1,
+        max_successors=2,
+        min_length=1,
+        mean_length=1.5,
+        priors=(0.3, 0.7),
     )
     corpus = SyntheticCorpus(spec)
     n = 20_000

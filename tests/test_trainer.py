@@ -30,8 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_llama(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=SEQ, attention_dropout=dropout,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        attention_dropout=dropout,
     )
     return LlamaForCausalLM(config)
 
@@ -51,8 +57,17 @@ def save_pretrained(model: nn.Module, path: Path, state_dict: dict | None = None
 
 
 def run(root: Path, model: nn.Module, data: Dataset, config: TrainConfig, loss_fn=lm_loss, **kwargs) -> TrainResult:
-    return train(model, data, loss_fn, config, save_fn=save_pretrained, out_dir=root / "out",
-                 checkpoint_dir=root / "ckpt", log_path=root / "log.jsonl", **kwargs)
+    return train(
+        model,
+        data,
+        loss_fn,
+        config,
+        save_fn=save_pretrained,
+        out_dir=root / "out",
+        checkpoint_dir=root / "ckpt",
+        log_path=root / "log.jsonl",
+        **kwargs,
+    )
 
 
 def read_log(root: Path) -> list[dict]:
@@ -135,7 +150,13 @@ def test_resume_after_crash_is_bit_identical(tmp_path: Path) -> None:
     with pytest.raises(DfmError, match="--resume"):
         run(tmp_path / "run", tiny_llama(dropout=0.1), data, config)
     with pytest.raises(DfmError, match=r"\['lr'\] differ"):
-        run(tmp_path / "run", tiny_llama(dropout=0.1), data, TrainConfig(**{**config.to_dict(), "lr": 1e-3}), resume=True)
+        run(
+            tmp_path / "run",
+            tiny_llama(dropout=0.1),
+            data,
+            TrainConfig(**{**config.to_dict(), "lr": 1e-3}),
+            resume=True,
+        )
     with pytest.raises(DfmError, match="training data changed"):  # e.g. the run was prepared again
         run(tmp_path / "run", tiny_llama(dropout=0.1), random_blocks(12, seed=1), config, resume=True)
 
@@ -143,6 +164,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path: Path) -> None:
     result = run(tmp_path / "run", resumed, data, config, resume=True)
     assert_same_weights(resumed, reference)
     assert (result.final_loss, result.tokens) == (expected.final_loss, expected.tokens)
+
     # the log line of step 6 written before the crash was replaced, not duplicated, and averages
     # the same steps 4-6 as the unbroken run's
     def without_time(root: Path) -> list[tuple]:
@@ -221,14 +243,26 @@ def test_custom_module_sees_every_sample_once_per_epoch(tmp_path: Path) -> None:
         return nn.functional.cross_entropy(model(batch["input_ids"]), batch["labels"])
 
     n = 10
-    data = Dataset.from_dict({
-        "idx": list(range(n)), "input_ids": torch.randint(0, VOCAB, (n, 4)).tolist(), "labels": [i % 3 for i in range(n)],
-    })
+    data = Dataset.from_dict(
+        {
+            "idx": list(range(n)),
+            "input_ids": torch.randint(0, VOCAB, (n, 4)).tolist(),
+            "labels": [i % 3 for i in range(n)],
+        }
+    )
     config = TrainConfig(steps=7, batch_size=3, checkpoint_every=0)
     model = _Classifier()
-    result = train(model, data, loss_fn, config, save_fn=lambda m, path: torch.save(m.state_dict(), path),
-                   out_dir=tmp_path / "out.pt", checkpoint_dir=tmp_path / "ckpt", log_path=tmp_path / "log.jsonl",
-                   tokens_per_sample=1)
+    result = train(
+        model,
+        data,
+        loss_fn,
+        config,
+        save_fn=lambda m, path: torch.save(m.state_dict(), path),
+        out_dir=tmp_path / "out.pt",
+        checkpoint_dir=tmp_path / "ckpt",
+        log_path=tmp_path / "log.jsonl",
+        tokens_per_sample=1,
+    )
     assert len(seen) == 21 and result.tokens == 21
     assert sorted(seen[:10]) == sorted(seen[10:20]) == list(range(n))  # epochs cross batch boundaries
     assert seen[:10] != seen[10:20]  # each epoch has its own permutation
@@ -255,8 +289,18 @@ def _torchrun(tmp_path: Path, root: Path, options: dict, *extra: str) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(root), json.dumps(options), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(root),
+        json.dumps(options),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -271,8 +315,13 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path, sharding: s
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
 
     single_model = tiny_llama()
-    single = run(tmp_path / "single", single_model, random_blocks(20), TrainConfig(**common, batch_size=8),
-                 val_data=random_blocks(5, seed=1))
+    single = run(
+        tmp_path / "single",
+        single_model,
+        random_blocks(20),
+        TrainConfig(**common, batch_size=8),
+        val_data=random_blocks(5, seed=1),
+    )
     assert ddp["tokens"] == single.tokens
     # Identical maths; only float32 summation order differs (per-rank means averaged by DDP vs one
     # mean over 8 rows), ~1e-7 relative per gradient. Adam can amplify that on near-zero gradient
@@ -308,17 +357,24 @@ def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Pa
     n * eps relative, n the targets of the step's batch (the weights come out exactly equal: each
     logit's gradient depends on its own row only)."""
     from training.data import pack_blocks
-    from training.experts import lm_loss as dfm_path_loss
+    from training.lm_training import lm_loss as dfm_path_loss
 
     g = torch.Generator().manual_seed(3)
-    docs = Dataset.from_dict({"input_ids": [torch.randint(1, VOCAB, (int(n),), generator=g).tolist()
-                                            for n in torch.randint(3, 20, (26,), generator=g)]})
+    docs = Dataset.from_dict(
+        {
+            "input_ids": [
+                torch.randint(1, VOCAB, (int(n),), generator=g).tolist()
+                for n in torch.randint(3, 20, (26,), generator=g)
+            ]
+        }
+    )
     blocks = pack_blocks(docs, SEQ, eos_id=0)
     assert (torch.tensor(blocks["labels"]) == -100).any()  # the padded last block is covered
 
     def transformers_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                     use_cache=False).loss
+        return model(
+            input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"], use_cache=False
+        ).loss
 
     config = TrainConfig(steps=5, batch_size=4, warmup_steps=1, checkpoint_every=0)
     a, b = tiny_llama(), tiny_llama()

@@ -19,7 +19,9 @@ class MarkovPool:
         self.vocab_size = vocab_size
         # row 0 of `start` is the BOS distribution; transitions[k, a, b] = q_k(b | a)
         self.start = torch.rand(num_experts, vocab_size, generator=g, dtype=torch.float64).softmax(-1)
-        self.transitions = (3 * torch.rand(num_experts, vocab_size, vocab_size, generator=g, dtype=torch.float64)).softmax(-1)
+        self.transitions = (
+            3 * torch.rand(num_experts, vocab_size, vocab_size, generator=g, dtype=torch.float64)
+        ).softmax(-1)
         self.calls: list[list[int]] = []
 
     @property
@@ -30,8 +32,9 @@ class MarkovPool:
         """(K, V) probabilities of the next symbol after a prefix (without BOS)."""
         return self.start if not prefix else self.transitions[:, prefix[-1]]
 
-    def next_token_log_probs(self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int],
-                             rows: Tensor | None = None) -> Tensor:
+    def next_token_log_probs(
+        self, tokens: Tensor, attention_mask: Tensor, experts: Sequence[int], rows: Tensor | None = None
+    ) -> Tensor:
         self.calls.append(list(experts))
         rows = [self.conditional(self._real(t, m))[list(experts)] for t, m in zip(tokens, attention_mask)]
         return torch.stack(rows).log()

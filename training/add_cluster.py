@@ -23,13 +23,13 @@ from datasets import Dataset, DatasetDict
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
-from models.tokenizer import load_tokenizer
 from models.partition import Partition
 from models.scoring import document_bos
+from models.tokenizer import load_tokenizer
+from training.clustering import partition_stats
 from training.config import read_run_config
 from training.data import DataSource, carve_splits, load_documents, load_saved, save_dataset, tokenize
 from training.layout import RunLayout
-from training.partition import partition_stats
 from training.prepare import row_builder, write_shard
 
 
@@ -51,8 +51,10 @@ def _refuse_known(new: Dataset, old: Dataset, run_dir: Path) -> None:
     known = {tuple(ids): cluster for ids, cluster in zip(old["input_ids"], old["cluster"], strict=True)}
     clusters = {known.get(tuple(ids)) for ids in new["input_ids"]}
     if None not in clusters:
-        raise DfmError(f"every new training document is already in {run_dir} (cluster(s) "
-                       f"{sorted(clusters)}): these documents were added before; nothing to do")
+        raise DfmError(
+            f"every new training document is already in {run_dir} (cluster(s) "
+            f"{sorted(clusters)}): these documents were added before; nothing to do"
+        )
 
 
 def _like(new: Dataset, old: Dataset) -> Dataset:
@@ -68,13 +70,18 @@ def _stats(partition: Partition, train: Dataset, label_column: str | None) -> di
     labels = list(train[label_column]) if label_column in train.column_names else None
     if labels is not None:
         labelled = torch.tensor([label is not None for label in labels], dtype=torch.bool)
-        stats = partition_stats(partition.assignments[labelled], [x for x in labels if x is not None],
-                                partition.num_clusters)
+        stats = partition_stats(
+            partition.assignments[labelled], [x for x in labels if x is not None], partition.num_clusters
+        )
     else:
         stats = partition_stats(partition.assignments, None, partition.num_clusters)
     sizes = partition.sizes
-    return {**stats, "sizes": sizes, "priors": [size / sum(sizes) for size in sizes],
-            "label_values": partition.label_values}
+    return {
+        **stats,
+        "sizes": sizes,
+        "priors": [size / sum(sizes) for size in sizes],
+        "label_values": partition.label_values,
+    }
 
 
 def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
@@ -88,8 +95,9 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
     if not any(text.strip() for text in texts):
         raise DfmError("the new cluster has no non-empty documents: check the dataset and --text-column")
     data = config["data"]
-    source = DataSource(validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"],
-                        seed=config["seed"])
+    source = DataSource(
+        validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"], seed=config["seed"]
+    )
     column = data["text_column"]
     tokenizer = load_tokenizer(layout.tokenizer)
     carved = carve_splits({"train": Dataset.from_dict({column: list(texts)})}, source)
@@ -102,18 +110,26 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
     partition = Partition.load(layout.partition)
     assignments = partition.assignments[partition.assignments < k]
     if partition.num_clusters < k or len(assignments) != len(old["train"]):
-        raise DfmError(f"{layout.partition} does not match {layout.documents} ({len(assignments)} assignments for "
-                       f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again")
+        raise DfmError(
+            f"{layout.partition} does not match {layout.documents} ({len(assignments)} assignments for "
+            f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again"
+        )
 
-    write_shard(new, "cluster", k, row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer)), layout.shard(k))
-    merged = DatasetDict({name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])])
-                          for name in old})
+    write_shard(
+        new, "cluster", k, row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer)), layout.shard(k)
+    )
+    merged = DatasetDict(
+        {name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])]) for name in old}
+    )
     centre = partition.centre(list(new["train"]["input_ids"]))
     labels = None if partition.label_values is None else [*partition.label_values[:k], None]
-    partition = Partition(centres=torch.cat([partition.centres[:k], centre[None]]),
-                          idf=partition.idf, projection=partition.projection,
-                          assignments=torch.cat([assignments, torch.full((len(new["train"]),), k)]),
-                          label_values=labels)
+    partition = Partition(
+        centres=torch.cat([partition.centres[:k], centre[None]]),
+        idf=partition.idf,
+        projection=partition.projection,
+        assignments=torch.cat([assignments, torch.full((len(new["train"]),), k)]),
+        label_values=labels,
+    )
     save_dataset(merged, layout.documents)
     partition.save(layout.partition)
     write_json(layout.partition / "stats.json", _stats(partition, merged["train"], data["label_column"]))

@@ -8,9 +8,9 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from dfm.errors import DfmError
-from models.tokenizer import load_tokenizer
 from models.expert import saved_config
 from models.manifest import ExpertEntry, Manifest, tokenizer_fingerprint
+from models.tokenizer import load_tokenizer
 from training.config import read_run_config
 from training.layout import RunLayout
 
@@ -36,10 +36,14 @@ def assemble(run_dir: str | Path) -> Manifest:
         raise DfmError(f"{names} not trained yet: run `dfm train-expert --run {run_dir} --expert K` for each")
     tokenizer = load_tokenizer(layout.tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
-    foreign = [f"expert-{k}" for k, found in enumerate(configs) if found.get("dfm_tokenizer_fingerprint") != fingerprint]
+    foreign = [
+        f"expert-{k}" for k, found in enumerate(configs) if found.get("dfm_tokenizer_fingerprint") != fingerprint
+    ]
     if foreign:
-        raise DfmError(f"{', '.join(foreign)} of {run_dir} were trained with another tokenizer (was the run prepared "
-                       f"again?): retrain them with `dfm train-expert --run {run_dir} --expert K`")
+        raise DfmError(
+            f"{', '.join(foreign)} of {run_dir} were trained with another tokenizer (was the run prepared "
+            f"again?): retrain them with `dfm train-expert --run {run_dir} --expert K`"
+        )
     experts = [ExpertEntry(f"expert-{k}", str(layout.expert(k).relative_to(run_dir)), p) for k, p in enumerate(priors)]
 
     def optional(path: Path, marker: str) -> str | None:
@@ -75,5 +79,7 @@ def _check_weights(run_dir: Path, directories: list[str]) -> None:
                 with safe_open(weights, framework="pt"):
                     pass
             except (OSError, SafetensorError) as err:
-                raise DfmError(f"{weights} is unreadable ({str(err).splitlines()[0]}): retrain or re-copy "
-                               f"{run_dir / directory}, then run `dfm assemble` again") from err
+                raise DfmError(
+                    f"{weights} is unreadable ({str(err).splitlines()[0]}): retrain or re-copy "
+                    f"{run_dir / directory}, then run `dfm assemble` again"
+                ) from err

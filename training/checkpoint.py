@@ -138,8 +138,10 @@ def load_latest_checkpoint(
         return state
     if damaged:
         names = "; ".join(f"{path.name}: {why}" for path, why in damaged)
-        raise DfmError(f"every checkpoint in {directory} is damaged ({names}): nothing to resume; delete "
-                       f"{directory} and run again without --resume to start over")
+        raise DfmError(
+            f"every checkpoint in {directory} is damaged ({names}): nothing to resume; delete "
+            f"{directory} and run again without --resume to start over"
+        )
     return None
 
 
@@ -148,9 +150,16 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _restore(path: Path, state: dict[str, Any], payload: dict[str, Any], model: nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
-             directory: Path) -> None:
+def _restore(
+    path: Path,
+    state: dict[str, Any],
+    payload: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+    directory: Path,
+) -> None:
     """Load the verified checkpoint ``path`` into model, optimizer, scheduler and this rank's RNG."""
     if rank >= len(payload["rng"]):
         raise DfmError(
@@ -166,7 +175,6 @@ def _restore(path: Path, state: dict[str, Any], payload: dict[str, Any], model: 
         scheduler.load_state_dict(payload["scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise DfmError(
-            f"checkpoint {path} does not fit this model or optimizer ({exc}); "
-            f"delete {directory} to start over"
+            f"checkpoint {path} does not fit this model or optimizer ({exc}); delete {directory} to start over"
         ) from exc
     set_rng_state(payload["rng"][rank])

@@ -96,12 +96,14 @@ def _check_adapter(config: dict) -> None:
     if adapter is None:
         return
     if adapter != "lora":
-        raise DfmError(f"config expert.adapter must be null (full fine-tuning) or \"lora\", got {adapter!r}")
+        raise DfmError(f'config expert.adapter must be null (full fine-tuning) or "lora", got {adapter!r}')
     if is_masked(config):
         raise DfmError("expert.adapter=lora is for causal experts: drop it or use path.kind=ar")
     if not seed_phase(config):
-        raise DfmError("expert.adapter=lora adapts the run's seed model RUN/seed: keep the seed phase on "
-                       "(with --init-from: --set seed_model.phase=true)")
+        raise DfmError(
+            "expert.adapter=lora adapts the run's seed model RUN/seed: keep the seed phase on "
+            "(with --init-from: --set seed_model.phase=true)"
+        )
     check_lora(config["expert"]["lora"])
 
 
@@ -118,7 +120,9 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise DfmError(f"config key {name!r} must be a mapping")
-            same_model = key != "arch" or value.get("model_type", base[key].get("model_type")) == base[key].get("model_type")
+            same_model = key != "arch" or value.get("model_type", base[key].get("model_type")) == base[key].get(
+                "model_type"
+            )
             # another model type replaces the default architecture: Llama's fields would leak into it
             base[key] = {**base[key], **value} if same_model else dict(value)
         else:
@@ -176,8 +180,13 @@ SYNTHETIC_BUDGET: dict[str, Any] = {
 
 #: The masked path's router as before the ar router's defaults changed (not re-measured there):
 #: noisy states of 1000 training documents, from scratch, 100 steps.
-MASKED_ROUTER: dict[str, Any] = {"documents": 1000, "init": None, "windows": False, "temperature": None,
-                                 "train": {**DEFAULTS["router"]["train"], "steps": 100}}
+MASKED_ROUTER: dict[str, Any] = {
+    "documents": 1000,
+    "init": None,
+    "windows": False,
+    "temperature": None,
+    "train": {**DEFAULTS["router"]["train"], "steps": 100},
+}
 
 
 def defaults_for(kind: str) -> dict:
@@ -226,8 +235,10 @@ def validate(config: dict) -> None:
     check_seed(config["seed"], "config seed (--seed)")
     scheduler(config["path"]["scheduler"])
     if config["path"]["kind"] == "masked" and config["seed_model"]["init_from"] is not None:
-        raise DfmError("--init-from branches from a pretrained causal LM, which the masked path cannot use: drop it "
-                       "(the masked run trains its own seed) or use path.kind=ar")
+        raise DfmError(
+            "--init-from branches from a pretrained causal LM, which the masked path cannot use: drop it "
+            "(the masked run trains its own seed) or use path.kind=ar"
+        )
     _positive_int(config, "num_proc", optional=True)
     _positive_int(config, "partition.num_clusters")
     _positive_int(config, "tokenizer.vocab_size", minimum=257)
@@ -254,12 +265,14 @@ def validate(config: dict) -> None:
     if not isinstance(config["router"]["windows"], bool):
         raise DfmError(f"config router.windows must be true or false, got {config['router']['windows']!r}")
     if config["router"]["init"] not in (None, "seed"):
-        raise DfmError(f"config router.init must be null (from scratch) or \"seed\", got {config['router']['init']!r}")
+        raise DfmError(f'config router.init must be null (from scratch) or "seed", got {config["router"]["init"]!r}')
     if config["router"]["temperature"] not in (None, "fit"):
-        raise DfmError(f"config router.temperature must be null (1) or \"fit\", got {config['router']['temperature']!r}")
+        raise DfmError(f'config router.temperature must be null (1) or "fit", got {config["router"]["temperature"]!r}')
     if config["router"]["temperature"] == "fit" and is_masked(config):
-        raise DfmError("config router.temperature=fit fits the prefix router of the ar path; the masked path's router "
-                       "reads noisy states: set router.temperature=null")
+        raise DfmError(
+            "config router.temperature=fit fits the prefix router of the ar path; the masked path's router "
+            "reads noisy states: set router.temperature=null"
+        )
     _positive_int(config, "data.max_documents", optional=True)
     for name in ("validation_fraction", "test_fraction"):
         value = config["data"][name]
@@ -270,17 +283,27 @@ def validate(config: dict) -> None:
     TrainConfig.from_dict(config["expert"]["train"])
     TrainConfig.from_dict(config["router"]["train"])
     if config["router"]["train"].get("fsdp"):
-        raise DfmError("config router.train.fsdp: the router is small and trains replicated; drop fsdp "
-                       "(expert.train.fsdp and seed_model.train.fsdp shard the big models)")
+        raise DfmError(
+            "config router.train.fsdp: the router is small and trains replicated; drop fsdp "
+            "(expert.train.fsdp and seed_model.train.fsdp shard the big models)"
+        )
     router = config["router"]
-    RouterConfig(vocab_size=1, num_experts=1, hidden_size=router["hidden_size"], num_layers=router["num_layers"],
-                 num_heads=router["num_heads"], dropout=router["dropout"])
+    RouterConfig(
+        vocab_size=1,
+        num_experts=1,
+        hidden_size=router["hidden_size"],
+        num_layers=router["num_layers"],
+        num_heads=router["num_heads"],
+        dropout=router["dropout"],
+    )
     spec = SyntheticSpec.from_dict(config["synthetic"])
     clusters = config["partition"]["num_clusters"]
     if config["data"]["dataset"] is None and config["data"]["cluster_column"] is None and clusters > spec.num_domains:
-        raise DfmError(f"config partition.num_clusters ({clusters}) exceeds synthetic.num_domains ({spec.num_domains}): "
-                       f"the embedded corpus has no more domains to separate, so extra clusters split one at random; "
-                       f"lower --num-clusters or raise synthetic.num_domains")
+        raise DfmError(
+            f"config partition.num_clusters ({clusters}) exceeds synthetic.num_domains ({spec.num_domains}): "
+            f"the embedded corpus has no more domains to separate, so extra clusters split one at random; "
+            f"lower --num-clusters or raise synthetic.num_domains"
+        )
 
 
 def _check_context(config: dict) -> None:
@@ -297,11 +320,15 @@ def _check_context(config: dict) -> None:
         return
     block, length = config["expert"]["block_size"], config["router"]["max_length"]
     if block > context:
-        raise DfmError(f"config expert.block_size ({block}) exceeds the model context {where} ({context}): "
-                       f"lower one or raise the other")
+        raise DfmError(
+            f"config expert.block_size ({block}) exceeds the model context {where} ({context}): "
+            f"lower one or raise the other"
+        )
     if length > context:
-        raise DfmError(f"config router.max_length ({length}) exceeds the experts' context {where} ({context}), "
-                       f"the longest prefix the router is ever asked about: lower router.max_length")
+        raise DfmError(
+            f"config router.max_length ({length}) exceeds the experts' context {where} ({context}), "
+            f"the longest prefix the router is ever asked about: lower router.max_length"
+        )
 
 
 def _check_model_type(config: dict) -> None:
@@ -309,13 +336,18 @@ def _check_model_type(config: dict) -> None:
     from transformers.models.auto import modeling_auto
 
     kind = config["path"]["kind"]
-    known = (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES if kind == "masked"
-             else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    known = (
+        modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        if kind == "masked"
+        else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
     model_type = config["expert"]["arch"].get("model_type", PATH_ARCHS[kind]["model_type"])
     if model_type not in known:
         wanted = "masked LM (bidirectional)" if kind == "masked" else "causal LM"
-        raise DfmError(f"config expert.arch.model_type {model_type!r} is not a Hugging Face {wanted} type, which the "
-                       f"{kind} path needs: use e.g. {PATH_ARCHS[kind]['model_type']!r}")
+        raise DfmError(
+            f"config expert.arch.model_type {model_type!r} is not a Hugging Face {wanted} type, which the "
+            f"{kind} path needs: use e.g. {PATH_ARCHS[kind]['model_type']!r}"
+        )
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:

@@ -52,8 +52,9 @@ def load_documents(source: DataSource, scratch: str | os.PathLike | None = None)
         raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --split")
     for name, ds in splits.items():
         if source.text_column not in ds.column_names:
-            raise DfmError(f"split {name!r} has no column {source.text_column!r} (columns: {ds.column_names}): "
-                           f"pass --text-column")
+            raise DfmError(
+                f"split {name!r} has no column {source.text_column!r} (columns: {ds.column_names}): pass --text-column"
+            )
         _check_texts(ds, source.text_column, name)
     if len(splits["train"]) == 0:
         raise DfmError("the training split is empty: check --dataset/--data-files/--split")
@@ -71,27 +72,34 @@ def _load_raw(source: DataSource):
         if name in LOCAL_FORMATS:
             if not source.data_files:
                 raise DfmError(f"--dataset {name} reads local files: pass --data-files PATH [PATH ...]")
-            files = ([f for group in source.data_files.values() for f in group]
-                     if isinstance(source.data_files, dict) else source.data_files)
+            files = (
+                [f for group in source.data_files.values() for f in group]
+                if isinstance(source.data_files, dict)
+                else source.data_files
+            )
             missing = [f for f in files if not glob.glob(f)]
             if missing:
                 raise DfmError(f"data file(s) not found: {', '.join(missing)}")
             if all(os.path.getsize(p) == 0 for f in files for p in glob.glob(f)):
                 raise DfmError(f"the data files are empty: {', '.join(files)}")
-        return datasets.load_dataset(name, source.config_name, split=source.split, data_files=source.data_files,
-                                     streaming=source.streaming)
+        return datasets.load_dataset(
+            name, source.config_name, split=source.split, data_files=source.data_files, streaming=source.streaming
+        )
     except DfmError:
         raise
     except FileNotFoundError as err:
         raise DfmError(f"dataset {name!r} not found ({_first_line(err)}): check the name or path") from err
     except ConnectionError as err:
-        raise DfmError(f"cannot reach the hub for {name!r} (offline?): use local files with --dataset json "
-                       f"--data-files ...") from err
+        raise DfmError(
+            f"cannot reach the hub for {name!r} (offline?): use local files with --dataset json --data-files ..."
+        ) from err
     except Exception as err:  # datasets raises many types for unreadable input; name the root cause
         cause = _root_cause(err)
         if isinstance(cause, UnicodeDecodeError):
-            raise DfmError(f"dataset {name!r} is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
-                           f"re-encode the files as UTF-8, e.g. iconv -f latin1 -t utf-8") from err
+            raise DfmError(
+                f"dataset {name!r} is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
+                f"re-encode the files as UTF-8, e.g. iconv -f latin1 -t utf-8"
+            ) from err
         raise DfmError(f"cannot read dataset {name!r}: {type(cause).__name__}: {_first_line(cause)}") from err
 
 
@@ -105,8 +113,10 @@ def _check_texts(ds: Dataset, column: str, split: str) -> None:
     else:
         bad = sum(not isinstance(v, str) for batch in columns.iter(batch_size=READ_BATCH) for v in batch[column])
     if bad:
-        raise DfmError(f"column {column!r} of split {split!r} has {bad} of {len(ds)} rows whose value is null or not "
-                       f"a string: drop those rows from the data, or pass --text-column naming the column of the text")
+        raise DfmError(
+            f"column {column!r} of split {split!r} has {bad} of {len(ds)} rows whose value is null or not "
+            f"a string: drop those rows from the data, or pass --text-column naming the column of the text"
+        )
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -207,12 +217,12 @@ def packed_rows(ds: Dataset, block_size: int, eos_id: int, bos_id: int | None = 
             stream.extend(ids)
             stream.append(eos_id)
         while len(stream) - start >= block_size:
-            yield block(stream[start:start + block_size])
+            yield block(stream[start : start + block_size])
             start += step
         del stream[:start]
         start = 0
     while len(stream) - start > 1:
-        yield block(stream[start:start + block_size])
+        yield block(stream[start : start + block_size])
         start += step
 
 
@@ -240,8 +250,10 @@ def sample_documents(ds: Dataset, count: int | None, seed: int) -> Dataset:
 
 def column_tensor(ds: Dataset, column: str) -> torch.Tensor:
     """One numeric column of ``ds`` as a tensor, read batch by batch (no Python list of it)."""
-    parts = [torch.as_tensor(batch[column]) for batch in
-             ds.select_columns([column]).with_format("numpy").iter(batch_size=1 << 16)]
+    parts = [
+        torch.as_tensor(batch[column])
+        for batch in ds.select_columns([column]).with_format("numpy").iter(batch_size=1 << 16)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 

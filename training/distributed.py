@@ -44,8 +44,10 @@ def setup_distributed(device: torch.device | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     rank_device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device is not None and device.type != rank_device.type:
-        raise DfmError(f"--device {device} under torchrun: every rank computes on {rank_device.type} here "
-                       f"(its local GPU when there is one); drop --device")
+        raise DfmError(
+            f"--device {device} under torchrun: every rank computes on {rank_device.type} here "
+            f"(its local GPU when there is one); drop --device"
+        )
     if rank_device.type == "cuda":
         torch.cuda.set_device(rank_device)
     device = rank_device

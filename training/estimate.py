@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 
 from models.router import Router, RouterConfig
 from training.config import is_masked
-from training.experts import FORWARD_FLOPS, TRAINED_FLOPS
 from training.layout import RunLayout
+from training.lm_training import FORWARD_FLOPS, TRAINED_FLOPS
 
 
 def _lm_flops(parameters: int, train: dict, tokens_per_row: int) -> float:
@@ -50,9 +50,16 @@ def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_
         scored = documents * min(tokens, length) + validation * min(validation_tokens, options["max_length"], length)
         scored_by_experts = options["targets"] == "bayes" and not is_masked(config)  # masked: noisy-state targets
         scoring = float(FORWARD_FLOPS) * parameters * clusters * scored if scored_by_experts else 0.0
-        size = Router(RouterConfig(vocab_size=config["tokenizer"]["vocab_size"], num_experts=clusters,
-                                   hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-                                   num_heads=options["num_heads"], max_positions=options["max_length"])).num_parameters
+        size = Router(
+            RouterConfig(
+                vocab_size=config["tokenizer"]["vocab_size"],
+                num_experts=clusters,
+                hidden_size=options["hidden_size"],
+                num_layers=options["num_layers"],
+                num_heads=options["num_heads"],
+                max_positions=options["max_length"],
+            )
+        ).num_parameters
         router = scoring + _lm_flops(size, options["train"], int(tokens))
     baseline = per_expert * clusters + router
     return per_expert * (clusters - experts_done) + router + baseline

@@ -30,11 +30,20 @@ def initial_model(config: dict, tokenizer: PreTrainedTokenizerBase, seed: int, i
     if is_masked(config):
         if init is not None:
             return load_masked_expert(init)
-        return build_masked_expert(masked_expert_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                                        tokenizer_fingerprint=fingerprint,
-                                                        arch=config["expert"]["arch"]), seed=seed)
-    fields = {"bos_token_id": document_bos(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-              "tokenizer_fingerprint": fingerprint}
+        return build_masked_expert(
+            masked_expert_config(
+                len(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+                tokenizer_fingerprint=fingerprint,
+                arch=config["expert"]["arch"],
+            ),
+            seed=seed,
+        )
+    fields = {
+        "bos_token_id": document_bos(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_fingerprint": fingerprint,
+    }
     if init is not None:
         return branch_from(init, vocab_size=len(tokenizer), **fields)
     return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)
@@ -46,8 +55,10 @@ def branch_point(run_dir: str | Path, config: dict) -> str | Path | None:
     if seed_phase(config):
         seed = RunLayout.of(run_dir).seed
         if not (seed / "config.json").is_file():
-            raise DfmError(f"the seed model is missing at {seed}: run `dfm train-seed --run {run_dir}` first "
-                           f"(a compute island needs RUN/seed too)")
+            raise DfmError(
+                f"the seed model is missing at {seed}: run `dfm train-seed-model --run {run_dir}` first "
+                f"(a compute island needs RUN/seed too)"
+            )
         return seed
     return config["seed_model"]["init_from"]
 

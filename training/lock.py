@@ -60,13 +60,16 @@ def training_lock(path: str | os.PathLike, name: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise DfmError(f"{name} is being trained by {holder} (it holds the lock {path}): wait for it "
-                           f"to finish or stop it, then run this again") from None
+            raise DfmError(
+                f"{name} is being trained by {holder} (it holds the lock {path}): wait for it "
+                f"to finish or stop it, then run this again"
+            ) from None
         except OSError as err:
             if err.errno not in _NO_LOCKS:
                 raise
-            warnings.warn(f"cannot lock {path} ({err.strerror}): nothing stops a second trainer of {name}",
-                          stacklevel=3)
+            warnings.warn(
+                f"cannot lock {path} ({err.strerror}): nothing stops a second trainer of {name}", stacklevel=3
+            )
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

@@ -17,7 +17,9 @@ from training.data import READ_BATCH
 from training.trainer import LossFn
 
 
-def document_row_iter(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> Iterator[dict]:
+def document_row_iter(
+    ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()
+) -> Iterator[dict]:
     """One row per ``block_size`` tokens of one document and its closing EOS (never two documents
     in a row: a bidirectional model would read across them). Short rows are padded with EOS and
     marked 0 in ``attention_mask``; every row copies its document's ``columns`` (e.g. "cluster").
@@ -28,10 +30,13 @@ def document_row_iter(ds: datasets.Dataset, block_size: int, eos_id: int, column
         for d, ids in enumerate(batch["input_ids"]):
             ids = [*ids, eos_id]  # the end of a document is a token to learn (and to generate)
             for start in range(0, len(ids), block_size):
-                chunk = ids[start:start + block_size]
+                chunk = ids[start : start + block_size]
                 pad = block_size - len(chunk)
-                yield {"input_ids": chunk + [eos_id] * pad, "attention_mask": [1] * len(chunk) + [0] * pad,
-                       **{column: batch[column][d] for column in columns}}
+                yield {
+                    "input_ids": chunk + [eos_id] * pad,
+                    "attention_mask": [1] * len(chunk) + [0] * pad,
+                    **{column: batch[column][d] for column in columns},
+                }
 
 
 def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> datasets.Dataset:

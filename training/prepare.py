@@ -14,22 +14,44 @@ from datasets import DatasetDict
 
 from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
-from training.config import is_masked, seed_phase
-from training.data import (READ_BATCH, DataSource, carve_splits, column_tensor, load_documents, packed_rows, rows_on_disk,
-                           sample_documents, save_dataset, tokenize)
-from training.layout import RunLayout
-from training.masked_training import document_row_iter
 from models.partition import Partition
 from models.scoring import document_bos
-from training.partition import fit_kmeans, from_labels, partition_stats
+from training.clustering import fit_kmeans, from_labels, partition_stats
+from training.config import is_masked, seed_phase
+from training.data import (
+    READ_BATCH,
+    DataSource,
+    carve_splits,
+    column_tensor,
+    load_documents,
+    packed_rows,
+    rows_on_disk,
+    sample_documents,
+    save_dataset,
+    tokenize,
+)
+from training.layout import RunLayout
+from training.masked_training import document_row_iter
 from training.synthetic import SyntheticCorpus, SyntheticSpec
-from training.tokenizer import existing_tokenizer, save_tokenizer, text_batches, train_bpe
+from training.tokenizer_training import existing_tokenizer, save_tokenizer, text_batches, train_bpe
 
 
 def data_source(config: dict) -> DataSource:
     data = config["data"]
-    fields = {k: data[k] for k in ("dataset", "config_name", "split", "data_files", "text_column", "streaming",
-                                   "max_documents", "validation_fraction", "test_fraction")}
+    fields = {
+        k: data[k]
+        for k in (
+            "dataset",
+            "config_name",
+            "split",
+            "data_files",
+            "text_column",
+            "streaming",
+            "max_documents",
+            "validation_fraction",
+            "test_fraction",
+        )
+    }
     if isinstance(fields["data_files"], str):
         fields["data_files"] = [fields["data_files"]]
     fields["data_files"] = split_data_files(fields["data_files"])
@@ -69,16 +91,26 @@ def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partit
     column = config["data"]["cluster_column"]
     if column is not None:
         if column not in train.column_names:
-            raise DfmError(f"--cluster-column {column!r} is not a column of the dataset (columns: {train.column_names})")
+            raise DfmError(
+                f"--cluster-column {column!r} is not a column of the dataset (columns: {train.column_names})"
+            )
         return from_labels(docs, list(sample[column]), vocab_size, values=train.unique(column))
-    return fit_kmeans(docs, part["num_clusters"], vocab_size, balance=part["balance"], svd_dim=part["svd_dim"],
-                      iterations=part["iterations"], seed=config["seed"])
+    return fit_kmeans(
+        docs,
+        part["num_clusters"],
+        vocab_size,
+        balance=part["balance"],
+        svd_dim=part["svd_dim"],
+        iterations=part["iterations"],
+        seed=config["seed"],
+    )
 
 
 def with_clusters(split: datasets.Dataset, partition: Partition, column: str | None) -> datasets.Dataset:
     """``split`` with a "cluster" column, computed batch by batch: each document's label in
     ``column``, or else its nearest centre."""
     if column is None:
+
         def assign(batch: dict) -> dict:
             return {"cluster": partition.assign(batch["input_ids"]).tolist()}
     else:
@@ -87,9 +119,11 @@ def with_clusters(split: datasets.Dataset, partition: Partition, column: str | N
         def assign(batch: dict) -> dict:
             unknown = sorted({str(v) for v in batch[column] if v not in index})
             if unknown:
-                raise DfmError(f"held-out documents carry labels never seen in training: {unknown[:5]}; "
-                               f"fix --cluster-column")
+                raise DfmError(
+                    f"held-out documents carry labels never seen in training: {unknown[:5]}; fix --cluster-column"
+                )
             return {"cluster": [index[v] for v in batch[column]]}
+
     return split.map(assign, batched=True, batch_size=READ_BATCH, desc="assign clusters")
 
 
@@ -143,8 +177,13 @@ def write_shard(documents: DatasetDict, column: str, value: object, to_rows: Row
     with tempfile.TemporaryDirectory(dir=Path(directory).parent, prefix=".rows-") as scratch:
         rows = {}
         for name in ("train", "validation"):
-            chosen = documents[name].filter(lambda values: [v == value for v in values], input_columns=column,
-                                            batched=True, batch_size=READ_BATCH, desc=f"{directory.name}: {name} documents")
+            chosen = documents[name].filter(
+                lambda values: [v == value for v in values],
+                input_columns=column,
+                batched=True,
+                batch_size=READ_BATCH,
+                desc=f"{directory.name}: {name} documents",
+            )
             # an empty split cannot round-trip through save_to_disk: a cluster without validation
             # documents gets a train split only
             if len(chosen):
@@ -171,9 +210,11 @@ def prepare(config: dict, run_dir: str | Path, overwrite: bool = False) -> dict:
     """
     trained = trained_artifacts(run_dir)
     if trained and not overwrite:
-        raise DfmError(f"{run_dir} already holds trained artifacts ({', '.join(trained)}) that a new tokenizer and "
-                       f"partition would make unusable: pass --overwrite to replace the whole run, --resume to "
-                       f"continue it (dfm run), or choose another --out")
+        raise DfmError(
+            f"{run_dir} already holds trained artifacts ({', '.join(trained)}) that a new tokenizer and "
+            f"partition would make unusable: pass --overwrite to replace the whole run, --resume to "
+            f"continue it (dfm run), or choose another --out"
+        )
     with atomic_dir(run_dir) as tmp:
         return _prepare_into(config, tmp)
 
@@ -197,8 +238,9 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
         sample = sample_documents(corpus["train"], config["tokenizer"]["sample_documents"], config["seed"])
         tokenizer = train_bpe(text_batches(sample, text_column), config["tokenizer"]["vocab_size"])
     save_tokenizer(tokenizer, layout.tokenizer)
-    tokenized = DatasetDict({name: tokenize(split, tokenizer, text_column, config["num_proc"])
-                             for name, split in corpus.items()})
+    tokenized = DatasetDict(
+        {name: tokenize(split, tokenizer, text_column, config["num_proc"]) for name, split in corpus.items()}
+    )
 
     vocab_size = len(tokenizer)
     partition = _partition(config, tokenized["train"], vocab_size)
@@ -211,10 +253,15 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
     num_clusters = partition.num_clusters
     if num_clusters < 1 or min(partition.sizes) == 0:
         raise DfmError(f"partition has empty clusters (sizes {partition.sizes}): use fewer clusters or more data")
-    tokenized = DatasetDict({"train": train, **{name: with_clusters(tokenized[name], partition, column)
-                                                for name in ("validation", "test")}})
-    tokenized = DatasetDict({name: split.add_column("shared", shared_flags(split, config)) if name != "test" else split
-                             for name, split in tokenized.items()})
+    tokenized = DatasetDict(
+        {"train": train, **{name: with_clusters(tokenized[name], partition, column) for name in ("validation", "test")}}
+    )
+    tokenized = DatasetDict(
+        {
+            name: split.add_column("shared", shared_flags(split, config)) if name != "test" else split
+            for name, split in tokenized.items()
+        }
+    )
 
     label_column = config["data"]["label_column"]
     labels = list(tokenized["train"][label_column]) if label_column in tokenized["train"].column_names else None
@@ -231,6 +278,12 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
         write_shard(tokenized, "shared", True, to_rows, layout.shared)
     config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
     write_json(layout.config, config)
-    return {"documents": {name: len(split) for name, split in tokenized.items()}, "vocab_size": vocab_size,
-            "clusters": num_clusters, "sizes": stats["sizes"], "purity": stats["purity"], "nmi": stats["nmi"],
-            "train_tokens": shard_tokens}
+    return {
+        "documents": {name: len(split) for name, split in tokenized.items()},
+        "vocab_size": vocab_size,
+        "clusters": num_clusters,
+        "sizes": stats["sizes"],
+        "purity": stats["purity"],
+        "nmi": stats["nmi"],
+        "train_tokens": shard_tokens,
+    }

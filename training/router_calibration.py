@@ -23,8 +23,9 @@ _SEARCH_STEPS = 40
 
 
 @torch.no_grad()
-def _logits_and_targets(router: nn.Module, examples: datasets.Dataset, device: torch.device | None,
-                        batch_size: int = 64) -> tuple[Tensor, Tensor]:
+def _logits_and_targets(
+    router: nn.Module, examples: datasets.Dataset, device: torch.device | None, batch_size: int = 64
+) -> tuple[Tensor, Tensor]:
     """The router's logits (N, K) at every real position of ``examples`` (rows with a target), and those targets."""
     was_training = router.training
     router.eval()

@@ -27,6 +27,7 @@ On the masked path the router reads noisy states X_t (documents masked at a rand
 P(k | X_t) against the document's cluster (the router of Decentralized Diffusion Models): the
 experts' posterior given a masked state has no tractable form to distil from.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,17 +41,17 @@ from torch import Tensor, nn
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.posterior import prefix_log_posteriors
-from models.tokenizer import load_tokenizer
 from models.expert import load_expert, num_parameters
 from models.router import Router, RouterConfig
 from models.scoring import document_bos, expert_token_log_probs
+from models.tokenizer import load_tokenizer
 from training.config import is_masked, read_run_config, run_path, scoring_context
 from training.data import load_saved
 from training.distributed import setup_distributed
-from training.experts import stage_flops, training_flops
 from training.layout import RunLayout
-from training.router_calibration import fit_temperature, posterior_kl, seed_embedding
+from training.lm_training import stage_flops, training_flops
 from training.masked_training import document_rows, noisy_router_loss
+from training.router_calibration import fit_temperature, posterior_kl, seed_embedding
 from training.trainer import TrainConfig, train
 
 #: Training sequences the router's fit to its own targets is measured on (the first of its shuffled documents).
@@ -59,8 +60,9 @@ FIT_ROWS = 1000
 ROUTER_SEED_OFFSET = 20_000
 
 
-def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: int, bos_id: int,
-                    starts: list[int] | None = None) -> datasets.Dataset:
+def router_examples(
+    docs: list[list[int]], targets: list[Tensor], max_length: int, bos_id: int, starts: list[int] | None = None
+) -> datasets.Dataset:
     """One sequence per document, ``[BOS] + ids`` cut at ``max_length``, with a (max_length, K)
     target distribution per position (row j: the prefix of BOS and j document tokens); padding
     rows are zero, so they carry no loss. ``length`` (real positions) lets the trainer cut every
@@ -73,15 +75,20 @@ def router_examples(docs: list[list[int]], targets: list[Tensor], max_length: in
     firsts = [bos_id] * len(docs) if starts is None else starts
     for i, (ids, target, first) in enumerate(zip(docs, targets, firsts, strict=True)):
         chunk = [first, *ids][:max_length]
-        input_ids[i, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
-        rows[i, :len(chunk)] = target[:len(chunk)]
+        input_ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+        rows[i, : len(chunk)] = target[: len(chunk)]
         lengths.append(len(chunk))
     # fixed-shape features: a batch comes out of Arrow as one array, not as nested Python lists
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=max_length),
-                                  "targets": datasets.Array2D((max_length, num_clusters), "float32"),
-                                  "length": datasets.Value("int32")})
-    return datasets.Dataset.from_dict({"input_ids": input_ids.numpy(), "targets": rows.numpy(), "length": lengths},
-                                      features=features)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32"), length=max_length),
+            "targets": datasets.Array2D((max_length, num_clusters), "float32"),
+            "length": datasets.Value("int32"),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"input_ids": input_ids.numpy(), "targets": rows.numpy(), "length": lengths}, features=features
+    )
 
 
 def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: int) -> list[Tensor]:
@@ -90,13 +97,27 @@ def cluster_targets(docs: list[list[int]], clusters: list[int], num_clusters: in
     return [eye[k].expand(len(ids) + 1, -1) for ids, k in zip(docs, clusters, strict=True)]
 
 
-def bayes_targets(experts: list[nn.Module], docs: list[list[int]], log_prior: Tensor, *, eos_id: int,
-                  context: int, batch_size: int = 16, bos_id: int | None = None) -> list[Tensor]:
+def bayes_targets(
+    experts: list[nn.Module],
+    docs: list[list[int]],
+    log_prior: Tensor,
+    *,
+    eos_id: int,
+    context: int,
+    batch_size: int = 16,
+    bos_id: int | None = None,
+) -> list[Tensor]:
     """The experts' posterior P(k | prefix) at every prefix of every document, from their per-token
     log-likelihoods of it read from ``bos_id`` (default ``eos_id``: one token for both)."""
-    token_log_probs = expert_token_log_probs(experts, docs, bos_id=eos_id if bos_id is None else bos_id,
-                                             eos_id=eos_id, context=context, batch_size=batch_size,
-                                             desc="router targets: experts scoring")
+    token_log_probs = expert_token_log_probs(
+        experts,
+        docs,
+        bos_id=eos_id if bos_id is None else bos_id,
+        eos_id=eos_id,
+        context=context,
+        batch_size=batch_size,
+        desc="router targets: experts scoring",
+    )
     return [prefix_log_posteriors(lp, log_prior).exp().float() for lp in token_log_probs]
 
 
@@ -112,13 +133,16 @@ def save_router(model: nn.Module, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
-def extended_targets(posteriors: list[Tensor], docs: list[list[int]], clusters: list[int],
-                     num_clusters: int) -> list[Tensor]:
+def extended_targets(
+    posteriors: list[Tensor], docs: list[list[int]], clusters: list[int], num_clusters: int
+) -> list[Tensor]:
     """Each document's Bayes rows (its scored prefixes), then its cluster one-hot for the prefixes
     the experts did not score: one target row per prefix of the whole document."""
     eye = torch.eye(num_clusters)
-    return [torch.cat([rows, eye[k].expand(len(ids) + 1 - len(rows), -1)])
-            for rows, ids, k in zip(posteriors, docs, clusters, strict=True)]
+    return [
+        torch.cat([rows, eye[k].expand(len(ids) + 1 - len(rows), -1)])
+        for rows, ids, k in zip(posteriors, docs, clusters, strict=True)
+    ]
 
 
 def _chosen(split: datasets.Dataset, start: int, count: int | None, max_length: int) -> datasets.Dataset:
@@ -127,8 +151,9 @@ def _chosen(split: datasets.Dataset, start: int, count: int | None, max_length: 
     end = len(split) if count is None else min(len(split), start + count)
     if end <= start:  # datasets refuses an empty range at the end, and maps nothing badly
         return split.select([])
-    return split.select(range(start, end)).map(lambda ids: {"input_ids": ids[:max_length - 1]},
-                                                         input_columns="input_ids")
+    return split.select(range(start, end)).map(
+        lambda ids: {"input_ids": ids[: max_length - 1]}, input_columns="input_ids"
+    )
 
 
 def train_router(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
@@ -153,18 +178,36 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
 
     torch.manual_seed(seed)
     expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
-    router = Router(RouterConfig(vocab_size=vocab_size, num_experts=num_clusters,
-                                 hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-                                 num_heads=options["num_heads"], max_positions=max(expert_context, max_length),
-                                 dropout=options["dropout"]))
+    router = Router(
+        RouterConfig(
+            vocab_size=vocab_size,
+            num_experts=num_clusters,
+            hidden_size=options["hidden_size"],
+            num_layers=options["num_layers"],
+            num_heads=options["num_heads"],
+            max_positions=max(expert_context, max_length),
+            dropout=options["dropout"],
+        )
+    )
     embedding = seed_embedding(run_dir, config) if options["init"] == "seed" else None
     if embedding is not None:  # a run without a seed model starts its router from scratch too
         router.init_token_embedding(embedding)
     train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
     validation = examples["validation"]
-    result = train(router, examples["train"], loss, train_options, save_fn=save_router,
-                   out_dir=layout.router, checkpoint_dir=layout.checkpoints("router"), log_path=layout.log("router"),
-                   val_data=validation if len(validation) else None, resume=resume, desc="router", device=device)
+    result = train(
+        router,
+        examples["train"],
+        loss,
+        train_options,
+        save_fn=save_router,
+        out_dir=layout.router,
+        checkpoint_dir=layout.checkpoints("router"),
+        log_path=layout.log("router"),
+        val_data=validation if len(validation) else None,
+        resume=resume,
+        desc="router",
+        device=device,
+    )
     fit = {}
     if options["temperature"] == "fit" and len(validation):
         fit["temperature"] = fit_temperature(router, validation, device)
@@ -172,18 +215,33 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
         if setup_distributed().is_main:
             save_router(router, layout.router)
     fit.update({f"kl_{name}": posterior_kl(router, rows, device) for name, rows in fits.items() if len(rows)})
-    summary = {"name": "router", "parameters": router.num_parameters, "steps": result.steps, "tokens": result.tokens,
-               "targets": targets, **scoring, **fit}
+    summary = {
+        "name": "router",
+        "parameters": router.num_parameters,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "targets": targets,
+        **scoring,
+        **fit,
+    }
     flops = stage_flops(summary)
-    summary.update({"scoring_flops": flops - training_flops(router.num_parameters, result.tokens), "flops": flops,
-                    "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds})
+    summary.update(
+        {
+            "scoring_flops": flops - training_flops(router.num_parameters, result.tokens),
+            "flops": flops,
+            "final_loss": result.final_loss,
+            "val_loss": result.val_loss,
+            "seconds": result.seconds,
+        }
+    )
     if setup_distributed().is_main:
         write_json(layout.summary("router"), summary)
     return summary
 
 
-def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.DatasetDict, tokenizer,
-                     seed: int, device: torch.device | None) -> tuple[dict[str, datasets.Dataset], dict, dict]:
+def _prefix_examples(
+    config: dict, layout: RunLayout, documents: datasets.DatasetDict, tokenizer, seed: int, device: torch.device | None
+) -> tuple[dict[str, datasets.Dataset], dict, dict]:
     """The ar router's sequences (one document from BOS) with their per-prefix targets; what the
     experts' scoring of them cost (bayes targets: the summary's ``scoring_parameters``, all
     experts', and ``scoring_tokens`` per split: each scored document's BOS and scored tokens, the
@@ -201,11 +259,17 @@ def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.Datase
     if options["targets"] == "cluster":  # every chosen document is labelled: no scoring to save
         more = options["label_documents"]
         scored_count = None if scored_count is None or more is None else scored_count + more
-    scored = {"train": _chosen(train_docs, 0, scored_count, max_length),
-              "validation": _chosen(documents["validation"].shuffle(seed=seed), 0, options["validation_documents"],
-                                    max_length)}
-    labelled = (_chosen(train_docs, len(scored["train"]), options["label_documents"], max_length)
-                if options["targets"] == "bayes" else train_docs.select([]))
+    scored = {
+        "train": _chosen(train_docs, 0, scored_count, max_length),
+        "validation": _chosen(
+            documents["validation"].shuffle(seed=seed), 0, options["validation_documents"], max_length
+        ),
+    }
+    labelled = (
+        _chosen(train_docs, len(scored["train"]), options["label_documents"], max_length)
+        if options["targets"] == "bayes"
+        else train_docs.select([])
+    )
     scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
     ids = {name: list(split["input_ids"]) for name, split in scored.items()}
     clusters = {name: list(split["cluster"]) for name, split in scored.items()}
@@ -216,21 +280,31 @@ def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.Datase
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
         length = options["scored_length"] or max_length
         prefixes = {name: [doc[:length] for doc in docs] for name, docs in ids.items()}
-        posteriors = {name: bayes_targets(experts, docs, log_prior, bos_id=bos_id, eos_id=eos_id, context=context)
-                      for name, docs in prefixes.items()}
-        scoring = {"scoring_parameters": sum(num_parameters(e) for e in experts),
-                   "scoring_tokens": {name: sum(len(doc) + 1 for doc in docs) for name, docs in prefixes.items()}}
+        posteriors = {
+            name: bayes_targets(experts, docs, log_prior, bos_id=bos_id, eos_id=eos_id, context=context)
+            for name, docs in prefixes.items()
+        }
+        scoring = {
+            "scoring_parameters": sum(num_parameters(e) for e in experts),
+            "scoring_tokens": {name: sum(len(doc) + 1 for doc in docs) for name, docs in prefixes.items()},
+        }
         targets = {name: extended_targets(posteriors[name], ids[name], clusters[name], num_clusters) for name in ids}
         fits = {name: router_examples(prefixes[name], posteriors[name], max_length, bos_id) for name in ids}
     else:
         targets = {name: cluster_targets(ids[name], clusters[name], num_clusters) for name in ids}
     examples = {name: router_examples(ids[name], targets[name], max_length, bos_id) for name in ids}
     if options["targets"] == "cluster":  # the fit to its own (one-hot) targets: its cross-entropy
-        fits = {"train": examples["train"].select(range(min(FIT_ROWS, len(examples["train"])))),
-                "validation": examples["validation"]}
+        fits = {
+            "train": examples["train"].select(range(min(FIT_ROWS, len(examples["train"])))),
+            "validation": examples["validation"],
+        }
     if len(labelled):
-        free = router_examples(list(labelled["input_ids"]), cluster_targets(list(labelled["input_ids"]),
-                               list(labelled["cluster"]), num_clusters), max_length, bos_id)
+        free = router_examples(
+            list(labelled["input_ids"]),
+            cluster_targets(list(labelled["input_ids"]), list(labelled["cluster"]), num_clusters),
+            max_length,
+            bos_id,
+        )
         examples["train"] = datasets.concatenate_datasets([examples["train"], free])
     if options["windows"]:
         windows = _windows(train_docs, max_length, num_clusters, seed, bos_id)
@@ -238,8 +312,9 @@ def _prefix_examples(config: dict, layout: RunLayout, documents: datasets.Datase
     return examples, scoring, fits
 
 
-def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, seed: int,
-             bos_id: int) -> datasets.Dataset:
+def _windows(
+    documents: datasets.Dataset, max_length: int, num_clusters: int, seed: int, bos_id: int
+) -> datasets.Dataset:
     """One window of ``max_length`` tokens from a seeded offset inside every training document longer
     than a router sequence, its cluster as target: what evaluation's later windows show the router
     (no BOS, the document already under way)."""
@@ -248,7 +323,7 @@ def _windows(documents: datasets.Dataset, max_length: int, num_clusters: int, se
     for ids, cluster in zip(documents["input_ids"], documents["cluster"]):
         if len(ids) >= max_length:
             offset = rng.randrange(1, len(ids) - max_length + 1) if len(ids) > max_length else 1
-            window = ids[offset:offset + max_length]
+            window = ids[offset : offset + max_length]
             docs.append(window[1:])
             starts.append(window[0])
             clusters.append(cluster)

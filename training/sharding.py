@@ -13,8 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from dfm.errors import DfmError
@@ -28,8 +33,10 @@ def shard_model(model: nn.Module) -> None:
     block_names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
     blocks = [module for module in model.modules() if type(module).__name__ in block_names]
     if not blocks:
-        raise DfmError(f"{type(model).__name__} names no transformer blocks (_no_split_modules) for FSDP to shard: "
-                       f"train it without fsdp")
+        raise DfmError(
+            f"{type(model).__name__} names no transformer blocks (_no_split_modules) for FSDP to shard: "
+            f"train it without fsdp"
+        )
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
@@ -49,8 +56,9 @@ def full_model_state(model: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(model, options=_FULL)
 
 
-def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                     optimizer_state: dict[str, Any]) -> None:
+def load_full_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optimizer_state: dict[str, Any]
+) -> None:
     """Load full state dicts (read by every rank) into the sharded model and its optimizer."""
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)

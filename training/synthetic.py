@@ -77,8 +77,7 @@ class SyntheticSpec:
             )
         if self.common_words < self.max_successors:
             raise DfmError(
-                f"synthetic common_words ({self.common_words}) must be >= max_successors "
-                f"({self.max_successors})"
+                f"synthetic common_words ({self.common_words}) must be >= max_successors ({self.max_successors})"
             )
         if self.vocab_size > _MAX_VOCAB:
             raise DfmError(f"synthetic vocab_size must be <= {_MAX_VOCAB}, got {self.vocab_size}")
@@ -92,14 +91,12 @@ class SyntheticSpec:
             raise DfmError(f"synthetic min_length must be >= 1, got {self.min_length}")
         if not math.isfinite(self.mean_length) or self.mean_length < self.min_length:
             raise DfmError(
-                f"synthetic mean_length ({self.mean_length}) must be finite and >= min_length "
-                f"({self.min_length})"
+                f"synthetic mean_length ({self.mean_length}) must be finite and >= min_length ({self.min_length})"
             )
         if self.priors is not None:
             if len(self.priors) != self.num_domains:
                 raise DfmError(
-                    f"synthetic priors has {len(self.priors)} entries; give one per domain "
-                    f"({self.num_domains})"
+                    f"synthetic priors has {len(self.priors)} entries; give one per domain ({self.num_domains})"
                 )
             if not all(math.isfinite(p) and p > 0 for p in self.priors):
                 raise DfmError(f"synthetic priors must be finite and > 0, got {self.priors}")
@@ -165,9 +162,7 @@ class SyntheticCorpus:
         shared_start = _dirichlet(rng, n_common)
         for k in range(K):
             start[k, common] = (1.0 - _START_TOPIC) * torch.tensor(shared_start, dtype=torch.float64)
-            start[k, topical[k]] = _START_TOPIC * torch.tensor(
-                _dirichlet(rng, block), dtype=torch.float64
-            )
+            start[k, topical[k]] = _START_TOPIC * torch.tensor(_dirichlet(rng, block), dtype=torch.float64)
 
         transition = torch.zeros(K, V, V, dtype=torch.float64)
         for w in range(V):
@@ -180,9 +175,7 @@ class SyntheticCorpus:
                 pool.update({v: _LEAK / len(others) for v in others})
                 own = _weighted_sample(rng, pool, successor_count())
                 transition[k, w, shared] = (1.0 - tau) * shared_p
-                transition[k, w, own] = tau * torch.tensor(
-                    _dirichlet(rng, len(own)), dtype=torch.float64
-                )
+                transition[k, w, own] = tau * torch.tensor(_dirichlet(rng, len(own)), dtype=torch.float64)
 
         raw_priors = spec.priors if spec.priors is not None else (1.0,) * K
         self.priors: torch.Tensor = torch.tensor(raw_priors, dtype=torch.float64)
@@ -288,6 +281,4 @@ class SyntheticCorpus:
     def to_dataset(self) -> datasets.Dataset:
         """``spec.num_documents`` documents sampled with ``spec.seed``; columns text and domain."""
         docs = self.sample(self.spec.num_documents, self.spec.seed)
-        return datasets.Dataset.from_dict(
-            {"text": [t for t, _ in docs], "domain": [k for _, k in docs]}
-        )
+        return datasets.Dataset.from_dict({"text": [t for t, _ in docs], "domain": [k for _, k in docs]})

@@ -47,8 +47,17 @@ from training.sharding import full_model_state, full_states, grad_sync, is_shard
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 # Options that shape the optimisation trajectory: a resumed run must keep them.
-_TRAJECTORY = ("seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-               "fsdp")
+_TRAJECTORY = (
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "fsdp",
+)
 
 
 @dataclass
@@ -119,8 +128,11 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.
     """transformers' warmup-cosine schedule: ``config.lr`` times (step + 1) / warmup_steps while
     warming up, then a cosine that reaches ``min_lr_ratio`` at the last of ``config.steps``."""
     return get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
-        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
-        min_lr_rate=config.min_lr_ratio)
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.steps,
+        min_lr_rate=config.min_lr_ratio,
+    )
 
 
 class _SampleStream:
@@ -181,8 +193,9 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             (decay if param.ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel (CPU and CUDA) replaces a per-parameter Python loop: ~2 ms a step here
-    fused = not is_sharded(model) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                          for g in groups for p in g["params"])
+    fused = not is_sharded(model) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"]
+    )
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.95), fused=fused)
 
 
@@ -228,18 +241,24 @@ def data_fingerprint(data: datasets.Dataset) -> str:
     return digest.hexdigest()
 
 
-def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint_dir: Path,
-                     fingerprint: str) -> None:
+def _check_resumable(
+    state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint_dir: Path, fingerprint: str
+) -> None:
     extra = state["extra"]
     hint = f"or delete {checkpoint_dir} to start over"
     recorded = extra.get("data_sha256")
     if recorded is None:
-        warnings.warn(f"the checkpoint in {checkpoint_dir} predates the sha256 of all its training data: resuming "
-                      f"without checking that the data is the same", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint in {checkpoint_dir} predates the sha256 of all its training data: resuming "
+            f"without checking that the data is the same",
+            stacklevel=3,
+        )
     elif recorded != fingerprint:
-        raise DfmError(f"the training data changed since the checkpoint was written (prepared again?); "
-                       f"checkpoints of other data cannot be resumed: delete {checkpoint_dir} and run again "
-                       f"without --resume")
+        raise DfmError(
+            f"the training data changed since the checkpoint was written (prepared again?); "
+            f"checkpoints of other data cannot be resumed: delete {checkpoint_dir} and run again "
+            f"without --resume"
+        )
     if extra["world_size"] != world_size:
         raise DfmError(f"checkpoint was written by {extra['world_size']} process(es); resume with as many {hint}")
     changed = [k for k in _TRAJECTORY if extra["config"][k] != getattr(config, k)]
@@ -320,12 +339,26 @@ def train(
         raise DfmError("training data has no input_ids column; pass tokens_per_sample")
     info = setup_distributed(device)
     if config.fsdp and info.world_size == 1:
-        raise DfmError(f"{desc}: fsdp shards over torchrun ranks and this is a single process: run under "
-                       f"torchrun --nproc_per_node N or drop fsdp")
+        raise DfmError(
+            f"{desc}: fsdp shards over torchrun ranks and this is a single process: run under "
+            f"torchrun --nproc_per_node N or drop fsdp"
+        )
     with _main_rank_lock(info, checkpoint_dir, desc):
-        return _train(model, train_data, loss_fn, config, info, save_fn=save_fn, out_dir=out_dir,
-                      checkpoint_dir=checkpoint_dir, log_path=log_path, val_data=val_data, resume=resume, desc=desc,
-                      tokens_per_sample=tokens_per_sample)
+        return _train(
+            model,
+            train_data,
+            loss_fn,
+            config,
+            info,
+            save_fn=save_fn,
+            out_dir=out_dir,
+            checkpoint_dir=checkpoint_dir,
+            log_path=log_path,
+            val_data=val_data,
+            resume=resume,
+            desc=desc,
+            tokens_per_sample=tokens_per_sample,
+        )
 
 
 @contextmanager
@@ -350,9 +383,22 @@ def _main_rank_lock(info: DistInfo, checkpoint_dir: Path, name: str) -> Iterator
         yield
 
 
-def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, config: TrainConfig, info: DistInfo, *,
-           save_fn: Callable[..., None], out_dir: Path, checkpoint_dir: Path, log_path: Path,
-           val_data: datasets.Dataset | None, resume: bool, desc: str, tokens_per_sample: int | None) -> TrainResult:
+def _train(
+    model: nn.Module,
+    train_data: datasets.Dataset,
+    loss_fn: LossFn,
+    config: TrainConfig,
+    info: DistInfo,
+    *,
+    save_fn: Callable[..., None],
+    out_dir: Path,
+    checkpoint_dir: Path,
+    log_path: Path,
+    val_data: datasets.Dataset | None,
+    resume: bool,
+    desc: str,
+    tokens_per_sample: int | None,
+) -> TrainResult:
     """``train`` once its arguments are checked and the lock is held."""
     torch.manual_seed(config.seed + info.rank)
     model.to(info.device)
@@ -392,16 +438,30 @@ def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, conf
 
     def run_state(**more: Any) -> dict[str, Any]:
         seconds = seconds_before + time.perf_counter() - started
-        base = {"tokens": tokens, "seconds": seconds, "loss": final_loss, "world_size": info.world_size,
-                "data_sha256": fingerprint}
+        base = {
+            "tokens": tokens,
+            "seconds": seconds,
+            "loss": final_loss,
+            "world_size": info.world_size,
+            "data_sha256": fingerprint,
+        }
         return {**base, "config": config.to_dict(), **more}
 
     def checkpoint(step: int, **more: Any) -> None:
         rng_states = _gather_rng(info)
         states = full_states(model, optimizer) if sharded else None  # gathered by every rank
         if info.is_main:
-            save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, run_state(**more),
-                            keep=config.keep_checkpoints, rng_states=rng_states, states=states)
+            save_checkpoint(
+                checkpoint_dir,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                run_state(**more),
+                keep=config.keep_checkpoints,
+                rng_states=rng_states,
+                states=states,
+            )
 
     bar = progress(total=config.steps, initial=start_step, desc=desc, enabled=info.is_main)
     try:
@@ -419,8 +479,9 @@ def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, conf
                         loss = loss_fn(net, batch)
                     (loss / config.grad_accum).backward()
                 step_loss += loss.detach().float() / config.grad_accum
-                step_tokens += (tokens_per_sample * config.batch_size if tokens_per_sample
-                                else batch["input_ids"].numel())
+                step_tokens += (
+                    tokens_per_sample * config.batch_size if tokens_per_sample else batch["input_ids"].numel()
+                )
             if info.world_size > 1:
                 dist.all_reduce(step_loss)
                 step_loss /= info.world_size
@@ -445,8 +506,13 @@ def _train(model: nn.Module, train_data: datasets.Dataset, loss_fn: LossFn, conf
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             if info.is_main and config.log_every and (done % config.log_every == 0 or done == config.steps):
                 seconds = seconds_before + time.perf_counter() - started
-                record = {"step": done, "loss": window_loss / window_steps, "lr": lr, "tokens": tokens,
-                          "seconds": seconds}
+                record = {
+                    "step": done,
+                    "loss": window_loss / window_steps,
+                    "lr": lr,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                }
                 _append_log(log_path, record)
                 window_loss, window_steps = 0.0, 0
             if val is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:

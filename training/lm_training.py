@@ -16,8 +16,8 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.loss import dfm_loss
 from models.adapters import adapter_parameters, add_lora
-from models.tokenizer import load_tokenizer
 from models.expert import num_parameters, save_expert
+from models.tokenizer import load_tokenizer
 from training.config import is_masked, read_run_config, run_path, seed_phase
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
@@ -55,7 +55,7 @@ def unigram_entropy(rows: datasets.Dataset) -> float:
     for batch in rows.select_columns(columns).with_format("torch").iter(batch_size=READ_BATCH):
         tokens = batch["labels"][batch["labels"] >= 0] if packed else batch["input_ids"][batch["attention_mask"].bool()]
         batch_counts = torch.bincount(tokens, minlength=len(counts)).double()
-        batch_counts[:len(counts)] += counts
+        batch_counts[: len(counts)] += counts
         counts = batch_counts
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
@@ -74,8 +74,10 @@ def stage_flops(summary: dict) -> int:
     (``training_flops``) and, for the router, the experts' forwards scoring its documents
     (``scoring_parameters`` x ``scoring_tokens`` of every split, 2 each)."""
     scored = sum(summary.get("scoring_tokens", {}).values())
-    return (training_flops(summary["parameters"], summary["tokens"], summary.get("adapter_parameters", 0))
-            + FORWARD_FLOPS * summary.get("scoring_parameters", 0) * scored)
+    return (
+        training_flops(summary["parameters"], summary["tokens"], summary.get("adapter_parameters", 0))
+        + FORWARD_FLOPS * summary.get("scoring_parameters", 0) * scored
+    )
 
 
 def compute_matching(run_dir: str | Path, experts: list[str]) -> dict:
@@ -91,16 +93,30 @@ def compute_matching(run_dir: str | Path, experts: list[str]) -> dict:
     router_training = training_flops(router["parameters"], router["tokens"]) if router else 0
     experts_flops = sum(flops[name] for name in experts)
     decentralized = experts_flops + flops["router"]
-    return {"experts_flops": experts_flops, "router_training_flops": router_training,
-            "router_scoring_flops": flops["router"] - router_training, "decentralized_flops": decentralized,
-            "baseline_flops": flops["baseline"],
-            "baseline_over_decentralized": flops["baseline"] / decentralized if decentralized else None,
-            "seed_flops": flops["seed"], "seed_from": summaries[experts[0]].get("branched_from") if experts else None}
+    return {
+        "experts_flops": experts_flops,
+        "router_training_flops": router_training,
+        "router_scoring_flops": flops["router"] - router_training,
+        "decentralized_flops": decentralized,
+        "baseline_flops": flops["baseline"],
+        "baseline_over_decentralized": flops["baseline"] / decentralized if decentralized else None,
+        "seed_flops": flops["seed"],
+        "seed_from": summaries[experts[0]].get("branched_from") if experts else None,
+    }
 
 
-def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: datasets.Dataset | None,
-              train_options: dict, seed: int, out_dir: Path, resume: bool, device: torch.device | None,
-              adapted: bool = False) -> dict:
+def _train_lm(
+    run_dir: Path,
+    name: str,
+    train_data: datasets.Dataset,
+    val_data: datasets.Dataset | None,
+    train_options: dict,
+    seed: int,
+    out_dir: Path,
+    resume: bool,
+    device: torch.device | None,
+    adapted: bool = False,
+) -> dict:
     """Train one model of the run (the seed model, an expert, the baseline) from where
     ``initial_model`` starts it; ``adapted``: as a LoRA adapter on that start when the run's
     ``expert.adapter`` says so."""
@@ -114,16 +130,36 @@ def _train_lm(run_dir: Path, name: str, train_data: datasets.Dataset, val_data: 
         model = add_lora(model, config["expert"]["lora"], os.path.relpath(init, out_dir))
     options = TrainConfig.from_dict({**train_options, "seed": seed})
     loss = masked_loss(run_path(config, len(tokenizer))) if is_masked(config) else lm_loss
-    result: TrainResult = train(model, train_data, loss, options, save_fn=save_expert, out_dir=out_dir,
-                                checkpoint_dir=layout.checkpoints(name), log_path=layout.log(name),
-                                val_data=val_data, resume=resume, desc=name, device=device)
+    result: TrainResult = train(
+        model,
+        train_data,
+        loss,
+        options,
+        save_fn=save_expert,
+        out_dir=out_dir,
+        checkpoint_dir=layout.checkpoints(name),
+        log_path=layout.log(name),
+        val_data=val_data,
+        resume=resume,
+        desc=name,
+        device=device,
+    )
     adapter = adapter_parameters(model)
     parameters = num_parameters(model) - adapter
-    summary = {"name": name, "parameters": parameters, "adapter_parameters": adapter, "steps": result.steps,
-               "tokens": result.tokens, "flops": training_flops(parameters, result.tokens, adapter),
-               "branched_from": run_relative(init, run_dir),
-               "final_loss": result.final_loss, "val_loss": result.val_loss, "seconds": result.seconds,
-               "unigram_entropy": unigram_entropy(train_data), "train_blocks": len(train_data)}
+    summary = {
+        "name": name,
+        "parameters": parameters,
+        "adapter_parameters": adapter,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "flops": training_flops(parameters, result.tokens, adapter),
+        "branched_from": run_relative(init, run_dir),
+        "final_loss": result.final_loss,
+        "val_loss": result.val_loss,
+        "seconds": result.seconds,
+        "unigram_entropy": unigram_entropy(train_data),
+        "train_blocks": len(train_data),
+    }
     if setup_distributed().is_main:
         write_json(layout.summary(name), summary)
     return summary
@@ -135,12 +171,23 @@ def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device |
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if not seed_phase(config):
-        raise DfmError("this run has no seed phase (seed_model.phase is false, or --init-from names the seed): "
-                       "train the experts directly")
+        raise DfmError(
+            "this run has no seed phase (seed_model.phase is false, or --init-from names the seed): "
+            "train the experts directly"
+        )
     layout = RunLayout.of(run_dir)
     shard = load_saved(layout.shared, "the shared documents of the seed phase")
-    return _train_lm(run_dir, "seed", shard["train"], shard.get("validation"), config["seed_model"]["train"],
-                     config["seed"] + SEED_OFFSET, layout.seed, resume, device)
+    return _train_lm(
+        run_dir,
+        "seed",
+        shard["train"],
+        shard.get("validation"),
+        config["seed_model"]["train"],
+        config["seed"] + SEED_OFFSET,
+        layout.seed,
+        resume,
+        device,
+    )
 
 
 def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torch.device | None = None) -> dict:
@@ -151,11 +198,24 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
     if not 0 <= k < num_clusters:
         raise DfmError(f"--expert must be between 0 and {num_clusters - 1} for this run, got {k}")
     layout = RunLayout.of(run_dir)
-    shard = load_saved(layout.shard(k), f"the data shard of expert {k}",
-                       f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
-                       f"and data/expert-{k}/ of the run here (README, Compute islands)")
-    return _train_lm(run_dir, f"expert-{k}", shard["train"], shard.get("validation"), config["expert"]["train"],
-                     config["seed"] + k, layout.expert(k), resume, device, adapted=True)
+    shard = load_saved(
+        layout.shard(k),
+        f"the data shard of expert {k}",
+        f"run `dfm prepare` first, or, on a compute island, copy config.json, tokenizer/, seed/ "
+        f"and data/expert-{k}/ of the run here (README, Compute islands)",
+    )
+    return _train_lm(
+        run_dir,
+        f"expert-{k}",
+        shard["train"],
+        shard.get("validation"),
+        config["expert"]["train"],
+        config["seed"] + k,
+        layout.expert(k),
+        resume,
+        device,
+        adapted=True,
+    )
 
 
 def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
@@ -172,8 +232,10 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     experts = [layout.read_summary(f"expert-{k}") for k in range(num_clusters)]
     missing = [f"expert-{k}" for k, summary in enumerate(experts) if summary is None]
     if missing:
-        raise DfmError(f"{', '.join(missing)} not trained yet: compute matching counts what every expert spent, "
-                       f"so train the baseline last")
+        raise DfmError(
+            f"{', '.join(missing)} not trained yet: compute matching counts what every expert spent, "
+            f"so train the baseline last"
+        )
     router = layout.read_summary("router")
     if router is None and num_clusters > 1:
         warnings.warn("the router is not trained yet: the baseline is not charged for its compute", stacklevel=2)
@@ -190,11 +252,22 @@ def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.devi
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     layout = RunLayout.of(run_dir)
-    shards = [load_saved(layout.shard(k), f"the data shard of expert {k}")
-              for k in range(config["partition"]["num_clusters"])]
+    shards = [
+        load_saved(layout.shard(k), f"the data shard of expert {k}") for k in range(config["partition"]["num_clusters"])
+    ]
     train_data = datasets.concatenate_datasets([s["train"] for s in shards])
     validation = [s["validation"] for s in shards if "validation" in s]
     val_data = datasets.concatenate_datasets(validation) if validation else None
     options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
-    return _train_lm(run_dir, "baseline", train_data, val_data, options,
-                     config["seed"] + BASELINE_SEED_OFFSET, layout.baseline, resume, device, adapted=True)
+    return _train_lm(
+        run_dir,
+        "baseline",
+        train_data,
+        val_data,
+        options,
+        config["seed"] + BASELINE_SEED_OFFSET,
+        layout.baseline,
+        resume,
+        device,
+        adapted=True,
+    )

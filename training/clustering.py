@@ -23,9 +23,17 @@ from sklearn.utils.extmath import randomized_svd
 
 from dfm.errors import DfmError
 from dfm.progress import progress
-from models.partition import (Docs, Features, Partition, cluster_means, fit_idf, normalise_rows, project, term_counts,
-                              tfidf)
-
+from models.partition import (
+    Docs,
+    Features,
+    Partition,
+    cluster_means,
+    fit_idf,
+    normalise_rows,
+    project,
+    term_counts,
+    tfidf,
+)
 
 #: The fewest training documents per cluster k-means is asked for on average: a cluster of one
 #: document is that document (its expert memorises one text, its centre is the text itself).
@@ -120,9 +128,11 @@ def fit_kmeans(
     if iterations < 1 or restarts < 1:
         raise DfmError(f"iterations and restarts must be >= 1, got {iterations} and {restarts}")
     if n < MIN_DOCUMENTS_PER_CLUSTER * num_clusters:
-        raise DfmError(f"only {n} training documents for {num_clusters} clusters ({n / num_clusters:.2g} per cluster), "
-                       f"fewer documents than the {MIN_DOCUMENTS_PER_CLUSTER} per cluster a cluster needs to be a group: "
-                       f"lower --num-clusters to at most {max(1, n // MIN_DOCUMENTS_PER_CLUSTER)} or add documents")
+        raise DfmError(
+            f"only {n} training documents for {num_clusters} clusters ({n / num_clusters:.2g} per cluster), "
+            f"fewer documents than the {MIN_DOCUMENTS_PER_CLUSTER} per cluster a cluster needs to be a group: "
+            f"lower --num-clusters to at most {max(1, n // MIN_DOCUMENTS_PER_CLUSTER)} or add documents"
+        )
     counts = term_counts(docs, vocab_size)
     idf = fit_idf(counts)
     weighted = tfidf(counts, idf)
@@ -145,8 +155,9 @@ def fit_kmeans(
     return Partition(centres=torch.from_numpy(best[2]), idf=idf, projection=projection, assignments=best[1])
 
 
-def from_labels(docs: Docs, labels: Sequence[Hashable], vocab_size: int,
-                values: Sequence[Hashable] | None = None) -> Partition:
+def from_labels(
+    docs: Docs, labels: Sequence[Hashable], vocab_size: int, values: Sequence[Hashable] | None = None
+) -> Partition:
     """Partition by an existing label column: cluster ids are the sorted distinct labels (of
     ``values`` when given: every label of a corpus whose sample ``docs`` and ``labels`` are).
 

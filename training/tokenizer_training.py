@@ -26,7 +26,9 @@ class VocabularyShortfall(UserWarning):
     uses the smaller vocabulary). ``dfm`` shows it only when the vocabulary size was set explicitly."""
 
 
-def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` (strings, or batches of them); every byte stays
     encodable. Warns (VocabularyShortfall) when the corpus cannot fill ``vocab_size``."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -35,17 +37,31 @@ def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = 2048
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=shown(),
-                                  special_tokens=[END_OF_TEXT], initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=shown(),
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=alphabet,
+    )
     bpe.train_from_iterator(texts, trainer)
     reached = bpe.get_vocab_size()
     if reached < vocab_size:
-        warnings.warn(VocabularyShortfall(
-            f"the BPE tokenizer stopped at {reached} tokens of the {vocab_size} asked (tokenizer.vocab_size): the "
-            f"corpus has no more pairs seen {min_frequency}+ times; the run uses {reached} (more text reaches more)"),
-            stacklevel=2)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
-                                   pad_token=END_OF_TEXT, unk_token=None, model_max_length=1 << 30)
+        warnings.warn(
+            VocabularyShortfall(
+                f"the BPE tokenizer stopped at {reached} tokens of the {vocab_size} asked (tokenizer.vocab_size): the "
+                f"corpus has no more pairs seen {min_frequency}+ times; the run uses {reached} (more text reaches more)"
+            ),
+            stacklevel=2,
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=None,
+        model_max_length=1 << 30,
+    )
 
 
 def text_batches(ds: Dataset, text_column: str, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -68,8 +84,10 @@ def existing_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except (OSError, ValueError) as err:
-            raise DfmError(f"cannot load a tokenizer from {str(path)!r} ({str(err).splitlines()[0]}): give "
-                           f"--init-from/--tokenizer a local save_pretrained directory or a hub name") from err
+            raise DfmError(
+                f"cannot load a tokenizer from {str(path)!r} ({str(err).splitlines()[0]}): give "
+                f"--init-from/--tokenizer a local save_pretrained directory or a hub name"
+            ) from err
     if tokenizer.eos_token_id is None:
         raise DfmError(f"the tokenizer at {path} has no EOS token: dfm needs one to separate documents")
     if tokenizer.pad_token_id is None:
