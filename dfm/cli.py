@@ -340,7 +340,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from eval.pipeline import run_pipeline, sample_text
     from eval.report import markdown
-    from training.config import is_masked, read_run_config
+    from training.config import read_run_config, run_kind
 
     device = _device(args)  # checked before any work
     dtype = _dtype(args, device)
@@ -357,10 +357,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(markdown(result.report))
     config = read_run_config(args.out)
     print(f"Sample (mixture routing, 60 tokens max):\n  {sample_text(args.out, config['seed'], device, dtype)}\n")
-    _say(
-        f"more: dfm generate --run {args.out} --prompt TEXT --routing "
-        + ("switch --sampler-steps 128 --show-steps" if is_masked(config) else "topk --k 1 --show-routing")
-    )
+    _say(f"more: dfm generate --run {args.out} --prompt TEXT --routing " + run_kind(config).generate_hint)
     _say(f"done in {sum(result.timings.values()):.0f}s: {json.dumps(result.timings)}; report in {args.out}/eval/")
 
 
@@ -419,32 +416,16 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return [""]
 
 
-def _load_generator(args: argparse.Namespace):
-    """The ensemble, or the baseline / one expert wrapped as a one-expert ensemble (same code path)."""
-    from models.ensemble import Ensemble
-    from models.expert import load_expert
-    from models.generation import single_model
-    from models.manifest import Manifest, resolve_inside
-    from models.tokenizer import load_tokenizer
-
+def _load_generator(args: argparse.Namespace, kind):
+    """The ensemble of the run's path, or the baseline / one expert as a one-expert ensemble (same code path)."""
     device = _device(args)
     dtype = _dtype(args, device)
     if args.model == "ensemble":
         # bayes and centroid weigh the experts without the router: a run without one still generates
-        return Ensemble.from_run(
-            args.run, device=device, allow_missing=args.allow_missing, load_router=args.routing.uses_router, dtype=dtype
+        return kind.load_ensemble(
+            args.run, device, allow_missing=args.allow_missing, load_router=args.routing.uses_router, dtype=dtype
         )
-    manifest = Manifest.load(args.run)
-    tokenizer = load_tokenizer(resolve_inside(args.run, manifest.tokenizer))
-    paths = {"baseline": manifest.baseline, **{e.name: e.path for e in manifest.experts}}
-    if paths.get(args.model) is None:
-        raise DfmError(
-            f"--model {args.model} is not in {args.run}/ensemble.json: choose ensemble, "
-            f"{', '.join(name for name, p in paths.items() if p)}"
-        )
-    model = manifest.load_model(args.run, paths[args.model], load_expert, device, dtype)
-    manifest.verify(args.run, manifest.tokenizer)
-    return single_model(model, tokenizer, name=args.model)
+    return kind.load_model(args.run, args.model, device, dtype)
 
 
 def _routing_view(generation, tokenizer, colour: bool) -> str:
@@ -464,74 +445,65 @@ def _routing_view(generation, tokenizer, colour: bool) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from models.manifest import Manifest
-
-    if Manifest.load(args.run).path_kind == "masked":
-        if args.compile:
-            raise DfmError("--compile compiles the autoregressive decoding step; drop it for this masked run")
-        return _generate_masked(args)
-    if args.sampler_steps is not None or args.show_steps:
-        raise DfmError(
-            "--sampler-steps and --show-steps are for runs on the masked path; this run is autoregressive "
-            "(one token per step)"
-        )
+    from dfm.progress import progress
     from dfm.routing import Routing
-    from models.generation import generate_text
+    from models.generation_request import GenerationRequest
+    from models.manifest import Manifest
+    from models.path_kinds import path_kind
 
+    kind = path_kind(Manifest.load(args.run).path_kind)
     args.routing, args.k = _routing_and_k(args)  # fail on a typo before loading anything
     if args.batch_size < 1:
         raise DfmError(f"--batch-size must be a positive number of prompts, got {args.batch_size}")
+    if args.show_steps and kind.streams_tokens:
+        raise DfmError(f"--show-steps shows the masked sampler's steps; this run is on the {kind.name} path")
+    if args.show_routing and not kind.streams_tokens:
+        raise DfmError(f"--show-routing shows the router's weight per token; on the {kind.name} path use --show-steps")
     prompts = _read_prompts(args)
-    if len(prompts) > 1 and args.show_routing:
+    if len(prompts) > 1 and (args.show_routing or args.show_steps):
         raise DfmError(
-            f"--show-routing shows one prompt's tokens; --prompt-file holds {len(prompts)} prompts: "
-            f"use --json for every prompt's routing weights"
+            f"--show-routing and --show-steps follow one prompt; --prompt-file holds {len(prompts)} prompts: "
+            f"use --json for every prompt's record"
         )
-    model = _load_generator(args)
-    if args.compile:
-        model.compile()
     partition = None
     if args.routing is Routing.CENTROID:
-        from models.manifest import Manifest
-
         if args.model != "ensemble":
             raise DfmError("--routing centroid routes between experts: use it with --model ensemble")
         partition = Manifest.load(args.run).load_partition(args.run)  # verified against its sha256
+    model = _load_generator(args, kind)
+    if args.compile:
+        if not hasattr(model, "compile"):
+            raise DfmError(f"--compile compiles the autoregressive decoding step; drop it for this {kind.name} run")
+        model.compile()
 
-    def weigher_for(batch: list[str]):
-        """A fresh weigher per batch for centroid and oracle routing (None: the mode's default)."""
-        if partition is not None:
-            return model.weigher("centroid", partition=partition, centroid_temperature=args.centroid_temperature)
-        if args.routing is Routing.ORACLE:
-            return model.weigher("oracle", oracle=[args.cluster] * len(batch))
-        return None
+    def request(count: int) -> GenerationRequest:
+        return GenerationRequest(
+            max_new_tokens=args.max_new_tokens,
+            routing=args.routing,
+            k=args.k,
+            temperature=args.temperature,
+            seed=args.seed,
+            exclude=tuple(args.exclude_expert),
+            clusters=None if args.cluster is None else [args.cluster] * count,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            route_on=args.route_on,
+            partition=partition,
+            centroid_temperature=args.centroid_temperature,
+            sampler_steps=args.sampler_steps,
+        )
 
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        routing=args.routing,
-        k=args.k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        exclude=args.exclude_expert,
-        route_on=args.route_on,
-    )
     if len(prompts) == 1:
-        return _generate_one(args, model, prompts[0], weigher_for(prompts), options)
-    from dfm.progress import progress
-
+        return _generate_one(args, kind, model, prompts[0], request(1))
     bar = progress(total=len(prompts), desc="generate", unit="prompt")
     for first in range(0, len(prompts), args.batch_size):
         batch = prompts[first : first + args.batch_size]
-        generation = generate_text(model, batch, weigher=weigher_for(batch), **options)
+        generation = kind.generate(model, batch, request(len(batch)))
         record = generation.to_json()
+        rows = [key for key in PER_PROMPT if key in record]
         for i, prompt in enumerate(batch):
             if args.json:  # one JSON object a line, per prompt, in the order of the file
-                row = {
-                    key: record[key][i]
-                    for key in ("texts", "token_ids", "prompt_ids", "weights", "token_log_probs", "truncated")
-                }
+                row = {key: record[key][i] for key in rows}
                 print(
                     json.dumps(
                         {
@@ -550,9 +522,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _say(f"{len(prompts)} prompts in batches of {args.batch_size}")
 
 
-def _generate_one(args: argparse.Namespace, model, prompt: str, weigher, options: dict) -> None:
-    """One prompt: tokens stream to stdout as they are produced (or one JSON object)."""
-    from models.generation import generate_text
+#: The fields of a generation's record that hold one entry per prompt (`dfm generate --json` with a prompt file).
+PER_PROMPT = ("texts", "token_ids", "prompt_ids", "weights", "token_log_probs", "truncated")
+
+
+def _generate_one(args: argparse.Namespace, kind, model, prompt: str, request) -> None:
+    """One prompt: tokens stream to stdout as they are produced, or each sampler step goes to stderr
+    with --show-steps (or one JSON object)."""
+    from models.generation_request import DEFAULT_SAMPLER_STEPS
 
     tokenizer = model.tokenizer
     streamed: list[int] = []
@@ -568,17 +545,24 @@ def _generate_one(args: argparse.Namespace, model, prompt: str, weigher, options
         sys.stdout.flush()
         printed = text
 
-    generation = generate_text(model, prompt, weigher=weigher, on_token=None if args.json else stream, **options)
+    def show(step: int, texts: list[str]) -> None:
+        _say(f"step {step + 1}/{generation_steps}: {texts[0]}")
+
+    generation_steps = request.sampler_steps or DEFAULT_SAMPLER_STEPS
+    watch = None
+    if not args.json:
+        watch = stream if kind.streams_tokens else (show if args.show_steps else None)
+    generation = kind.generate(model, prompt, request, on_progress=watch)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
         return
-    sys.stdout.write("\n")
+    if kind.streams_tokens:
+        sys.stdout.write("\n")
+    else:
+        print(generation.texts[0])
     if args.show_routing:
         print(_routing_view(generation, tokenizer, colour=sys.stdout.isatty()))
-    _say(
-        f"{len(generation.token_ids[0])} tokens; expert forward passes {generation.forward_passes}, "
-        f"tokens processed {generation.tokens_processed}"
-    )
+    _say(generation.summary())
 
 
 def _routing_and_k(args: argparse.Namespace):
@@ -592,75 +576,6 @@ def _routing_and_k(args: argparse.Namespace):
     if routing.value == "oracle" and args.cluster is None:
         raise DfmError("oracle routing needs the true cluster: pass --cluster K")
     return routing, top if top is not None else args.k
-
-
-def _generate_masked(args: argparse.Namespace) -> None:
-    """`dfm generate` on a masked run: the N-step sampler; the final text to stdout (each step's
-    state to stderr with --show-steps)."""
-    from models.masked_ensemble import MaskedEnsemble, masked_routing
-    from models.masked_generation import generate_masked_text
-
-    ignored = {
-        "--top-p": args.top_p != 1.0,
-        "--top-k": args.top_k != 0,
-        "--route-on": args.route_on != "token",
-        "--show-routing": args.show_routing,
-    }
-    if any(ignored.values()):
-        raise DfmError(
-            f"{', '.join(f for f, used in ignored.items() if used)} apply to autoregressive runs only; "
-            f"on the masked path use --sampler-steps, --routing, --k and --temperature"
-        )
-    routing, k = _routing_and_k(args)
-    masked_routing(routing)
-    prompts = _read_prompts(args)
-    if len(prompts) > 1:
-        raise DfmError(
-            f"the masked sampler takes one prompt; --prompt-file {args.prompt_file} holds {len(prompts)}: "
-            f"give one line, or --prompt"
-        )
-    prompt = prompts[0]
-    device = _device(args)
-    ensemble = MaskedEnsemble.from_run(
-        args.run,
-        device=device,
-        allow_missing=args.allow_missing,
-        load_router=routing.uses_router,
-        dtype=_dtype(args, device),
-    )
-    if args.model != "ensemble":
-        if args.model not in ensemble.names:
-            raise DfmError(
-                f"--model {args.model} is not an expert of {args.run}: choose ensemble or one of "
-                f"{', '.join(ensemble.names)} (a masked baseline is scored by dfm eval)"
-            )
-        index = ensemble.names.index(args.model)
-        ensemble = MaskedEnsemble(
-            [ensemble.experts[index]], None, tokenizer=ensemble.tokenizer, names=[args.model], path=ensemble.path
-        )
-    steps = 64 if args.sampler_steps is None else args.sampler_steps
-
-    def show(step: int, texts: list[str]) -> None:
-        _say(f"step {step + 1}/{steps}: {texts[0]}")
-
-    generation = generate_masked_text(
-        ensemble,
-        prompt,
-        length=args.max_new_tokens,
-        steps=steps,
-        routing=routing,
-        k=k,
-        temperature=args.temperature,
-        seed=args.seed,
-        clusters=None if args.cluster is None else [args.cluster],
-        exclude=args.exclude_expert,
-        on_step=show if args.show_steps else None,
-    )
-    if args.json:
-        print(json.dumps({"prompt": prompt, "text": generation.texts[0], **generation.to_json()}))
-        return
-    print(generation.texts[0])
-    _say(f"{len(generation.token_ids[0])} tokens in {steps} steps ({generation.seconds:.2f}s)")
 
 
 def cmd_convergence(args: argparse.Namespace) -> dict:

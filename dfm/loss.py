@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dfm.masked_path import MaskedPath
+
+#: A training loss: (model, batch of rows) -> scalar.
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 #: Target id that carries no loss (the convention of torch's cross_entropy and transformers' labels).
 IGNORE_INDEX = -100

@@ -48,6 +48,7 @@ from dfm.schedulers import scheduler
 from dfm.tensors import autocast_for, inference_dtype
 from eval.measured import run_measured
 from eval.perplexity import mixed_token_log_probs
+from models.ar_kind import lm_loss
 from models.ensemble import Ensemble
 from models.expert import build_expert, expert_config, num_parameters, save_expert
 from models.generation import generate_text
@@ -58,7 +59,6 @@ from models.masked_generation import generate_masked_text
 from models.router import Router, RouterConfig
 from models.scoring import expert_token_log_probs, router_log_weights, token_log_probs
 from models.weighers import OracleWeigher, RouterWeigher
-from training.lm_training import lm_loss
 from training.tokenizer_training import END_OF_TEXT, save_tokenizer
 from training.trainer import TrainConfig, train
 

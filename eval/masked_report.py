@@ -26,14 +26,15 @@ from dfm.progress import progress
 from dfm.routing import Routing, parse_mode
 from eval.equivalence import equivalence
 from eval.perplexity import summarize_totals
-from eval.report import MASKED_MODES, check_modes, compute_section, held_out, verify_baseline
+from eval.report import check_modes, compute_section, held_out, verify_baseline
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import clean_logits, load_masked_expert
+from models.masked_kind import MASKED, MASKED_MODES
 from models.masked_scoring import draw_nats, elbo_masks
 from models.weighers import OracleWeigher, mode_log_weights
 from training.config import read_run_config
+from training.data import document_rows
 from training.layout import RunLayout
-from training.masked_training import document_rows
 
 
 def _true_token_log_probs(model, xt: Tensor, attention: Tensor, x1: Tensor) -> Tensor:
@@ -123,7 +124,7 @@ def evaluate_masked_run(
 ) -> dict:
     """The masked counterpart of ``eval.report.evaluate_run``: the same report keys, bits per byte from the ELBO."""
     modes = list(MASKED_MODES if modes is None else modes)
-    check_modes(modes, masked=True)
+    check_modes(modes, MASKED)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     docs, clusters, num_bytes, _ = held_out(layout, config, split, max_documents)

@@ -20,13 +20,11 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from eval.masked_report import evaluate_masked_run
 from eval.plots import write_plots
-from eval.report import ENSEMBLE_MODES, check_modes, evaluate_run, write_report
-from models.ensemble import Ensemble
-from models.generation import generate_text
-from models.masked_ensemble import MaskedEnsemble
-from models.masked_generation import generate_masked_text
+from eval.report import check_modes, evaluate_run, write_report
+from models.ar_kind import AR_MODES
+from models.generation_request import GenerationRequest
 from training.assemble import assemble
-from training.config import is_masked, read_run_config, seed_phase
+from training.config import is_masked, read_run_config, run_kind, seed_phase
 from training.estimate import remaining_seconds
 from training.layout import RunLayout
 from training.lm_training import train_baseline, train_expert, train_seed
@@ -94,7 +92,7 @@ def evaluate(run_dir: str | Path, **options) -> dict:
         return evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options)
     if samples is not None:
         raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
-    return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or ENSEMBLE_MODES})
+    return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or AR_MODES})
 
 
 def write_evaluation(report: dict, run_dir: str | Path) -> list[Path]:
@@ -156,7 +154,7 @@ def run_pipeline(
         say(f"prepare: resuming, {run_dir} stays as prepared")  # preparing again would replace what is trained
     else:
         clock.stage("prepare", lambda: say(f"data: {json.dumps(prepare(config(), run_dir, overwrite))}"))
-    check_modes(modes or (), is_masked(read_run_config(run_dir)))  # before minutes of training, not after
+    check_modes(modes or (), run_kind(read_run_config(run_dir)))  # before minutes of training, not after
     train_stages(run_dir, clock, resume, device)
     report = clock.stage("eval", lambda: evaluate(run_dir, modes=modes, device=device, dtype=dtype))
     write_evaluation(report, run_dir)
@@ -164,9 +162,7 @@ def run_pipeline(
 
 
 def sample_text(run_dir: str | Path, seed: int, device: torch.device, dtype: torch.dtype | None) -> str:
-    """60 tokens of the mixture-routed ensemble from an empty prompt (64 steps on the masked path)."""
-    if is_masked(read_run_config(run_dir)):
-        ensemble = MaskedEnsemble.from_run(run_dir, device, dtype=dtype)
-        return generate_masked_text(ensemble, "", length=60, steps=64, seed=seed).texts[0]
-    ensemble = Ensemble.from_run(run_dir, device, dtype=dtype)
-    return generate_text(ensemble, "", max_new_tokens=60, routing="mixture", seed=seed).texts[0]
+    """60 tokens of the mixture-routed ensemble from an empty prompt (64 sampler steps on the masked path)."""
+    kind = run_kind(read_run_config(run_dir))
+    ensemble = kind.load_ensemble(run_dir, device, dtype=dtype)
+    return kind.generate(ensemble, "", GenerationRequest(max_new_tokens=60, seed=seed)).texts[0]

@@ -16,10 +16,12 @@ from eval.equivalence import equivalence
 from eval.loss_split import loss_split, markdown_lines
 from eval.perplexity import doc_bits, entropy_floor_bpb, mixed_token_log_probs, summarize, synthetic_corpus
 from eval.router_quality import inference_accounting, router_quality
+from models.ar_kind import AR, AR_MODES
 from models.ensemble import Ensemble
 from models.expert import load_expert, num_parameters
 from models.manifest import Manifest
 from models.partition import Partition
+from models.path_kinds import PathKind
 from models.scoring import document_bos, expert_token_log_probs, token_log_probs
 from models.weighers import BayesWeigher, Scoring, mode_log_weights
 from training.config import is_masked, read_run_config, scoring_context
@@ -27,23 +29,14 @@ from training.data import load_saved
 from training.layout import RunLayout
 from training.lm_training import compute_matching
 
-ENSEMBLE_MODES = ("mixture", "top1", "top2", "bayes", "centroid", "oracle")
-#: The modes of a masked run: bayes and centroid need a prefix likelihood, switch a sampled expert.
-MASKED_MODES = ("mixture", "top1", "top2", "switch", "oracle")
 
-
-def check_modes(modes: Sequence[str], masked: bool) -> None:
+def check_modes(modes: Sequence[str], kind: PathKind) -> None:
     """Refuse evaluation modes the run's path does not have, naming the ones it has."""
-    known = MASKED_MODES if masked else ENSEMBLE_MODES
-    unknown = [m for m in modes if m not in known]
-    if unknown and masked:
-        raise DfmError(
-            f"mode(s) {unknown} are not available on the masked path (bayes and centroid need a prefix "
-            f"likelihood); choose from {', '.join(known)}"
-        )
+    unknown = [m for m in modes if m not in kind.eval_modes]
     if unknown:
         raise DfmError(
-            f"unknown evaluation mode(s) {unknown} for an autoregressive run; choose from {', '.join(known)}"
+            f"unknown evaluation mode(s) {unknown}: not available on the {kind.name} path; choose from "
+            f"{', '.join(kind.eval_modes)}"
         )
 
 
@@ -76,7 +69,7 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     split: str = "test",
-    modes: Sequence[str] = ENSEMBLE_MODES,
+    modes: Sequence[str] = AR_MODES,
     max_documents: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
@@ -90,7 +83,7 @@ def evaluate_run(
 ) -> dict:
     """Everything `report.json` holds; see README for the keys. ``dtype``: of every scored model's
     weights (default: as saved, float32)."""
-    check_modes(modes, masked=False)
+    check_modes(modes, AR)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     if is_masked(config):

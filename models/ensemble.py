@@ -331,18 +331,18 @@ def load_members(
     allow_missing: bool = False,
     load_router: bool = True,
     kind: str = "ar",
+    extra_symbols: int = 0,
     dtype: torch.dtype | None = None,
 ) -> Members:
     """Load the members of a run's ensemble with ``loader(path, device, dtype=dtype)``, refusing a run of
-    another path ``kind`` (masked experts have one symbol beyond the tokenizer: the mask) and any
-    file whose sha256 differs from the one ``dfm assemble`` recorded."""
+    another path ``kind`` and any file whose sha256 differs from the one ``dfm assemble`` recorded.
+    The experts' vocabulary is the tokenizer's plus ``extra_symbols`` (the mask of the masked path)."""
     manifest = Manifest.load(run_dir)
     if manifest.path_kind != kind:
         raise DfmError(
             f"{run_dir} was trained on the {manifest.path_kind} path, not the {kind} path: "
-            f"load it with {'MaskedEnsemble' if manifest.path_kind == 'masked' else 'Ensemble'}.from_run"
+            f"load it with models.path_kinds.path_kind({manifest.path_kind!r}).load_ensemble"
         )
-    extra_symbols = 1 if kind == "masked" else 0
     tokenizer = load_tokenizer(resolve_inside(run_dir, manifest.tokenizer))
     fingerprint = tokenizer_fingerprint(tokenizer.get_vocab())
     if fingerprint != manifest.tokenizer_fingerprint:

@@ -41,6 +41,13 @@ class Generation:
     truncated: list[bool]  # the prompt was cut from the left to fit the context
     names: list[str]  # expert names, in ensemble order
 
+    def summary(self) -> str:
+        """One line on what the decoding cost (the first prompt's tokens, every expert's passes)."""
+        return (
+            f"{len(self.token_ids[0])} tokens; expert forward passes {self.forward_passes}, "
+            f"tokens processed {self.tokens_processed}"
+        )
+
     def to_json(self) -> dict:
         """A plain JSON-serialisable dict."""
         return {

@@ -87,6 +87,7 @@ class MaskedEnsemble:
             allow_missing=allow_missing,
             load_router=load_router,
             kind="masked",
+            extra_symbols=1,
             dtype=dtype,
         )
         path = MaskedPath(len(members.tokenizer), scheduler(members.manifest.extra["path"]["scheduler"]))

@@ -33,6 +33,10 @@ class MaskedGeneration:
     seconds: float
     names: list[str]
 
+    def summary(self) -> str:
+        """One line on the sampling (the first prompt's tokens, the steps and seconds)."""
+        return f"{len(self.token_ids[0])} tokens in {self.steps} steps ({self.seconds:.2f}s)"
+
     def to_json(self) -> dict:
         return {
             "names": self.names,

@@ -17,8 +17,9 @@ from dfm.schedulers import scheduler
 from models.expert import save_expert
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import build_masked_expert, masked_expert_config
+from models.masked_kind import masked_loss, noisy_router_loss
 from models.router import Router, RouterConfig
-from training.masked_training import document_rows, masked_loss, noisy_router_loss
+from training.data import document_rows
 from training.trainer import TrainConfig, train
 
 V, EOS, BLOCK, LENGTH = 12, 0, 8, 6

@@ -15,7 +15,8 @@ from dfm.masked_path import MaskedPath
 from dfm.schedulers import scheduler
 from models.expert import save_expert
 from models.masked_expert import build_masked_expert, clean_logits, load_masked_expert, masked_expert_config
-from training.masked_training import document_rows, masked_loss
+from models.masked_kind import masked_loss
+from training.data import document_rows
 from training.trainer import TrainConfig, train
 
 V, EOS, BLOCK = 12, 0, 8

@@ -10,11 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from dfm.cli import main
 from dfm.errors import DfmError
 from dfm.posterior import bayes_log_posterior, prefix_log_posteriors
+from models.ar_kind import lm_loss
 from models.expert import branch_from
 from models.manifest import tokenizer_fingerprint
 from tests.tiny_config import TINY_ARCH, write_tiny_config
 from training.data import pack_blocks
-from training.lm_training import lm_loss, matched_steps
+from training.lm_training import matched_steps
 from training.router_training import bayes_targets, router_examples, router_loss
 from training.tokenizer_training import save_tokenizer, train_bpe
 

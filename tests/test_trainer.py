@@ -356,8 +356,8 @@ def test_dfm_path_loss_trains_the_same_weights_as_transformers_loss(tmp_path: Pa
     values may differ in the last bits: the rounding error of a sum of n positive terms is at most
     n * eps relative, n the targets of the step's batch (the weights come out exactly equal: each
     logit's gradient depends on its own row only)."""
+    from models.ar_kind import lm_loss as dfm_path_loss
     from training.data import pack_blocks
-    from training.lm_training import lm_loss as dfm_path_loss
 
     g = torch.Generator().manual_seed(3)
     docs = Dataset.from_dict(

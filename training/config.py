@@ -11,12 +11,11 @@ from typing import Any
 import yaml
 
 from dfm.errors import DfmError
-from dfm.masked_path import MaskedPath
 from dfm.sampling import check_seed
 from dfm.schedulers import scheduler
 from models.adapters import DEFAULT_LORA, check_lora
 from models.expert import DEFAULT_ARCH, arch_config, seed_context
-from models.masked_expert import DEFAULT_MASKED_ARCH
+from models.path_kinds import KINDS, PathKind, path_kind
 from models.router import RouterConfig
 from training.synthetic import SyntheticSpec
 from training.trainer import TrainConfig
@@ -157,10 +156,6 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return loaded
 
 
-#: The expert architecture of each path kind when ``expert.arch`` names no other.
-PATH_ARCHS = {"ar": DEFAULT_ARCH, "masked": DEFAULT_MASKED_ARCH}
-
-
 #: The learning rate of the seed and expert models of a masked run: at 3e-3 the masked seed sits
 #: at the clusters' unigram entropy for most of its 1200 steps, at 1e-3 it is at 2.97 nats/token
 #: by step 800 (synthetic corpus, shared documents).
@@ -192,10 +187,10 @@ MASKED_ROUTER: dict[str, Any] = {
 def defaults_for(kind: str) -> dict:
     """DEFAULTS with the expert architecture of the path ``kind`` (a Llama for ar, a ModernBERT for
     masked) and, for masked, the seed's and experts' learning rate MASKED_LR and MASKED_ROUTER."""
-    if kind not in PATH_ARCHS:
-        raise DfmError(f"config path.kind must be one of {sorted(PATH_ARCHS)}, got {kind!r}")
+    if kind not in KINDS:
+        raise DfmError(f"config path.kind must be one of {sorted(KINDS)}, got {kind!r}")
     config = copy.deepcopy(DEFAULTS)
-    config["expert"]["arch"] = dict(PATH_ARCHS[kind])
+    config["expert"]["arch"] = dict(KINDS[kind].default_arch)
     if kind == "masked":
         config["seed_model"]["train"]["lr"] = config["expert"]["train"]["lr"] = MASKED_LR
         config["router"].update(MASKED_ROUTER)
@@ -310,7 +305,7 @@ def _check_context(config: dict) -> None:
     """The expert architecture must build (``models.expert.arch_config``), and training blocks and
     router sequences must fit in the experts' context: expert.arch's, or with --init-from the
     pretrained seed's (the router reads the prefixes the experts read, so its context is theirs)."""
-    arch = arch_config(config["expert"]["arch"], PATH_ARCHS[config["path"]["kind"]]["model_type"])
+    arch = arch_config(config["expert"]["arch"], run_kind(config).default_arch["model_type"])
     init_from = config["seed_model"]["init_from"]
     if init_from is None:
         context, where = getattr(arch, "max_position_embeddings", None), "expert.arch.max_position_embeddings"
@@ -333,20 +328,13 @@ def _check_context(config: dict) -> None:
 
 def _check_model_type(config: dict) -> None:
     """The expert architecture must be a Hugging Face model of the path's kind (causal LM or masked LM)."""
-    from transformers.models.auto import modeling_auto
-
-    kind = config["path"]["kind"]
-    known = (
-        modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-        if kind == "masked"
-        else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    )
-    model_type = config["expert"]["arch"].get("model_type", PATH_ARCHS[kind]["model_type"])
-    if model_type not in known:
-        wanted = "masked LM (bidirectional)" if kind == "masked" else "causal LM"
+    kind = run_kind(config)
+    default = kind.default_arch["model_type"]
+    model_type = config["expert"]["arch"].get("model_type", default)
+    if model_type not in kind.model_types():
         raise DfmError(
-            f"config expert.arch.model_type {model_type!r} is not a Hugging Face {wanted} type, which the "
-            f"{kind} path needs: use e.g. {PATH_ARCHS[kind]['model_type']!r}"
+            f"config expert.arch.model_type {model_type!r} is not a Hugging Face {kind.model_family} type, which "
+            f"the {kind.name} path needs: use e.g. {default!r}"
         )
 
 
@@ -376,9 +364,9 @@ def is_masked(config: dict) -> bool:
     return config["path"]["kind"] == "masked"
 
 
-def run_path(config: dict, vocab_size: int) -> MaskedPath:
-    """The masked path of a masked run over the tokenizer's ``vocab_size`` tokens (mask id = vocab_size)."""
-    return MaskedPath(vocab_size, scheduler(config["path"]["scheduler"]))
+def run_kind(config: dict) -> PathKind:
+    """The probability path the run trains and samples on (``path.kind``)."""
+    return path_kind(config["path"]["kind"])
 
 
 def seed_phase(config: dict) -> bool:

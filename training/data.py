@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def load_documents(source: DataSource, scratch: str | os.PathLike | None = None)
         raw = {"train": raw}
     splits = {name: _materialize(ds, source.max_documents, scratch) for name, ds in raw.items()}
     if "train" not in splits:
-        raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --split")
+        raise DfmError(f"the dataset has splits {sorted(splits)} but no 'train': name one with --train-split")
     for name, ds in splits.items():
         if source.text_column not in ds.column_names:
             raise DfmError(
@@ -57,7 +57,7 @@ def load_documents(source: DataSource, scratch: str | os.PathLike | None = None)
             )
         _check_texts(ds, source.text_column, name)
     if len(splits["train"]) == 0:
-        raise DfmError("the training split is empty: check --dataset/--data-files/--split")
+        raise DfmError("the training split is empty: check --dataset/--data-files/--train-split")
     aliases = {"valid": "validation", "dev": "validation"}
     splits = {aliases.get(name, name): ds for name, ds in splits.items()}
     return DatasetDict(carve_splits(splits, source))
@@ -278,3 +278,30 @@ def load_saved(directory: str | os.PathLike, what: str, fix: str = "run `dfm pre
     if not path.is_dir():
         raise DfmError(f"{what} not found at {path}: {fix}")
     return datasets.load_from_disk(str(path))
+
+
+def document_row_iter(
+    ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()
+) -> Iterator[dict]:
+    """One row per ``block_size`` tokens of one document and its closing EOS (never two documents
+    in a row: a bidirectional model would read across them). Short rows are padded with EOS and
+    marked 0 in ``attention_mask``; every row copies its document's ``columns`` (e.g. "cluster").
+    Documents are read in batches, so memory holds one batch, never the corpus."""
+    if block_size < 1:
+        raise DfmError("block size must be at least 1")
+    for batch in ds.select_columns(["input_ids", *columns]).iter(batch_size=READ_BATCH):
+        for d, ids in enumerate(batch["input_ids"]):
+            ids = [*ids, eos_id]  # the end of a document is a token to learn (and to generate)
+            for start in range(0, len(ids), block_size):
+                chunk = ids[start : start + block_size]
+                pad = block_size - len(chunk)
+                yield {
+                    "input_ids": chunk + [eos_id] * pad,
+                    "attention_mask": [1] * len(chunk) + [0] * pad,
+                    **{column: batch[column][d] for column in columns},
+                }
+
+
+def document_rows(ds: datasets.Dataset, block_size: int, eos_id: int, columns: Sequence[str] = ()) -> datasets.Dataset:
+    """``document_row_iter`` collected into an in-memory dataset (for small inputs)."""
+    return datasets.Dataset.from_list(list(document_row_iter(ds, block_size, eos_id, columns)))

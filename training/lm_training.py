@@ -10,20 +10,17 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch import Tensor, nn
 
 from dfm.atomic import write_json
 from dfm.errors import DfmError
-from dfm.loss import dfm_loss
 from models.adapters import adapter_parameters, add_lora
 from models.expert import num_parameters, save_expert
 from models.tokenizer import load_tokenizer
-from training.config import is_masked, read_run_config, run_path, seed_phase
+from training.config import read_run_config, run_kind, seed_phase
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
-from training.initial_model import initial_model, run_relative, start_of
+from training.initial_model import initial_model, run_relative
 from training.layout import RunLayout
-from training.masked_training import masked_loss
 from training.trainer import TrainConfig, TrainResult, train
 
 #: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
@@ -33,16 +30,6 @@ SEED_OFFSET = 30_000
 #: weight gradients (2); a frozen one under an adapter (LoRA's base) has no weight gradients; a
 #: scoring forward (the experts' scoring of the router's documents) is the forward alone.
 TRAINED_FLOPS, FROZEN_FLOPS, FORWARD_FLOPS = 6, 4, 2
-
-
-def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The DFM loss of the AR path (``dfm.loss.dfm_loss``: next-token cross-entropy), padded labels dropped.
-
-    With the shard's per-document ``position_ids`` and no cache, the model attends within each
-    document only (see training.data.pack_blocks).
-    """
-    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
-    return dfm_loss(logits, batch["input_ids"], batch["labels"] >= 0)
 
 
 def unigram_entropy(rows: datasets.Dataset) -> float:
@@ -123,13 +110,12 @@ def _train_lm(
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
-    init = start_of(run_dir, config, name)
-    model = initial_model(config, tokenizer, seed, init)
+    model, init = initial_model(run_dir, config, tokenizer, name, seed)
     if adapted and config["expert"]["adapter"] == "lora":
         torch.manual_seed(seed)  # the adapter's initialisation
         model = add_lora(model, config["expert"]["lora"], os.path.relpath(init, out_dir))
     options = TrainConfig.from_dict({**train_options, "seed": seed})
-    loss = masked_loss(run_path(config, len(tokenizer))) if is_masked(config) else lm_loss
+    loss = run_kind(config).loss(config, len(tokenizer))
     result: TrainResult = train(
         model,
         train_data,

@@ -23,6 +23,7 @@ from training.data import (
     DataSource,
     carve_splits,
     column_tensor,
+    document_row_iter,
     load_documents,
     packed_rows,
     rows_on_disk,
@@ -31,7 +32,6 @@ from training.data import (
     tokenize,
 )
 from training.layout import RunLayout
-from training.masked_training import document_row_iter
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 from training.tokenizer_training import existing_tokenizer, save_tokenizer, text_batches, train_bpe
 

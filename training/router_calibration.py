@@ -12,9 +12,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from dfm.errors import DfmError
-from models.expert import load_expert
-from models.masked_expert import load_masked_expert
-from training.config import is_masked
+from training.config import run_kind
 from training.initial_model import branch_point
 
 #: log-temperatures searched (golden section) when fitting: T from 1/20 to 20
@@ -83,10 +81,8 @@ def seed_embedding(run_dir: str | Path, config: dict) -> Tensor | None:
     source = branch_point(run_dir, config)
     if source is None:
         return None
-    if is_masked(config):
-        model = load_masked_expert(source)
-    elif Path(source).is_dir():
-        model = load_expert(source)
-    else:
+    if Path(source).is_dir():
+        model = run_kind(config).load_expert(source)
+    else:  # a pretrained --init-from on the hub (the ar path alone admits one)
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False)
     return model.get_input_embeddings().weight.detach().float()

@@ -42,15 +42,15 @@ from dfm.atomic import write_json
 from dfm.errors import DfmError
 from dfm.posterior import prefix_log_posteriors
 from models.expert import load_expert, num_parameters
+from models.masked_kind import noisy_router_loss, run_path
 from models.router import Router, RouterConfig
 from models.scoring import document_bos, expert_token_log_probs
 from models.tokenizer import load_tokenizer
-from training.config import is_masked, read_run_config, run_path, scoring_context
-from training.data import load_saved
+from training.config import is_masked, read_run_config, run_kind, scoring_context
+from training.data import document_rows, load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.lm_training import stage_flops, training_flops
-from training.masked_training import document_rows, noisy_router_loss
 from training.router_calibration import fit_temperature, posterior_kl, seed_embedding
 from training.trainer import TrainConfig, train
 
@@ -169,12 +169,12 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
     seed = config["seed"] + ROUTER_SEED_OFFSET
     scoring, fits = {"scoring_parameters": 0, "scoring_tokens": {}}, {}
-    if is_masked(config):
+    vocab_size = run_kind(config).router_vocab_size(len(tokenizer))
+    if is_masked(config):  # noisy states of the path, against the cluster (no expert scores them)
         examples, loss, targets = _noisy_state_examples(config, documents, len(tokenizer), tokenizer.eos_token_id, seed)
-        vocab_size = len(tokenizer) + 1  # the router reads masked states
     else:
         examples, scoring, fits = _prefix_examples(config, layout, documents, tokenizer, seed, device)
-        loss, targets, vocab_size = router_loss, options["targets"], len(tokenizer)
+        loss, targets = router_loss, options["targets"]
 
     torch.manual_seed(seed)
     expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)

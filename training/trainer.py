@@ -37,14 +37,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
 from dfm.atomic import write_text
 from dfm.errors import DfmError, reject_unknown_keys
+from dfm.loss import LossFn
 from dfm.progress import progress
 from dfm.tensors import autocast_for
 from training.checkpoint import checkpoint_dirs, load_latest_checkpoint, rng_state, save_checkpoint
 from training.distributed import DistInfo, setup_distributed
 from training.lock import lock_path, training_lock
 from training.sharding import full_model_state, full_states, grad_sync, is_sharded, shard_model
-
-LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 # Options that shape the optimisation trajectory: a resumed run must keep them.
 _TRAJECTORY = (
