@@ -9,7 +9,7 @@ from dfm.loss import dfm_loss, masked_dfm_loss, masked_elbo
 from dfm.masked_path import MaskedPath
 from dfm.masked_sampler import euler_sample
 from dfm.mixing import exclude_log_weights, mix_log_probs, normalize_log_weights, top_k_log_weights
-from dfm.path import ARPath, check_velocity
+from dfm.path import ARPath, ProbPath, check_velocity
 from dfm.pool import ExpertPool, Weigher
 from dfm.posterior import BayesPosterior, bayes_log_posterior
 from dfm.routing import Routing, Selection, parse_routing, select_experts
@@ -18,6 +18,7 @@ from dfm.schedulers import CosineScheduler, PolynomialScheduler, scheduler
 
 __all__ = [
     "ARPath",
+    "ProbPath",
     "BayesPosterior",
     "CosineScheduler",
     "DecodeConfig",

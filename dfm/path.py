@@ -1,4 +1,5 @@
-"""The discrete-time probability path of autoregressive generation.
+"""Probability paths over sequences (``ProbPath``), and the discrete-time path of autoregressive
+generation (``ARPath``; the masked path is dfm/masked_path.py).
 
 State X_t = (x_1..x_t, M..M): the first t positions revealed, the rest masked with the extra
 symbol M. Step t -> t+1 reveals position t+1, and its probability velocity is
@@ -8,8 +9,23 @@ sampling. Velocities live on V + 1 symbols, M being the last one.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+
+class ProbPath(Protocol):
+    """A path from all-masked states to clean sequences over ``vocab_size`` tokens and the mask
+    ``mask_id`` = vocab_size: ``sample`` draws X_t given clean sequences, ``velocity`` is u_t on
+    V + 1 symbols at every position of a state from the model's posteriors there."""
+
+    vocab_size: int
+    mask_id: int
+
+    def sample(self, x1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+    def velocity(self, probs: Tensor, xt: Tensor, t: Tensor) -> Tensor: ...
 
 
 class ARPath:
@@ -26,17 +42,21 @@ class ARPath:
         """Position revealed at each step: step t reveals position t (0-based)."""
         return torch.arange(self.length)
 
-    def sample(self, x1: Tensor, t: int | Tensor) -> Tensor:
-        """X_t for a batch of complete sequences ``x1`` (B, N): positions >= t are masked."""
+    def sample(self, x1: Tensor, t: int | Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """X_t for a batch of complete sequences ``x1`` (B, N): positions >= t are masked (no
+        randomness: ``generator`` is there for the ``ProbPath`` signature)."""
         t = torch.as_tensor(t, device=x1.device).reshape(-1, 1)
         revealed = torch.arange(x1.shape[-1], device=x1.device) < t
         return torch.where(revealed, x1, torch.full_like(x1, self.mask_id))
 
-    def velocity(self, next_probs: Tensor) -> Tensor:
-        """u_t(. | X_t) on V + 1 symbols from next-token probabilities (..., V)."""
-        u = torch.nn.functional.pad(next_probs, (0, 1))
+    def velocity(self, probs: Tensor, xt: Tensor, t: int | Tensor) -> Tensor:
+        """u_t on V + 1 symbols (B, N, V + 1) at state ``xt`` (B, N): at position t, the next-token
+        probabilities ``probs[:, t]`` (``probs`` (B, N, V)) minus delta_M; zero elsewhere."""
+        u = torch.nn.functional.pad(probs, (0, 1))
         u[..., self.mask_id] -= 1.0
-        return u
+        t = torch.as_tensor(t, device=xt.device).reshape(-1, 1)
+        revealed_next = (torch.arange(xt.shape[-1], device=xt.device) == t).unsqueeze(-1)
+        return torch.where(revealed_next, u, torch.zeros_like(u))
 
     def transition(self, velocity: Tensor) -> Tensor:
         """The one-step kernel delta_{X_t}(position t+1) + u_t: a distribution over V + 1 symbols."""

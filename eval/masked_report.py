@@ -2,7 +2,7 @@
 NLL) for the central masked baseline, every expert and the ensemble under every routing mode.
 
 Each document (and its closing EOS) is cut into the rows the experts trained on; every row is
-scored on ``samples`` masked draws of ``models.masked_scoring.elbo_masks``. Every model and mode
+scored on ``samples`` masked draws of ``dfm.elbo.elbo_masks``. Every model and mode
 sees the same draws (common random numbers), so their differences carry less noise than their
 levels. A mode's log-probability of a masked token is the router-weighted mixture of the
 experts' log-probabilities of the true token (exact, as for the ar path); the weights come from
@@ -21,6 +21,7 @@ import datasets
 import torch
 from torch import Tensor
 
+from dfm.elbo import draw_nats, elbo_masks
 from dfm.mixing import mix_log_probs
 from dfm.progress import progress
 from dfm.routing import Routing, parse_mode
@@ -30,7 +31,6 @@ from eval.report import check_modes, compute_section, held_out, verify_baseline
 from models.masked_ensemble import MaskedEnsemble
 from models.masked_expert import clean_logits, load_masked_expert
 from models.masked_kind import MASKED, MASKED_MODES
-from models.masked_scoring import draw_nats, elbo_masks
 from models.weighers import OracleWeigher, mode_log_weights
 from training.config import read_run_config
 from training.data import document_rows

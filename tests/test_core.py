@@ -143,12 +143,16 @@ def test_dfm_loss_is_the_transition_likelihood_of_the_path():
     logits = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     tokens = torch.randint(0, 5, (2, 6), generator=g)
     path = ARPath(length=6, vocab_size=5)
+    # the posterior at position i is the model's next-token distribution after positions < i
+    posteriors = torch.cat([torch.zeros(2, 1, 5, dtype=torch.float64), logits[:, :-1].softmax(-1)], 1)
     nll = []
     for t in range(1, 6):  # step t reveals position t given positions < t
         state = path.sample(tokens, t)
         current = state[:, t]
         assert (current == path.mask_id).all() and torch.equal(state[:, :t], tokens[:, :t])
-        u = path.velocity(logits[:, t - 1].softmax(-1))
+        velocities = path.velocity(posteriors, state, t)
+        assert not velocities[:, torch.arange(6) != t].any()  # one position moves per step
+        u = velocities[:, t]
         check_velocity(u, current)
         kernel = path.transition(u)
         torch.testing.assert_close(kernel.sum(-1), torch.ones(2, dtype=torch.float64))
@@ -160,7 +164,8 @@ def test_dfm_loss_is_the_transition_likelihood_of_the_path():
 def test_check_velocity_rejects_invalid():
     path = ARPath(length=4, vocab_size=3)
     mask_state = torch.tensor([3])
-    check_velocity(path.velocity(torch.tensor([[0.2, 0.3, 0.5]])), mask_state)
+    state = path.sample(torch.zeros(1, 4, dtype=torch.long), 0)
+    check_velocity(path.velocity(torch.tensor([[0.2, 0.3, 0.5]]).expand(1, 4, 3), state, 0)[:, 0], mask_state)
     with pytest.raises(ValueError, match="sum to zero"):
         check_velocity(torch.tensor([[0.2, 0.3, 0.5, 0.0]]), mask_state)
     with pytest.raises(ValueError, match="non-negative"):

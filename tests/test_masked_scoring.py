@@ -8,10 +8,10 @@ import itertools
 import pytest
 import torch
 
+from dfm.elbo import elbo_nats
 from dfm.errors import DfmError
 from dfm.masked_path import MaskedPath
 from dfm.schedulers import scheduler
-from models.masked_scoring import elbo_nats
 from tests.test_masked_sampler import N, V, _conditionals, _sequence_log_probs, _table_denoiser
 
 

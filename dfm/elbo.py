@@ -1,4 +1,5 @@
-"""Nats of a document under a masked model: the path's ELBO, an upper bound on its NLL.
+"""Nats of a document under a masked model: the path's ELBO in its masked-count form, an upper
+bound on its NLL (the time-integral form, ``dfm.loss.masked_elbo``, is what experts train on).
 
 For a denoiser that does not read t (every dfm masked expert), integrating the ELBO weight
 d_kappa / (1 - kappa) against the masking probabilities over t gives, for a set S of m masked
