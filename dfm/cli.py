@@ -285,22 +285,24 @@ def cmd_train_expert(args: argparse.Namespace) -> dict:
 
 
 def cmd_add_expert(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from training.add_cluster import add_cluster, read_texts
     from training.config import read_run_config
     from training.prepare import data_source
 
     config = read_run_config(args.run)
-    data = {
-        **config["data"],
-        "dataset": args.dataset,
-        "config_name": args.dataset_config,
-        "split": args.split,
-        "data_files": args.data_files,
-        "text_column": args.text_column,
-        "streaming": args.streaming,
-        "max_documents": args.max_documents,
-    }
-    k = add_cluster(args.run, read_texts(data_source({**config, "data": data})))
+    data = replace(
+        config.data,
+        dataset=args.dataset,
+        config_name=args.dataset_config,
+        split=args.split,
+        data_files=args.data_files,
+        text_column=args.text_column,
+        streaming=args.streaming,
+        max_documents=args.max_documents,
+    )
+    k = add_cluster(args.run, read_texts(data_source(replace(config, data=data))))
     _say(
         f"added cluster {k} to {args.run}; next: dfm train-expert --run {args.run} --expert {k} && "
         f"dfm train-router --run {args.run} && dfm assemble --run {args.run}"
@@ -340,7 +342,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from eval.pipeline import run_pipeline, sample_text
     from eval.report import markdown
-    from training.config import read_run_config, run_kind
+    from training.config import read_run_config
 
     device = _device(args)  # checked before any work
     dtype = _dtype(args, device)
@@ -356,8 +358,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     )
     print(markdown(result.report))
     config = read_run_config(args.out)
-    print(f"Sample (mixture routing, 60 tokens max):\n  {sample_text(args.out, config['seed'], device, dtype)}\n")
-    _say(f"more: dfm generate --run {args.out} --prompt TEXT --routing " + run_kind(config).generate_hint)
+    print(f"Sample (mixture routing, 60 tokens max):\n  {sample_text(args.out, config.seed, device, dtype)}\n")
+    _say(f"more: dfm generate --run {args.out} --prompt TEXT --routing " + config.kind.generate_hint)
     _say(f"done in {sum(result.timings.values()):.0f}s: {json.dumps(result.timings)}; report in {args.out}/eval/")
 
 

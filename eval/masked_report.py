@@ -135,7 +135,7 @@ def evaluate_masked_run(
         load_router=any(parse_mode(m)[0].uses_router for m in modes),
         dtype=dtype,
     )
-    if "oracle" in modes and ensemble.clusters != list(range(config["partition"]["num_clusters"])):
+    if "oracle" in modes and ensemble.clusters != list(range(config.partition.num_clusters)):
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
     baseline = load_masked_expert(layout.baseline, device, dtype) if layout.baseline.is_dir() else None
@@ -146,7 +146,7 @@ def evaluate_masked_run(
         docs,
         clusters,
         eos_id=ensemble.tokenizer.eos_token_id,
-        block_size=config["expert"]["block_size"],
+        block_size=config.expert.block_size,
         modes=modes,
         samples=samples,
         batch_size=batch_size,
@@ -159,7 +159,7 @@ def evaluate_masked_run(
         "path": "masked",
         "bound": "elbo",
         "elbo_samples": samples,
-        "context": config["expert"]["block_size"],
+        "context": config.expert.block_size,
     }
     report["models"] = {name: summarize_totals(nats.tolist(), tokens, num_bytes) for name, nats in totals.items()}
     report["per_cluster"] = {}

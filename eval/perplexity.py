@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dfm.errors import DfmError
 from dfm.mixing import mix_log_probs
+from training.run_config import RunConfig
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 
 
@@ -77,11 +78,11 @@ def doc_bits(nll_per_doc: Sequence[Tensor]) -> Tensor:
     return torch.tensor([float(t.double().sum()) / math.log(2.0) for t in nll_per_doc], dtype=torch.float64)
 
 
-def synthetic_corpus(config: dict) -> SyntheticCorpus | None:
+def synthetic_corpus(config: RunConfig) -> SyntheticCorpus | None:
     """The run's true generating process when it uses the embedded synthetic corpus, else None."""
-    if config["data"]["dataset"] is not None:
+    if config.data.dataset is not None:
         return None
-    return SyntheticCorpus(SyntheticSpec.from_dict(config["synthetic"]))
+    return SyntheticCorpus(SyntheticSpec.from_dict(config.synthetic))
 
 
 def entropy_floor_bpb(corpus: SyntheticCorpus, texts: Sequence[str]) -> float:

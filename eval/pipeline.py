@@ -24,7 +24,7 @@ from eval.report import check_modes, evaluate_run, write_report
 from models.ar_kind import AR_MODES
 from models.generation_request import GenerationRequest
 from training.assemble import assemble
-from training.config import is_masked, read_run_config, run_kind, seed_phase
+from training.config import read_run_config
 from training.estimate import remaining_seconds
 from training.layout import RunLayout
 from training.lm_training import train_baseline, train_expert, train_seed
@@ -84,7 +84,7 @@ def evaluate(run_dir: str | Path, **options) -> dict:
     """The evaluation report of a run on either path (``elbo_samples`` is for masked runs,
     ``stride`` for autoregressive ones; the other options go to both)."""
     samples, stride = options.pop("elbo_samples", None), options.pop("stride", None)
-    if is_masked(read_run_config(run_dir)):
+    if read_run_config(run_dir).is_masked:
         if stride is not None:
             raise DfmError(
                 "--stride is for autoregressive runs: a masked run scores each document in the rows it trained on"
@@ -115,19 +115,19 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
             f"(from this stage's speed; evaluation not counted)"
         )
 
-    if seed_phase(config):
+    if config.seed_model.trained:
         summary = clock.stage("seed", lambda: train_seed(run_dir, resume=resume, device=device))
         say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token")
         estimate(summary, 0)
-    for k in range(config["partition"]["num_clusters"]):
+    for k in range(config.partition.num_clusters):
         summary = clock.stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=resume, device=device))
         say(
             f"expert-{k}: val loss {loss_text(summary['val_loss'])} nats/token, unigram entropy "
             f"{summary['unigram_entropy']:.4f}"
         )
-        if k == 0 and not seed_phase(config):
+        if k == 0 and not config.seed_model.trained:
             estimate(summary, 1)
-    if config["partition"]["num_clusters"] > 1:
+    if config.partition.num_clusters > 1:
         summary = clock.stage("router", lambda: train_router(run_dir, resume=resume, device=device))
         say(f"router: val loss {loss_text(summary['val_loss'])}")
     summary = clock.stage("baseline", lambda: train_baseline(run_dir, resume=resume, device=device))
@@ -154,7 +154,7 @@ def run_pipeline(
         say(f"prepare: resuming, {run_dir} stays as prepared")  # preparing again would replace what is trained
     else:
         clock.stage("prepare", lambda: say(f"data: {json.dumps(prepare(config(), run_dir, overwrite))}"))
-    check_modes(modes or (), run_kind(read_run_config(run_dir)))  # before minutes of training, not after
+    check_modes(modes or (), read_run_config(run_dir).kind)  # before minutes of training, not after
     train_stages(run_dir, clock, resume, device)
     report = clock.stage("eval", lambda: evaluate(run_dir, modes=modes, device=device, dtype=dtype))
     write_evaluation(report, run_dir)
@@ -163,6 +163,6 @@ def run_pipeline(
 
 def sample_text(run_dir: str | Path, seed: int, device: torch.device, dtype: torch.dtype | None) -> str:
     """60 tokens of the mixture-routed ensemble from an empty prompt (64 sampler steps on the masked path)."""
-    kind = run_kind(read_run_config(run_dir))
+    kind = read_run_config(run_dir).kind
     ensemble = kind.load_ensemble(run_dir, device, dtype=dtype)
     return kind.generate(ensemble, "", GenerationRequest(max_new_tokens=60, seed=seed)).texts[0]

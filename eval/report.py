@@ -24,10 +24,11 @@ from models.partition import Partition
 from models.path_kinds import PathKind
 from models.scoring import document_bos, expert_token_log_probs, token_log_probs
 from models.weighers import BayesWeigher, Scoring, mode_log_weights
-from training.config import is_masked, read_run_config, scoring_context
+from training.config import read_run_config
 from training.data import load_saved
 from training.layout import RunLayout
 from training.lm_training import compute_matching
+from training.run_config import RunConfig
 
 
 def check_modes(modes: Sequence[str], kind: PathKind) -> None:
@@ -86,17 +87,17 @@ def evaluate_run(
     check_modes(modes, AR)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
-    if is_masked(config):
+    if config.is_masked:
         raise DfmError(
             f"{run_dir} is a masked run: score it with eval.masked_report.evaluate_masked_run (dfm eval does)"
         )
     docs, clusters, num_bytes, texts = held_out(layout, config, split, max_documents)
 
     ensemble = Ensemble.from_run(run_dir, device=device, allow_missing=allow_missing, dtype=dtype)
-    if ensemble.clusters != list(range(config["partition"]["num_clusters"])) and "oracle" in modes:
+    if ensemble.clusters != list(range(config.partition.num_clusters)) and "oracle" in modes:
         warnings.warn("oracle mode skipped: the true cluster's expert is missing for some documents", stacklevel=2)
         modes = [m for m in modes if m != "oracle"]
-    context = scoring_context(config, ensemble.experts[0].config.max_position_embeddings)
+    context = config.scoring_context(ensemble.experts[0].config.max_position_embeddings)
     stride = (
         max(1, context // 2) if stride is None else stride
     )  # documents longer than the context keep half a window of history
@@ -171,7 +172,7 @@ def evaluate_run(
 
 
 def held_out(
-    layout: RunLayout, config: dict, split: str, max_documents: int | None
+    layout: RunLayout, config: RunConfig, split: str, max_documents: int | None
 ) -> tuple[list[list[int]], list[int], list[int], list[str]]:
     """Token ids, clusters, UTF-8 byte counts and texts of the first ``max_documents`` documents of ``split``."""
     documents = load_saved(layout.documents, "the tokenized documents")
@@ -186,7 +187,7 @@ def held_out(
         list(data["input_ids"]),
         list(data["cluster"]),
         list(data["num_bytes"]),
-        list(data[config["data"]["text_column"]]),
+        list(data[config.data.text_column]),
     )
 
 

@@ -25,7 +25,7 @@ from models.ensemble import Ensemble
 from models.expert import load_expert
 from models.manifest import Manifest
 from models.scoring import document_bos
-from training.config import is_masked, read_run_config
+from training.config import read_run_config
 from training.layout import RunLayout
 
 #: The routing modes timed on a trained run (its own router, not the bench's fixed rows).
@@ -60,7 +60,7 @@ def bench_run(
 ) -> dict:
     """Tokens/s of every mode in ``RUN_MODES`` at each batch size and its ratio to the baseline's
     ``generate``; ``compiled``: the ensemble decodes with its compiled step. Written atomically to ``out``."""
-    if is_masked(read_run_config(run_dir)):
+    if read_run_config(run_dir).is_masked:
         raise DfmError(f"{run_dir} is a masked run: `dfm bench --run` times autoregressive decoding")
     manifest = Manifest.load(run_dir)
     if manifest.baseline is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,7 @@ class AutoregressiveKind:
         return modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     def initial_model(
-        self, config: dict, tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
+        self, arch: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
     ) -> nn.Module:
         fields = {
             "bos_token_id": document_bos(tokenizer),
@@ -59,14 +60,14 @@ class AutoregressiveKind:
         }
         if init is not None:
             return branch_from(init, vocab_size=len(tokenizer), **fields)
-        return build_expert(expert_config(len(tokenizer), arch=config["expert"]["arch"], **fields), seed=seed)
+        return build_expert(expert_config(len(tokenizer), arch=arch, **fields), seed=seed)
 
     def load_expert(
         self, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> nn.Module:
         return load_expert(path, device, dtype=dtype)
 
-    def loss(self, config: dict, vocab_size: int) -> LossFn:
+    def loss(self, scheduler_name: str, vocab_size: int) -> LossFn:
         return lm_loss
 
     def router_vocab_size(self, vocab_size: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +34,10 @@ from models.router import state_logits
 MASKED_MODES = ("mixture", "top1", "top2", "switch", "oracle")
 
 
-def run_path(config: dict, vocab_size: int) -> MaskedPath:
-    """The masked path of a masked run over the tokenizer's ``vocab_size`` tokens (mask id = vocab_size)."""
-    return MaskedPath(vocab_size, scheduler(config["path"]["scheduler"]))
+def run_path(scheduler_name: str, vocab_size: int) -> MaskedPath:
+    """The masked path of a run (``path.scheduler``) over the tokenizer's ``vocab_size`` tokens
+    (mask id = vocab_size)."""
+    return MaskedPath(vocab_size, scheduler(scheduler_name))
 
 
 def _noisy_state(path: MaskedPath, x1: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +86,7 @@ class MaskedKind:
         return modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     def initial_model(
-        self, config: dict, tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
+        self, arch: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
     ) -> nn.Module:
         if init is not None:
             return load_masked_expert(init)
@@ -92,7 +94,7 @@ class MaskedKind:
             len(tokenizer),
             eos_token_id=tokenizer.eos_token_id,
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.get_vocab()),
-            arch=config["expert"]["arch"],
+            arch=arch,
         )
         return build_masked_expert(expert, seed=seed)
 
@@ -101,8 +103,8 @@ class MaskedKind:
     ) -> nn.Module:
         return load_masked_expert(path, device, dtype=dtype)
 
-    def loss(self, config: dict, vocab_size: int) -> LossFn:
-        return masked_loss(run_path(config, vocab_size))
+    def loss(self, scheduler_name: str, vocab_size: int) -> LossFn:
+        return masked_loss(run_path(scheduler_name, vocab_size))
 
     def router_vocab_size(self, vocab_size: int) -> int:
         return vocab_size + 1  # the router reads masked states

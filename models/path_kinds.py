@@ -42,9 +42,9 @@ class PathKind(Protocol):
         ...
 
     def initial_model(
-        self, config: dict, tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
+        self, arch: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int, init: str | os.PathLike | None
     ) -> nn.Module:
-        """A fresh expert of ``config["expert"]["arch"]`` (``init`` None), or one that starts from the
+        """A fresh expert of the architecture ``arch`` (``init`` None), or one that starts from the
         model at ``init``."""
         ...
 
@@ -54,8 +54,9 @@ class PathKind(Protocol):
         """A trained expert saved with save_pretrained."""
         ...
 
-    def loss(self, config: dict, vocab_size: int) -> LossFn:
-        """The loss every language model of the run (seed model, experts, baseline) trains with."""
+    def loss(self, scheduler_name: str, vocab_size: int) -> LossFn:
+        """The loss every language model of the run (seed model, experts, baseline) trains with, on
+        the path of the scheduler ``scheduler_name`` (``path.scheduler``) over ``vocab_size`` tokens."""
         ...
 
     def router_vocab_size(self, vocab_size: int) -> int:

@@ -85,8 +85,8 @@ def _scored_tokens(run, split: str) -> int:
     sequence (every training document: the tiny run has fewer than ``router.documents``)."""
     config = read_run_config(run)
     documents = load_saved(RunLayout.of(run).documents, "documents")[split]
-    assert split == "validation" or len(documents) <= config["router"]["documents"]
-    return sum(min(len(ids), config["router"]["max_length"] - 1) + 1 for ids in documents["input_ids"])
+    assert split == "validation" or len(documents) <= config.router.documents
+    return sum(min(len(ids), config.router.max_length - 1) + 1 for ids in documents["input_ids"])
 
 
 def test_the_router_is_charged_for_scoring_its_validation_documents_too(run):
@@ -113,8 +113,8 @@ def test_report_has_one_total_and_the_baseline_is_matched_to_it(run):
     assert report["compute"]["matching"] == compute_matching(run, names)
     assert report["compute"]["matching"]["decentralized_flops"] == by_hand
     # the baseline got the steps that match that total, validation scoring included
-    per_step = 6 * summaries["baseline"]["parameters"] * 4 * config["expert"]["block_size"]  # batch 4, one rank
-    assert config["expert"]["train"]["batch_size"] == 4
+    per_step = 6 * summaries["baseline"]["parameters"] * 4 * config.expert.block_size  # batch 4, one rank
+    assert config.expert.train["batch_size"] == 4
     assert summaries["baseline"]["steps"] == math.ceil(by_hand / per_step) == matched_steps(run, config, 1)
     without_validation = by_hand - 2 * summaries["router"]["scoring_parameters"] * _scored_tokens(run, "validation")
     assert math.ceil(without_validation / per_step) < summaries["baseline"]["steps"]  # the validation part counts

@@ -208,7 +208,7 @@ def test_prepare_source_measures_the_checkout_it_is_given(tmp_path):
     for package in ("dfm", "models", "training"):
         shutil.copytree(HERE / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
     run = measure_partition(100, CLUSTERS * TOPIC_IDS, tmp_path / "work", check_source(checkout))
-    assert Path(run["module"]) == (checkout / "training" / "partition.py").resolve()
+    assert Path(run["module"]) == (checkout / "training" / "clustering.py").resolve()
     with pytest.raises(DfmError, match="not a dfm checkout"):
         check_source(tmp_path / "work")
 

@@ -195,14 +195,15 @@ def test_summarize_and_bits():
 
 
 def test_entropy_floor_is_the_synthetic_corpus_floor():
-    config = {
-        "data": {"dataset": None},
-        "synthetic": {"num_domains": 2, "num_documents": 5, "seed": 0, "vocab_size": 60, "common_words": 20},
-    }
+    from training.run_config import DataOptions, RunConfig
+
+    config = RunConfig(
+        synthetic={"num_domains": 2, "num_documents": 5, "seed": 0, "vocab_size": 60, "common_words": 20}
+    )
     corpus = synthetic_corpus(config)
     texts = [text for text, _ in corpus.sample(5, seed=1)]
     assert entropy_floor_bpb(corpus, texts) == corpus.entropy_floor_bpb(texts)
-    assert synthetic_corpus({"data": {"dataset": "json"}}) is None
+    assert synthetic_corpus(RunConfig(data=DataOptions(dataset="json"))) is None
 
 
 # --- equivalence ----------------------------------------------------------------------------

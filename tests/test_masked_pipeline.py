@@ -34,8 +34,8 @@ TINY_MASKED_ARCH = {
 def masked_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("masked")
     config = copy.deepcopy(TINY_RUN)
-    config["path"] = {"kind": "masked", "scheduler": "cosine"}
-    config["expert"]["arch"] = TINY_MASKED_ARCH
+    config.path = {"kind": "masked", "scheduler": "cosine"}
+    config.expert.arch = TINY_MASKED_ARCH
     (root / "masked.json").write_text(json.dumps(config))
     assert main(["run", "--out", str(root / "run"), "--config", str(root / "masked.json")]) == 0
     return root / "run"
@@ -214,11 +214,11 @@ def test_path_config_is_checked(override, expected):
 
 def test_masked_defaults_use_a_bidirectional_expert():
     config = resolve_config(overrides=[{"path": {"kind": "masked"}}, {"expert": {"arch": {"hidden_size": 64}}}])
-    assert config["expert"]["arch"]["model_type"] == "modernbert" and config["expert"]["arch"]["hidden_size"] == 64
-    assert config["expert"]["arch"]["local_attention"] == 8  # the neighbour prior (models.masked_expert)
-    assert config["seed_model"]["train"]["lr"] == config["expert"]["train"]["lr"] == 1e-3
+    assert config.expert.arch["model_type"] == "modernbert" and config.expert.arch["hidden_size"] == 64
+    assert config.expert.arch["local_attention"] == 8  # the neighbour prior (models.masked_expert)
+    assert config.seed_model.train["lr"] == config.expert.train["lr"] == 1e-3
     ar = resolve_config()
-    assert ar["expert"]["arch"]["model_type"] == "llama" and ar["expert"]["train"]["lr"] == 3e-3
+    assert ar.expert.arch["model_type"] == "llama" and ar.expert.train["lr"] == 3e-3
 
 
 @pytest.mark.slow

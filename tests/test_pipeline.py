@@ -116,17 +116,17 @@ def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"expert": {"train": {"steps": 7}}, "partition": {"num_clusters": 2}}))
     config = resolve_config(path, [parse_override("expert.train.lr=0.01"), parse_override("data.max_documents=9")])
-    assert config["expert"]["train"]["steps"] == 7 and config["expert"]["train"]["lr"] == 0.01
-    assert config["partition"]["num_clusters"] == 2 and config["data"]["max_documents"] == 9
-    assert config["expert"]["train"]["batch_size"] == 4  # defaults survive a partial override (synthetic budget)
+    assert config.expert.train["steps"] == 7 and config.expert.train["lr"] == 0.01
+    assert config.partition.num_clusters == 2 and config.data.max_documents == 9
+    assert config.expert.train["batch_size"] == 4  # defaults survive a partial override (synthetic budget)
     real = resolve_config(None, [parse_override("data.dataset=json")])
-    assert real["seed_model"]["train"]["steps"] == 1200 and real["expert"]["train"]["batch_size"] == 8
-    assert real["expert"]["train"]["steps"] == 150  # a real corpus keeps DEFAULTS; the embedded one gets less
-    assert config["seed_model"]["train"]["steps"] == 200 and config["expert"]["train"]["steps"] == 7
+    assert real.seed_model.train["steps"] == 1200 and real.expert.train["batch_size"] == 8
+    assert real.expert.train["steps"] == 150  # a real corpus keeps DEFAULTS; the embedded one gets less
+    assert config.seed_model.train["steps"] == 200 and config.expert.train["steps"] == 7
     other = resolve_config(None, [parse_override("expert.arch={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4}")])
-    assert other["expert"]["arch"] == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}  # no Llama fields
+    assert other.expert.arch == {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}  # no Llama fields
     same = resolve_config(None, [parse_override("expert.arch={num_hidden_layers: 2}")])
-    assert same["expert"]["arch"]["num_hidden_layers"] == 2 and same["expert"]["arch"]["hidden_size"] == 128
+    assert same.expert.arch["num_hidden_layers"] == 2 and same.expert.arch["hidden_size"] == 128
     with pytest.raises(DfmError, match="unknown config key 'partition.clusters'"):
         resolve_config(None, [parse_override("partition.clusters=3")])
     with pytest.raises(DfmError, match="key.sub=value"):

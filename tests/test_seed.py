@@ -88,7 +88,11 @@ def test_bayes_targets_and_router_loss():
 def test_compute_matching_counts_experts_router_and_world_size(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    config = {"partition": {"num_clusters": 2}, "expert": {"block_size": 8, "train": {"batch_size": 4}}}
+    from training.run_config import ExpertOptions, PartitionOptions, RunConfig
+
+    config = RunConfig(
+        partition=PartitionOptions(num_clusters=2), expert=ExpertOptions(block_size=8, train={"batch_size": 4})
+    )
     for k in range(2):
         (logs / f"expert-{k}.summary.json").write_text(
             json.dumps({"flops": 6 * 100 * 320, "tokens": 320, "parameters": 100})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -89,19 +90,19 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
     run_dir = Path(run_dir)
     layout = RunLayout.of(run_dir)
     config = read_run_config(run_dir)
-    k = config["partition"]["num_clusters"]
+    k = config.partition.num_clusters
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise DfmError("the new cluster's documents must be a list of strings")
     if not any(text.strip() for text in texts):
         raise DfmError("the new cluster has no non-empty documents: check the dataset and --text-column")
-    data = config["data"]
+    data = config.data
     source = DataSource(
-        validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"], seed=config["seed"]
+        validation_fraction=data.validation_fraction, test_fraction=data.test_fraction, seed=config.seed
     )
-    column = data["text_column"]
+    column = data.text_column
     tokenizer = load_tokenizer(layout.tokenizer)
     carved = carve_splits({"train": Dataset.from_dict({column: list(texts)})}, source)
-    new = DatasetDict({name: tokenize(split, tokenizer, column, config["num_proc"]) for name, split in carved.items()})
+    new = DatasetDict({name: tokenize(split, tokenizer, column, config.num_proc) for name, split in carved.items()})
     new = DatasetDict({name: split.add_column("cluster", [k] * len(split)) for name, split in new.items()})
 
     documents = load_saved(layout.documents, "the tokenized documents")
@@ -132,7 +133,7 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
     )
     save_dataset(merged, layout.documents)
     partition.save(layout.partition)
-    write_json(layout.partition / "stats.json", _stats(partition, merged["train"], data["label_column"]))
+    write_json(layout.partition / "stats.json", _stats(partition, merged["train"], data.label_column))
     shutil.rmtree(layout.checkpoints("router"), ignore_errors=True)
-    write_json(layout.config, {**config, "partition": {**config["partition"], "num_clusters": k + 1}})
+    write_json(layout.config, replace(config, partition=replace(config.partition, num_clusters=k + 1)).to_dict())
     return k

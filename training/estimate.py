@@ -15,9 +15,9 @@ import datasets
 import pyarrow.compute as pc
 
 from models.router import Router, RouterConfig
-from training.config import is_masked
 from training.layout import RunLayout
 from training.lm_training import FORWARD_FLOPS, TRAINED_FLOPS
+from training.run_config import RunConfig
 
 
 def _lm_flops(parameters: int, train: dict, tokens_per_row: int) -> float:
@@ -32,40 +32,40 @@ def _documents(layout: RunLayout, split: str) -> tuple[int, float]:
     return len(documents), float(pc.mean(lengths).as_py() or 0.0) + 1
 
 
-def remaining_flops(run_dir: str | Path, config: dict, parameters: int, experts_done: int = 0) -> float:
+def remaining_flops(run_dir: str | Path, config: RunConfig, parameters: int, experts_done: int = 0) -> float:
     """Training FLOPs of the experts not trained yet, the router and the baseline of a run whose
     experts have ``parameters`` parameters."""
     layout = RunLayout.of(run_dir)
-    clusters = config["partition"]["num_clusters"]
-    per_expert = _lm_flops(parameters, config["expert"]["train"], config["expert"]["block_size"])
+    clusters = config.partition.num_clusters
+    per_expert = _lm_flops(parameters, config.expert.train, config.expert.block_size)
     router = 0.0
     if clusters > 1:
-        options = config["router"]
+        options = config.router
         count, mean_tokens = _documents(layout, "train")
-        tokens = min(mean_tokens, options["max_length"])
-        documents = min(options["documents"] or count, count)
+        tokens = min(mean_tokens, options.max_length)
+        documents = min(options.documents or count, count)
         validation, validation_tokens = _documents(layout, "validation")
-        validation = min(options["validation_documents"] or validation, validation)
-        length = options["scored_length"] or options["max_length"]  # what the experts read of each
-        scored = documents * min(tokens, length) + validation * min(validation_tokens, options["max_length"], length)
-        scored_by_experts = options["targets"] == "bayes" and not is_masked(config)  # masked: noisy-state targets
+        validation = min(options.validation_documents or validation, validation)
+        length = options.scored_length or options.max_length  # what the experts read of each
+        scored = documents * min(tokens, length) + validation * min(validation_tokens, options.max_length, length)
+        scored_by_experts = options.targets == "bayes" and not config.is_masked  # masked: noisy-state targets
         scoring = float(FORWARD_FLOPS) * parameters * clusters * scored if scored_by_experts else 0.0
         size = Router(
             RouterConfig(
-                vocab_size=config["tokenizer"]["vocab_size"],
+                vocab_size=config.tokenizer.vocab_size,
                 num_experts=clusters,
-                hidden_size=options["hidden_size"],
-                num_layers=options["num_layers"],
-                num_heads=options["num_heads"],
-                max_positions=options["max_length"],
+                hidden_size=options.hidden_size,
+                num_layers=options.num_layers,
+                num_heads=options.num_heads,
+                max_positions=options.max_length,
             )
         ).num_parameters
-        router = scoring + _lm_flops(size, options["train"], int(tokens))
+        router = scoring + _lm_flops(size, options.train, int(tokens))
     baseline = per_expert * clusters + router
     return per_expert * (clusters - experts_done) + router + baseline
 
 
-def remaining_seconds(run_dir: str | Path, config: dict, first: dict, experts_done: int = 0) -> float:
+def remaining_seconds(run_dir: str | Path, config: RunConfig, first: dict, experts_done: int = 0) -> float:
     """Seconds the training stages after ``first`` (a stage summary with parameters, flops and
     seconds) should take at its FLOP rate."""
     rate = first["flops"] / max(first["seconds"], 1e-9)

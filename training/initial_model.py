@@ -11,29 +11,29 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from dfm.errors import DfmError
-from training.config import run_kind, seed_phase
 from training.layout import RunLayout
+from training.run_config import RunConfig
 
 
 def initial_model(
-    run_dir: str | Path, config: dict, tokenizer: PreTrainedTokenizerBase, name: str, seed: int
+    run_dir: str | Path, config: RunConfig, tokenizer: PreTrainedTokenizerBase, name: str, seed: int
 ) -> tuple[nn.Module, str | Path | None]:
     """The network the model ``name`` (seed, expert-K, baseline) starts training as, and where it
     starts from (``start_of``)."""
     init = start_of(run_dir, config, name)
-    return run_kind(config).initial_model(config, tokenizer, seed, init), init
+    return config.kind.initial_model(config.expert.arch, tokenizer, seed, init), init
 
 
-def start_of(run_dir: str | Path, config: dict, name: str) -> str | Path | None:
+def start_of(run_dir: str | Path, config: RunConfig, name: str) -> str | Path | None:
     """Where the model ``name`` (seed, expert-K, baseline) starts: a directory or hub name, or None
     for a fresh network."""
-    return config["seed_model"]["init_from"] if name == "seed" else branch_point(run_dir, config)
+    return config.seed_model.init_from if name == "seed" else branch_point(run_dir, config)
 
 
-def branch_point(run_dir: str | Path, config: dict) -> str | Path | None:
+def branch_point(run_dir: str | Path, config: RunConfig) -> str | Path | None:
     """Where experts and the baseline start: RUN/seed after a seed phase, else the pretrained
     ``seed_model.init_from``, else None (from scratch)."""
-    if seed_phase(config):
+    if config.seed_model.trained:
         seed = RunLayout.of(run_dir).seed
         if not (seed / "config.json").is_file():
             raise DfmError(
@@ -41,7 +41,7 @@ def branch_point(run_dir: str | Path, config: dict) -> str | Path | None:
                 f"(a compute island needs RUN/seed too)"
             )
         return seed
-    return config["seed_model"]["init_from"]
+    return config.seed_model.init_from
 
 
 def run_relative(init: str | Path | None, run_dir: Path) -> str | None:

@@ -16,11 +16,12 @@ from dfm.errors import DfmError
 from models.adapters import adapter_parameters, add_lora
 from models.expert import num_parameters, save_expert
 from models.tokenizer import load_tokenizer
-from training.config import read_run_config, run_kind, seed_phase
+from training.config import read_run_config
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
 from training.initial_model import initial_model, run_relative
 from training.layout import RunLayout
+from training.run_config import RunConfig
 from training.trainer import TrainConfig, TrainResult, train
 
 #: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
@@ -111,11 +112,11 @@ def _train_lm(
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     model, init = initial_model(run_dir, config, tokenizer, name, seed)
-    if adapted and config["expert"]["adapter"] == "lora":
+    if adapted and config.expert.adapter == "lora":
         torch.manual_seed(seed)  # the adapter's initialisation
-        model = add_lora(model, config["expert"]["lora"], os.path.relpath(init, out_dir))
+        model = add_lora(model, config.expert.lora, os.path.relpath(init, out_dir))
     options = TrainConfig.from_dict({**train_options, "seed": seed})
-    loss = run_kind(config).loss(config, len(tokenizer))
+    loss = config.kind.loss(config.path.scheduler, len(tokenizer))
     result: TrainResult = train(
         model,
         train_data,
@@ -156,7 +157,7 @@ def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device |
     (from ``seed_model.init_from`` when given), saved to RUN/seed for experts and baseline."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    if not seed_phase(config):
+    if not config.seed_model.trained:
         raise DfmError(
             "this run has no seed phase (seed_model.phase is false, or --init-from names the seed): "
             "train the experts directly"
@@ -168,8 +169,8 @@ def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device |
         "seed",
         shard["train"],
         shard.get("validation"),
-        config["seed_model"]["train"],
-        config["seed"] + SEED_OFFSET,
+        config.seed_model.train,
+        config.seed + SEED_OFFSET,
         layout.seed,
         resume,
         device,
@@ -180,7 +181,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
     """Train expert k from its own shard, the tokenizer, config.json and the seed alone (a compute island)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    num_clusters = config["partition"]["num_clusters"]
+    num_clusters = config.partition.num_clusters
     if not 0 <= k < num_clusters:
         raise DfmError(f"--expert must be between 0 and {num_clusters - 1} for this run, got {k}")
     layout = RunLayout.of(run_dir)
@@ -195,8 +196,8 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
         f"expert-{k}",
         shard["train"],
         shard.get("validation"),
-        config["expert"]["train"],
-        config["seed"] + k,
+        config.expert.train,
+        config.seed + k,
         layout.expert(k),
         resume,
         device,
@@ -204,7 +205,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
     )
 
 
-def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
+def matched_steps(run_dir: str | Path, config: RunConfig, world_size: int) -> int:
     """Compute matching: the baseline's optimizer steps so that its training FLOPs equal those of
     every expert plus the router (its training and the experts' scoring of its documents), as
     ``compute_matching`` counts them.
@@ -214,7 +215,7 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     an expert does (architecture, start, adapter), hence an expert's FLOPs per token.
     """
     layout = RunLayout.of(run_dir)
-    num_clusters = config["partition"]["num_clusters"]
+    num_clusters = config.partition.num_clusters
     experts = [layout.read_summary(f"expert-{k}") for k in range(num_clusters)]
     missing = [f"expert-{k}" for k, summary in enumerate(experts) if summary is None]
     if missing:
@@ -226,8 +227,8 @@ def matched_steps(run_dir: str | Path, config: dict, world_size: int) -> int:
     if router is None and num_clusters > 1:
         warnings.warn("the router is not trained yet: the baseline is not charged for its compute", stacklevel=2)
     flops = compute_matching(run_dir, [f"expert-{k}" for k in range(num_clusters)])["decentralized_flops"]
-    options = config["expert"]["train"]
-    tokens_per_step = options["batch_size"] * options.get("grad_accum", 1) * config["expert"]["block_size"] * world_size
+    options = config.expert.train
+    tokens_per_step = options["batch_size"] * options.get("grad_accum", 1) * config.expert.block_size * world_size
     per_token = stage_flops(experts[0]) / max(experts[0]["tokens"], 1)
     return max(1, math.ceil(flops / (per_token * tokens_per_step)))
 
@@ -239,19 +240,19 @@ def train_baseline(run_dir: str | Path, resume: bool = False, device: torch.devi
     config = read_run_config(run_dir)
     layout = RunLayout.of(run_dir)
     shards = [
-        load_saved(layout.shard(k), f"the data shard of expert {k}") for k in range(config["partition"]["num_clusters"])
+        load_saved(layout.shard(k), f"the data shard of expert {k}") for k in range(config.partition.num_clusters)
     ]
     train_data = datasets.concatenate_datasets([s["train"] for s in shards])
     validation = [s["validation"] for s in shards if "validation" in s]
     val_data = datasets.concatenate_datasets(validation) if validation else None
-    options = {**config["expert"]["train"], "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
+    options = {**config.expert.train, "steps": matched_steps(run_dir, config, setup_distributed().world_size)}
     return _train_lm(
         run_dir,
         "baseline",
         train_data,
         val_data,
         options,
-        config["seed"] + BASELINE_SEED_OFFSET,
+        config.seed + BASELINE_SEED_OFFSET,
         layout.baseline,
         resume,
         device,

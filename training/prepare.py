@@ -17,7 +17,6 @@ from dfm.errors import DfmError
 from models.partition import Partition
 from models.scoring import document_bos
 from training.clustering import fit_kmeans, from_labels, partition_stats
-from training.config import is_masked, seed_phase
 from training.data import (
     READ_BATCH,
     DataSource,
@@ -32,14 +31,15 @@ from training.data import (
     tokenize,
 )
 from training.layout import RunLayout
+from training.run_config import RunConfig
 from training.synthetic import SyntheticCorpus, SyntheticSpec
 from training.tokenizer_training import existing_tokenizer, save_tokenizer, text_batches, train_bpe
 
 
-def data_source(config: dict) -> DataSource:
-    data = config["data"]
+def data_source(config: RunConfig) -> DataSource:
+    data = config.data
     fields = {
-        k: data[k]
+        k: getattr(data, k)
         for k in (
             "dataset",
             "config_name",
@@ -55,7 +55,7 @@ def data_source(config: dict) -> DataSource:
     if isinstance(fields["data_files"], str):
         fields["data_files"] = [fields["data_files"]]
     fields["data_files"] = split_data_files(fields["data_files"])
-    return DataSource(**fields, seed=config["seed"])
+    return DataSource(**fields, seed=config.seed)
 
 
 def split_data_files(files: list[str] | None) -> list[str] | dict[str, list[str]] | None:
@@ -72,23 +72,23 @@ def split_data_files(files: list[str] | None) -> list[str] | dict[str, list[str]
     return out
 
 
-def load_corpus(config: dict, scratch: str | Path | None = None) -> DatasetDict:
+def load_corpus(config: RunConfig, scratch: str | Path | None = None) -> DatasetDict:
     """The configured dataset, or the embedded synthetic corpus when none is named (a streamed
     dataset is written under ``scratch``)."""
     source = data_source(config)
     if source.dataset is not None:
         return load_documents(source, scratch)
-    corpus = SyntheticCorpus(SyntheticSpec.from_dict(config["synthetic"]))
+    corpus = SyntheticCorpus(SyntheticSpec.from_dict(config.synthetic))
     return DatasetDict(carve_splits({"train": corpus.to_dataset()}, source))
 
 
-def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partition:
+def _partition(config: RunConfig, train: datasets.Dataset, vocab_size: int) -> Partition:
     """The partition fitted on a seeded sample of at most ``partition.sample_documents`` training
     documents (all of them in a small corpus): k-means, or the centres of the ``cluster_column`` labels."""
-    part = config["partition"]
-    sample = sample_documents(train, part["sample_documents"], config["seed"])
+    part = config.partition
+    sample = sample_documents(train, part.sample_documents, config.seed)
     docs = list(sample["input_ids"])
-    column = config["data"]["cluster_column"]
+    column = config.data.cluster_column
     if column is not None:
         if column not in train.column_names:
             raise DfmError(
@@ -97,12 +97,12 @@ def _partition(config: dict, train: datasets.Dataset, vocab_size: int) -> Partit
         return from_labels(docs, list(sample[column]), vocab_size, values=train.unique(column))
     return fit_kmeans(
         docs,
-        part["num_clusters"],
+        part.num_clusters,
         vocab_size,
-        balance=part["balance"],
-        svd_dim=part["svd_dim"],
-        iterations=part["iterations"],
-        seed=config["seed"],
+        balance=part.balance,
+        svd_dim=part.svd_dim,
+        iterations=part.iterations,
+        seed=config.seed,
     )
 
 
@@ -127,21 +127,21 @@ def with_clusters(split: datasets.Dataset, partition: Partition, column: str | N
     return split.map(assign, batched=True, batch_size=READ_BATCH, desc="assign clusters")
 
 
-def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
+def shared_flags(split: datasets.Dataset, config: RunConfig) -> list[bool]:
     """Which documents every owner may share (the seed model's data): the ``shared_column``, or
     else a fixed fraction of every cluster's documents, chosen by a seeded draw per cluster."""
-    seed = config["seed_model"]
-    column = seed["shared_column"]
+    seed = config.seed_model
+    column = seed.shared_column
     if column is not None:
         if column not in split.column_names:
             raise DfmError(f"--shared-column {column!r} is not a column of the dataset (columns: {split.column_names})")
         return [bool(v) for v in split[column]]
     clusters = column_tensor(split, "cluster")
     flags = torch.zeros(len(clusters), dtype=torch.bool)
-    generator = torch.Generator().manual_seed(config["seed"])
+    generator = torch.Generator().manual_seed(config.seed)
     for k in clusters.unique().tolist():
         members = (clusters == k).nonzero().flatten()
-        count = max(1, round(len(members) * seed["shared_fraction"]))
+        count = max(1, round(len(members) * seed.shared_fraction))
         flags[members[torch.randperm(len(members), generator=generator)[:count]]] = True
     return flags.tolist()
 
@@ -150,11 +150,11 @@ def shared_flags(split: datasets.Dataset, config: dict) -> list[bool]:
 RowBuilder = Callable[[datasets.Dataset], Iterator[dict]]
 
 
-def row_builder(config: dict, eos_id: int, bos_id: int | None = None) -> RowBuilder:
+def row_builder(config: RunConfig, eos_id: int, bos_id: int | None = None) -> RowBuilder:
     """How the run's path trains: ``packed_rows`` for ar (documents read from ``bos_id``, default
     ``eos_id``), ``document_row_iter`` for masked (no BOS), at ``expert.block_size``."""
-    block = config["expert"]["block_size"]
-    if is_masked(config):
+    block = config.expert.block_size
+    if config.is_masked:
         return lambda docs: document_row_iter(docs, block, eos_id)
     return lambda docs: packed_rows(docs, block, eos_id, bos_id)
 
@@ -202,7 +202,7 @@ def trained_artifacts(run_dir: str | Path) -> list[str]:
     return [name for name in TRAINED if (Path(run_dir) / name).exists()]
 
 
-def prepare(config: dict, run_dir: str | Path, overwrite: bool = False) -> dict:
+def prepare(config: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
     """Load, tokenize, partition and shard the corpus into ``run_dir``; returns a summary.
 
     The run is written beside ``run_dir`` and replaces it as a whole, so a crash leaves the old run
@@ -219,7 +219,7 @@ def prepare(config: dict, run_dir: str | Path, overwrite: bool = False) -> dict:
         return _prepare_into(config, tmp)
 
 
-def _prepare_into(config: dict, run_dir: Path) -> dict:
+def _prepare_into(config: RunConfig, run_dir: Path) -> dict:
     layout = RunLayout.of(run_dir)
     scratch = run_dir / ".scratch"  # streamed datasets and rows; removed before the run is renamed into place
     try:
@@ -228,23 +228,23 @@ def _prepare_into(config: dict, run_dir: Path) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
+def _prepare_steps(config: RunConfig, layout: RunLayout, scratch: Path) -> dict:
     corpus = load_corpus(config, scratch)
-    text_column = config["data"]["text_column"]
-    pretrained = config["tokenizer"]["path"] or config["seed_model"]["init_from"]
+    text_column = config.data.text_column
+    pretrained = config.tokenizer.path or config.seed_model.init_from
     if pretrained:
         tokenizer = existing_tokenizer(pretrained)
     else:
-        sample = sample_documents(corpus["train"], config["tokenizer"]["sample_documents"], config["seed"])
-        tokenizer = train_bpe(text_batches(sample, text_column), config["tokenizer"]["vocab_size"])
+        sample = sample_documents(corpus["train"], config.tokenizer.sample_documents, config.seed)
+        tokenizer = train_bpe(text_batches(sample, text_column), config.tokenizer.vocab_size)
     save_tokenizer(tokenizer, layout.tokenizer)
     tokenized = DatasetDict(
-        {name: tokenize(split, tokenizer, text_column, config["num_proc"]) for name, split in corpus.items()}
+        {name: tokenize(split, tokenizer, text_column, config.num_proc) for name, split in corpus.items()}
     )
 
     vocab_size = len(tokenizer)
     partition = _partition(config, tokenized["train"], vocab_size)
-    column = config["data"]["cluster_column"]
+    column = config.data.cluster_column
     if len(partition.assignments) == len(tokenized["train"]):  # fitted on every training document: balanced
         train = tokenized["train"].add_column("cluster", partition.assignments.tolist())
     else:
@@ -263,7 +263,7 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
         }
     )
 
-    label_column = config["data"]["label_column"]
+    label_column = config.data.label_column
     labels = list(tokenized["train"][label_column]) if label_column in tokenized["train"].column_names else None
     stats = partition_stats(partition.assignments, labels, num_clusters)
     stats["priors"] = [size / len(tokenized["train"]) for size in stats["sizes"]]
@@ -274,10 +274,10 @@ def _prepare_steps(config: dict, layout: RunLayout, scratch: Path) -> dict:
 
     to_rows = row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer))
     shard_tokens = [write_shard(tokenized, "cluster", k, to_rows, layout.shard(k)) for k in range(num_clusters)]
-    if seed_phase(config):
+    if config.seed_model.trained:
         write_shard(tokenized, "shared", True, to_rows, layout.shared)
-    config = {**config, "partition": {**config["partition"], "num_clusters": num_clusters}}
-    write_json(layout.config, config)
+    config = dataclasses.replace(config, partition=dataclasses.replace(config.partition, num_clusters=num_clusters))
+    write_json(layout.config, config.to_dict())
     return {
         "documents": {name: len(split) for name, split in tokenized.items()},
         "vocab_size": vocab_size,

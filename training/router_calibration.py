@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from dfm.errors import DfmError
-from training.config import run_kind
 from training.initial_model import branch_point
+from training.run_config import RunConfig
 
 #: log-temperatures searched (golden section) when fitting: T from 1/20 to 20
 _LOG_T_RANGE = (-math.log(20.0), math.log(20.0))
@@ -75,14 +75,14 @@ def posterior_kl(router: nn.Module, examples: datasets.Dataset, device: torch.de
     return float((targets * (log_p - log_q)).sum(-1).mean())
 
 
-def seed_embedding(run_dir: str | Path, config: dict) -> Tensor | None:
+def seed_embedding(run_dir: str | Path, config: RunConfig) -> Tensor | None:
     """The input embedding (V, H) of the model the run's experts branch from (RUN/seed, or the
     pretrained ``--init-from``); None for a run whose experts start from scratch."""
     source = branch_point(run_dir, config)
     if source is None:
         return None
     if Path(source).is_dir():
-        model = run_kind(config).load_expert(source)
+        model = config.kind.load_expert(source)
     else:  # a pretrained --init-from on the hub (the ar path alone admits one)
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False)
     return model.get_input_embeddings().weight.detach().float()

@@ -46,12 +46,13 @@ from models.masked_kind import noisy_router_loss, run_path
 from models.router import Router, RouterConfig
 from models.scoring import document_bos, expert_token_log_probs
 from models.tokenizer import load_tokenizer
-from training.config import is_masked, read_run_config, run_kind, scoring_context
+from training.config import read_run_config
 from training.data import document_rows, load_saved
 from training.distributed import setup_distributed
 from training.layout import RunLayout
 from training.lm_training import stage_flops, training_flops
 from training.router_calibration import fit_temperature, posterior_kl, seed_embedding
+from training.run_config import RunConfig
 from training.trainer import TrainConfig, train
 
 #: Training sequences the router's fit to its own targets is measured on (the first of its shuffled documents).
@@ -162,37 +163,37 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
     layout = RunLayout.of(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     documents = load_saved(layout.documents, "the tokenized documents")
-    options = config["router"]
-    max_length = options["max_length"]
-    num_clusters = config["partition"]["num_clusters"]
+    options = config.router
+    max_length = options.max_length
+    num_clusters = config.partition.num_clusters
     if num_clusters < 2:
         raise DfmError("a router needs at least 2 experts; with one expert use --routing mixture without a router")
-    seed = config["seed"] + ROUTER_SEED_OFFSET
+    seed = config.seed + ROUTER_SEED_OFFSET
     scoring, fits = {"scoring_parameters": 0, "scoring_tokens": {}}, {}
-    vocab_size = run_kind(config).router_vocab_size(len(tokenizer))
-    if is_masked(config):  # noisy states of the path, against the cluster (no expert scores them)
+    vocab_size = config.kind.router_vocab_size(len(tokenizer))
+    if config.is_masked:  # noisy states of the path, against the cluster (no expert scores them)
         examples, loss, targets = _noisy_state_examples(config, documents, len(tokenizer), tokenizer.eos_token_id, seed)
     else:
         examples, scoring, fits = _prefix_examples(config, layout, documents, tokenizer, seed, device)
-        loss, targets = router_loss, options["targets"]
+        loss, targets = router_loss, options.targets
 
     torch.manual_seed(seed)
-    expert_context = config["expert"]["arch"].get("max_position_embeddings", max_length)
+    expert_context = config.expert.arch.get("max_position_embeddings", max_length)
     router = Router(
         RouterConfig(
             vocab_size=vocab_size,
             num_experts=num_clusters,
-            hidden_size=options["hidden_size"],
-            num_layers=options["num_layers"],
-            num_heads=options["num_heads"],
+            hidden_size=options.hidden_size,
+            num_layers=options.num_layers,
+            num_heads=options.num_heads,
             max_positions=max(expert_context, max_length),
-            dropout=options["dropout"],
+            dropout=options.dropout,
         )
     )
-    embedding = seed_embedding(run_dir, config) if options["init"] == "seed" else None
+    embedding = seed_embedding(run_dir, config) if options.init == "seed" else None
     if embedding is not None:  # a run without a seed model starts its router from scratch too
         router.init_token_embedding(embedding)
-    train_options = TrainConfig.from_dict({**options["train"], "seed": seed})
+    train_options = TrainConfig.from_dict({**options.train, "seed": seed})
     validation = examples["validation"]
     result = train(
         router,
@@ -209,7 +210,7 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
         device=device,
     )
     fit = {}
-    if options["temperature"] == "fit" and len(validation):
+    if options.temperature == "fit" and len(validation):
         fit["temperature"] = fit_temperature(router, validation, device)
         router.config.temperature = fit["temperature"]
         if setup_distributed().is_main:
@@ -240,7 +241,12 @@ def train_router(run_dir: str | Path, resume: bool = False, device: torch.device
 
 
 def _prefix_examples(
-    config: dict, layout: RunLayout, documents: datasets.DatasetDict, tokenizer, seed: int, device: torch.device | None
+    config: RunConfig,
+    layout: RunLayout,
+    documents: datasets.DatasetDict,
+    tokenizer,
+    seed: int,
+    device: torch.device | None,
 ) -> tuple[dict[str, datasets.Dataset], dict, dict]:
     """The ar router's sequences (one document from BOS) with their per-prefix targets; what the
     experts' scoring of them cost (bayes targets: the summary's ``scoring_parameters``, all
@@ -251,34 +257,32 @@ def _prefix_examples(
     ``router.documents`` training documents get Bayes targets on their first ``scored_length``
     tokens and their cluster beyond; ``label_documents`` more get their cluster alone, which costs
     nothing; ``validation_documents`` validation documents are scored alike."""
-    options = config["router"]
-    max_length, num_clusters = options["max_length"], config["partition"]["num_clusters"]
+    options = config.router
+    max_length, num_clusters = options.max_length, config.partition.num_clusters
     bos_id, eos_id = document_bos(tokenizer), tokenizer.eos_token_id
     train_docs = documents["train"].shuffle(seed=seed)
-    scored_count = options["documents"]
-    if options["targets"] == "cluster":  # every chosen document is labelled: no scoring to save
-        more = options["label_documents"]
+    scored_count = options.documents
+    if options.targets == "cluster":  # every chosen document is labelled: no scoring to save
+        more = options.label_documents
         scored_count = None if scored_count is None or more is None else scored_count + more
     scored = {
         "train": _chosen(train_docs, 0, scored_count, max_length),
-        "validation": _chosen(
-            documents["validation"].shuffle(seed=seed), 0, options["validation_documents"], max_length
-        ),
+        "validation": _chosen(documents["validation"].shuffle(seed=seed), 0, options.validation_documents, max_length),
     }
     labelled = (
-        _chosen(train_docs, len(scored["train"]), options["label_documents"], max_length)
-        if options["targets"] == "bayes"
+        _chosen(train_docs, len(scored["train"]), options.label_documents, max_length)
+        if options.targets == "bayes"
         else train_docs.select([])
     )
     scoring = {"scoring_parameters": 0, "scoring_tokens": {}}
     ids = {name: list(split["input_ids"]) for name, split in scored.items()}
     clusters = {name: list(split["cluster"]) for name, split in scored.items()}
-    if options["targets"] == "bayes":
+    if options.targets == "bayes":
         experts = [load_expert(layout.expert(k), device) for k in range(num_clusters)]
-        context = scoring_context(config, experts[0].config.max_position_embeddings)
+        context = config.scoring_context(experts[0].config.max_position_embeddings)
         priors = json.loads((layout.partition / "stats.json").read_text())["priors"]
         log_prior = torch.tensor(priors, dtype=torch.float64).log()
-        length = options["scored_length"] or max_length
+        length = options.scored_length or max_length
         prefixes = {name: [doc[:length] for doc in docs] for name, docs in ids.items()}
         posteriors = {
             name: bayes_targets(experts, docs, log_prior, bos_id=bos_id, eos_id=eos_id, context=context)
@@ -293,7 +297,7 @@ def _prefix_examples(
     else:
         targets = {name: cluster_targets(ids[name], clusters[name], num_clusters) for name in ids}
     examples = {name: router_examples(ids[name], targets[name], max_length, bos_id) for name in ids}
-    if options["targets"] == "cluster":  # the fit to its own (one-hot) targets: its cross-entropy
+    if options.targets == "cluster":  # the fit to its own (one-hot) targets: its cross-entropy
         fits = {
             "train": examples["train"].select(range(min(FIT_ROWS, len(examples["train"])))),
             "validation": examples["validation"],
@@ -306,7 +310,7 @@ def _prefix_examples(
             bos_id,
         )
         examples["train"] = datasets.concatenate_datasets([examples["train"], free])
-    if options["windows"]:
+    if options.windows:
         windows = _windows(train_docs, max_length, num_clusters, seed, bos_id)
         examples["train"] = datasets.concatenate_datasets([examples["train"], windows])
     return examples, scoring, fits
@@ -330,13 +334,13 @@ def _windows(
     return router_examples(docs, cluster_targets(docs, clusters, num_clusters), max_length, bos_id, starts)
 
 
-def _noisy_state_examples(config: dict, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
+def _noisy_state_examples(config: RunConfig, documents: datasets.DatasetDict, vocab_size: int, eos_id: int, seed: int):
     """The masked router's rows (the experts' document rows with their cluster), its loss on
     noisy states of the run's path (no expert scores them), and the name of its targets."""
-    count = config["router"]["documents"]
+    count = config.router.documents
     chosen = {"train": documents["train"], "validation": documents["validation"]}
     if count is not None and count < len(chosen["train"]):
         chosen["train"] = chosen["train"].shuffle(seed=seed).select(range(count))
-    block = config["expert"]["block_size"]
+    block = config.expert.block_size
     examples = {name: document_rows(split, block, eos_id, columns=("cluster",)) for name, split in chosen.items()}
-    return examples, noisy_router_loss(run_path(config, vocab_size)), "cluster (noisy states)"
+    return examples, noisy_router_loss(run_path(config.path.scheduler, vocab_size)), "cluster (noisy states)"

@@ -63,9 +63,9 @@ class SyntheticSpec:
     def __post_init__(self) -> None:
         if self.priors is not None:
             object.__setattr__(self, "priors", tuple(float(p) for p in self.priors))
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         if self.num_domains < 1:
             raise DfmError(f"synthetic num_domains must be >= 1, got {self.num_domains}")
         if self.num_documents < 1:
