@@ -259,11 +259,11 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     return summary
 
 
-def cmd_train_seed(args: argparse.Namespace) -> dict:
+def cmd_train_seed_model(args: argparse.Namespace) -> dict:
     from eval.pipeline import loss_text
-    from training.lm_training import train_seed
+    from training.lm_training import train_seed_model
 
-    summary = train_seed(args.run, resume=args.resume, device=_device(args))
+    summary = train_seed_model(args.run, resume=args.resume, device=_device(args))
     _say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
     return summary
 
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "train-seed-model",
         "train the seed model on the shared documents; every expert and the baseline branch from it",
-        cmd_train_seed,
+        cmd_train_seed_model,
         aliases=["train-seed"],
     )
     p.add_argument("--run", required=True, help="run directory")

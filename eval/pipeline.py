@@ -27,7 +27,7 @@ from training.assemble import assemble
 from training.config import read_run_config
 from training.estimate import remaining_seconds
 from training.layout import RunLayout
-from training.lm_training import train_baseline, train_expert, train_seed
+from training.lm_training import train_baseline, train_expert, train_seed_model
 from training.prepare import prepare
 from training.router_training import train_router
 
@@ -116,7 +116,7 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
         )
 
     if config.seed_model.trained:
-        summary = clock.stage("seed", lambda: train_seed(run_dir, resume=resume, device=device))
+        summary = clock.stage("seed", lambda: train_seed_model(run_dir, resume=resume, device=device))
         say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token")
         estimate(summary, 0)
     for k in range(config.partition.num_clusters):

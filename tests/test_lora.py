@@ -36,16 +36,16 @@ def test_experts_and_baseline_are_adapters_that_peft_loads(lora_run):
         assert {p.name for p in directory.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
         assert not (directory / "model.safetensors").exists()
     adapter = (layout.expert(0) / "adapter_model.safetensors").stat().st_size
-    assert adapter * 5 < (layout.seed / "model.safetensors").stat().st_size  # rank 4: a fraction of the model
+    assert adapter * 5 < (layout.seed_model / "model.safetensors").stat().st_size  # rank 4: a fraction of the model
     # plain peft, no dfm code: the seed plus the adapter gives what dfm's merged expert gives
-    seed = AutoModelForCausalLM.from_pretrained(layout.seed)
+    seed = AutoModelForCausalLM.from_pretrained(layout.seed_model)
     peft_expert = PeftModel.from_pretrained(seed, layout.expert(1)).eval()
     ensemble = Ensemble.from_run(lora_run)
     tokens = torch.tensor([[0, 5, 9, 17, 3, 11, 40, 2]])
     with torch.no_grad():
         merged = ensemble.experts[1](tokens).logits
         unmerged = peft_expert(tokens).logits
-        plain_seed = AutoModelForCausalLM.from_pretrained(layout.seed)(tokens).logits
+        plain_seed = AutoModelForCausalLM.from_pretrained(layout.seed_model)(tokens).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)  # merging only reorders float sums
     assert (merged - plain_seed).abs().max() > 1e-3  # negative control: the adapter changed the seed's predictions
 

@@ -34,13 +34,13 @@ def branch_point(run_dir: str | Path, config: RunConfig) -> str | Path | None:
     """Where experts and the baseline start: RUN/seed after a seed phase, else the pretrained
     ``seed_model.init_from``, else None (from scratch)."""
     if config.seed_model.trained:
-        seed = RunLayout.of(run_dir).seed
-        if not (seed / "config.json").is_file():
+        seed_model = RunLayout.of(run_dir).seed_model
+        if not (seed_model / "config.json").is_file():
             raise DfmError(
-                f"the seed model is missing at {seed}: run `dfm train-seed-model --run {run_dir}` first "
+                f"the seed model is missing at {seed_model}: run `dfm train-seed-model --run {run_dir}` first "
                 f"(a compute island needs RUN/seed too)"
             )
-        return seed
+        return seed_model
     return config.seed_model.init_from
 
 

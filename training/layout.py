@@ -43,7 +43,7 @@ class RunLayout:
         return self.root / "data" / "shared"
 
     @property
-    def seed(self) -> Path:
+    def seed_model(self) -> Path:
         """The seed model every expert and the baseline branch from (save_pretrained)."""
         return self.root / "seed"
 

@@ -26,7 +26,7 @@ from training.trainer import TrainConfig, TrainResult, train
 
 #: Seed offsets of the baseline and the seed model, so neither shares a data order with an expert.
 BASELINE_SEED_OFFSET = 10_000
-SEED_OFFSET = 30_000
+SEED_MODEL_OFFSET = 30_000
 #: FLOPs per parameter and token: a trained weight's forward (2), activation gradients (2) and
 #: weight gradients (2); a frozen one under an adapter (LoRA's base) has no weight gradients; a
 #: scoring forward (the experts' scoring of the router's documents) is the forward alone.
@@ -152,7 +152,7 @@ def _train_lm(
     return summary
 
 
-def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
+def train_seed_model(run_dir: str | Path, resume: bool = False, device: torch.device | None = None) -> dict:
     """The seed phase: one model trained centrally on the shared documents of every cluster
     (from ``seed_model.init_from`` when given), saved to RUN/seed for experts and baseline."""
     run_dir = Path(run_dir)
@@ -170,8 +170,8 @@ def train_seed(run_dir: str | Path, resume: bool = False, device: torch.device |
         shard["train"],
         shard.get("validation"),
         config.seed_model.train,
-        config.seed + SEED_OFFSET,
-        layout.seed,
+        config.seed + SEED_MODEL_OFFSET,
+        layout.seed_model,
         resume,
         device,
     )
