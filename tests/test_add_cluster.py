@@ -69,7 +69,7 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
 
     assert add_cluster(run, texts) == K
     config = json.loads(layout.config.read_text())
-    assert config.partition.num_clusters == K + 1
+    assert config["partition"]["num_clusters"] == K + 1
     docs = load_saved(layout.documents, "documents")
     for name in ("train", "validation", "test"):
         old, new = old_docs[name], docs[name]

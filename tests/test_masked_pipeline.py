@@ -34,8 +34,8 @@ TINY_MASKED_ARCH = {
 def masked_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("masked")
     config = copy.deepcopy(TINY_RUN)
-    config.path = {"kind": "masked", "scheduler": "cosine"}
-    config.expert.arch = TINY_MASKED_ARCH
+    config["path"] = {"kind": "masked", "scheduler": "cosine"}
+    config["expert"]["arch"] = TINY_MASKED_ARCH
     (root / "masked.json").write_text(json.dumps(config))
     assert main(["run", "--out", str(root / "run"), "--config", str(root / "masked.json")]) == 0
     return root / "run"

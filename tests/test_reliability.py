@@ -146,7 +146,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 def set_train_option(run: Path, **options) -> None:
     """Edit the expert training options in a run's config.json, as a user may."""
     config = json.loads((run / "config.json").read_text())
-    config.expert.train.update(options)
+    config["expert"]["train"].update(options)
     (run / "config.json").write_text(json.dumps(config))
 
 

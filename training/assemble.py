@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -64,7 +65,7 @@ def assemble(run_dir: str | Path) -> Manifest:
         router=router,
         partition=optional(layout.partition, "partition.json"),
         baseline=baseline,
-        extra={"block_size": config.expert.block_size, "path": config.path},
+        extra={"block_size": config.expert.block_size, "path": asdict(config.path)},
     ).with_hashes(run_dir)  # a LoRA expert's base (the seed) too: a changed seed changes every such expert
     manifest.save(run_dir)
     return manifest
