@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
         return p
 
-    p = add("run", "the whole pipeline: prepare, seed, every expert, router, baseline, assemble, eval", cmd_run)
+    p = add("run", "the whole pipeline: prepare, seed model, every expert, router, baseline, assemble, eval", cmd_run)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument(
         "--resume",
