@@ -205,6 +205,8 @@ def test_masked_bad_input_is_one_line(masked_run, argv, expected, capsys):
         ({"path": {"kind": "masked"}, "expert": {"arch": {"model_type": "llama"}}}, "masked LM"),
         ({"path": {"kind": "masked"}, "seed_model": {"init_from": "gpt2"}}, "--init-from"),
         ({"expert": {"arch": {"model_type": "modernbert"}}}, "causal LM"),
+        ({"path": {"kind": "masked"}, "router": {"targets": "bayes"}}, "learns the cluster from noisy states"),
+        ({"path": {"kind": "masked"}, "router": {"temperature": "fit"}}, "router.temperature=null"),
     ],
 )
 def test_path_config_is_checked(override, expected):

@@ -48,7 +48,7 @@ def remaining_flops(run_dir: str | Path, config: RunConfig, parameters: int, exp
         validation = min(options.validation_documents or validation, validation)
         length = options.scored_length or options.max_length  # what the experts read of each
         scored = documents * min(tokens, length) + validation * min(validation_tokens, options.max_length, length)
-        scored_by_experts = options.targets == "bayes" and not config.is_masked  # masked: noisy-state targets
+        scored_by_experts = options.targets == "bayes"  # cluster targets (and every masked router's) are free
         scoring = float(FORWARD_FLOPS) * parameters * clusters * scored if scored_by_experts else 0.0
         size = Router(
             RouterConfig(

@@ -275,10 +275,11 @@ class RunConfig:
         self.router.validate()
         self._check_context()
         self.seed_model.validate()
-        if self.router.temperature == "fit" and self.is_masked:
+        if self.is_masked and (self.router.temperature == "fit" or self.router.targets == "bayes"):
             raise DfmError(
-                "config router.temperature=fit fits the prefix router of the ar path; the masked path's router "
-                "reads noisy states: set router.temperature=null"
+                "config router.temperature=fit and router.targets=bayes are for the prefix router of the ar path; "
+                "the masked path's router learns the cluster from noisy states: set router.temperature=null "
+                "and router.targets=cluster"
             )
         self.data.validate()
         TrainConfig.from_dict(self.expert.train)
