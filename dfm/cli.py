@@ -363,6 +363,30 @@ def cmd_run(args: argparse.Namespace) -> None:
     _say(f"done in {sum(result.timings.values()):.0f}s: {json.dumps(result.timings)}; report in {args.out}/eval/")
 
 
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from eval.scaling import Ladder, run_study
+    from eval.scaling_report import markdown
+
+    if getattr(args, "cfg:partition.num_clusters") is not None:
+        raise DfmError("dfm scaling takes the numbers of experts from --experts, not --num-clusters")
+    ladder = Ladder(tuple(args.budgets), tuple(args.experts), tuple(args.seeds))
+    ladder.validate()  # before the corpus loads
+    device = _device(args)
+    summary = run_study(
+        args.out,
+        lambda: _resolved_config(args),
+        ladder,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        modes=args.modes,
+        device=device,
+        dtype=_dtype(args, device),
+        say=_say,
+    )
+    print(markdown(summary))
+    _say(f"study in {args.out}: scaling.json, scaling.md, scaling.png; each rung's run under {args.out}/rungs/")
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
     from eval.pipeline import evaluate, write_evaluation
@@ -685,6 +709,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODE",
         help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
         "all); masked runs: mixture top1 top2 switch oracle",
+    )
+    _add_device_flag(p)
+    _add_dtype_flag(p)
+    _add_config_flags(p)
+    p = add(
+        "scaling",
+        "the pipeline over a ladder of budgets and numbers of experts on one corpus: the ensemble's ratio "
+        "to the compute-matched baseline as compute grows (OUT/scaling.json, scaling.md, scaling.png)",
+        cmd_scaling,
+    )
+    p.add_argument("--out", default="runs/scaling", help="study directory (default: runs/scaling)")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=[1.0, 2.0, 4.0, 8.0],
+        metavar="B",
+        help="training budgets as multiples of the branch phase (expert.train.steps x num_clusters expert "
+        "steps, split over each rung's K experts), increasing (default: 1 2 4 8)",
+    )
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        type=int,
+        default=[4],
+        metavar="K",
+        help="numbers of experts, increasing; K = 1 is the control, the baseline's twin (default: 4)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="random seeds repeating every rung")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed study, or add rungs to a finished one: finished rungs are kept, never retrained",
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete the study directory and start again")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help="modes every rung scores (default: mixture top1 bayes oracle; masked runs: all of theirs)",
     )
     _add_device_flag(p)
     _add_dtype_flag(p)

@@ -102,10 +102,14 @@ def write_evaluation(report: dict, run_dir: str | Path) -> list[Path]:
     return write_plots(report, out)
 
 
-def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: torch.device) -> None:
-    """Seed model (when the run has one), every expert, the router (K > 1), the baseline, assemble;
-    the ETA after the first training stage."""
+def train_stages(
+    run_dir: str | Path, clock: StageClock, resume: bool, device: torch.device, seed_model: bool = True
+) -> None:
+    """Seed model (when the run has one and ``seed_model``; a study that shares one seed model
+    among runs passes False), every expert, the router (K > 1), the baseline, assemble; the ETA
+    after the first training stage."""
     config = read_run_config(run_dir)
+    seed_model = seed_model and config.seed_model.trained
     say = clock.say
 
     def estimate(first: dict, experts_done: int) -> None:
@@ -115,7 +119,7 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
             f"(from this stage's speed; evaluation not counted)"
         )
 
-    if config.seed_model.trained:
+    if seed_model:
         summary = clock.stage("seed", lambda: train_seed_model(run_dir, resume=resume, device=device))
         say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token")
         estimate(summary, 0)
@@ -125,7 +129,7 @@ def train_stages(run_dir: str | Path, clock: StageClock, resume: bool, device: t
             f"expert-{k}: val loss {loss_text(summary['val_loss'])} nats/token, unigram entropy "
             f"{summary['unigram_entropy']:.4f}"
         )
-        if k == 0 and not config.seed_model.trained:
+        if k == 0 and not seed_model:
             estimate(summary, 1)
     if config.partition.num_clusters > 1:
         summary = clock.stage("router", lambda: train_router(run_dir, resume=resume, device=device))

@@ -14,7 +14,7 @@ from dfm.atomic import atomic_file  # noqa: E402
 COMPARED = ("baseline", "mixture", "top1", "switch", "bayes", "centroid", "oracle")
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -38,7 +38,7 @@ def plot_bpb_by_cluster(report: dict, path: Path) -> None:
     ax.set_ylabel("bits per byte (ELBO bound)" if report.get("bound") == "elbo" else "bits per byte")
     ax.set_title("Bits per byte by cluster: baseline vs ensemble modes")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_router_accuracy(report: dict, path: Path) -> None:
@@ -51,7 +51,7 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     ax.set_ylabel("router argmax accuracy")
     ax.set_title("Router accuracy vs prefix length")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_loss_split(report: dict, path: Path) -> None:
@@ -79,7 +79,7 @@ def plot_loss_split(report: dict, path: Path) -> None:
     ax.set_ylabel("ratio - 1 (above 0: worse than the reference)")
     ax.set_title("Where the loss goes: experts, posterior and routing")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
