@@ -367,8 +367,12 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     from eval.scaling import Ladder, run_study
     from eval.scaling_report import markdown
 
-    if getattr(args, "cfg:partition.num_clusters") is not None:
-        raise DfmError("dfm scaling takes the numbers of experts from --experts, not --num-clusters")
+    for flag, key, instead in (
+        ("--num-clusters", "partition.num_clusters", "--experts"),
+        ("--seed", "seed", "--seeds"),
+    ):
+        if getattr(args, f"cfg:{key}") is not None:
+            raise DfmError(f"dfm scaling takes {instead}, not {flag}: every rung sets its own")
     ladder = Ladder(tuple(args.budgets), tuple(args.experts), tuple(args.seeds))
     ladder.validate()  # before the corpus loads
     device = _device(args)
@@ -390,7 +394,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
     from eval.pipeline import evaluate, write_evaluation
-    from eval.report import markdown, require_baseline
+    from eval.report import markdown, require_baseline, require_matched
     from training.layout import RunLayout
 
     out = RunLayout.of(args.run).eval
@@ -414,6 +418,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     _say(f"wrote {out}/report.json, report.md and {', '.join(p.name for p in plots)}")
     if not args.no_baseline:
         require_baseline(report, args.run)  # the scores are kept; a report without a verdict is not a success
+    require_matched(report, args.run)
     return report
 
 

@@ -19,6 +19,7 @@ import torch
 from dfm.atomic import write_json
 from dfm.errors import DfmError
 from eval.masked_report import evaluate_masked_run
+from eval.matching_check import check_matching
 from eval.plots import write_plots
 from eval.report import check_modes, evaluate_run, write_report
 from models.ar_kind import AR_MODES
@@ -89,10 +90,12 @@ def evaluate(run_dir: str | Path, **options) -> dict:
             raise DfmError(
                 "--stride is for autoregressive runs: a masked run scores each document in the rows it trained on"
             )
-        return evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options)
+        return check_matching(evaluate_masked_run(run_dir, samples=8 if samples is None else samples, **options))
     if samples is not None:
         raise DfmError("--elbo-samples is for masked runs: an autoregressive run's likelihood is exact")
-    return evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or AR_MODES})
+    return check_matching(
+        evaluate_run(run_dir, stride=stride, **{**options, "modes": options.get("modes") or AR_MODES})
+    )
 
 
 def write_evaluation(report: dict, run_dir: str | Path) -> list[Path]:

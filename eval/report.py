@@ -202,6 +202,16 @@ def require_baseline(report: dict, run_dir: str | Path) -> None:
         )
 
 
+def require_matched(report: dict, run_dir: str | Path) -> None:
+    """Refuse a report whose baseline is not compute-matched (eval.matching_check), after writing it."""
+    problem = report.get("compute", {}).get("matching_problem")
+    if problem:
+        raise DfmError(
+            f"{problem}; the report has no verdict. Train the baseline last: delete {RunLayout.of(run_dir).baseline} "
+            f"and its checkpoints, then `dfm train-baseline --run {run_dir}`"
+        )
+
+
 def verify_baseline(run_dir: str | Path, loaded: bool) -> None:
     """Refuse a loaded baseline whose files differ from those `dfm assemble` recorded."""
     manifest = Manifest.load(run_dir)
@@ -274,6 +284,8 @@ def markdown(report: dict) -> str:
             f"both start from {matching['seed_from'] or 'scratch'}"
             + (f" (seed phase {matching['seed_flops']:.3g})" if matching["seed_flops"] else ""),
         ]
+    if report.get("compute", {}).get("matching_problem"):
+        lines += ["", f"**No verdict: {report['compute']['matching_problem']}.**"]
     if "router" in report:
         acc = report["router"]["accuracy_by_prefix"]
         cells = ", ".join(f"{n}: {a:.3f}" for n, a in zip(acc["lengths"], acc["accuracy"]))

@@ -126,7 +126,10 @@ class Study:
         path = self.prepared(seed, experts)
         if not RunLayout.of(path).config.is_file():
             self.say(f"prepare: seed {seed}, {experts} cluster(s) ...")
-            summary = prepare(self._config_for(seed, experts), path, overwrite=True)
+            try:
+                summary = prepare(self._config_for(seed, experts), path, overwrite=True)
+            except DfmError as err:  # the study's K is an --experts value
+                raise DfmError(f"--experts {experts}: {str(err).replace('--num-clusters', '--experts')}") from err
             self.say(f"prepare: sizes {summary['sizes']}, purity {summary['purity']:.3f}")
         return path
 
@@ -257,6 +260,7 @@ def _result(rung: Rung, path: Path) -> dict:
         "baseline_steps": (layout.read_summary("baseline") or {}).get("steps"),
         "flops": {
             "seed": matching["seed_flops"],
+            "experts": matching["experts_flops"],
             "decentralized": matching["decentralized_flops"],
             "baseline": matching["baseline_flops"],
             "total": matching["seed_flops"] + matching["decentralized_flops"],
