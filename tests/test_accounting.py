@@ -109,7 +109,8 @@ def test_report_has_one_total_and_the_baseline_is_matched_to_it(run):
     by_hand = sum(6 * summaries[name]["parameters"] * summaries[name]["tokens"] for name in names)
     by_hand += summaries["router"]["flops"]  # checked against its tokens above
     report = json.loads((layout.eval / "report.json").read_text())
-    assert set(report["compute"]) == {"matching", "inference_flops_per_token", "parameters"}
+    assert set(report["compute"]) == {"matching", "matching_problem", "inference_flops_per_token", "parameters"}
+    assert report["compute"]["matching_problem"] is None
     assert report["compute"]["matching"] == compute_matching(run, names)
     assert report["compute"]["matching"]["decentralized_flops"] == by_hand
     # the baseline got the steps that match that total, validation scoring included
