@@ -391,6 +391,23 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     _say(f"study in {args.out}: scaling.json, scaling.md, scaling.png; each rung's run under {args.out}/rungs/")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from eval.serve_app import Server, create_app
+    except ImportError as err:
+        raise DfmError(f"dfm serve needs the serve extra ({err.name} is missing): pip install 'dfm[serve]'") from err
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        warnings.warn(
+            f"serving on {args.host} without --api-key: anyone who can reach this port can use the models",
+            stacklevel=1,
+        )
+    server = Server(args.run, device=_device(args), max_batch=args.max_batch, api_key=args.api_key)
+    _say(f"serving {', '.join(server.models())} on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM to stop)")
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
     from eval.pipeline import evaluate, write_evaluation
@@ -758,6 +775,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flag(p)
     _add_dtype_flag(p)
     _add_config_flags(p)
+    p = add(
+        "serve",
+        "serve a run behind the OpenAI completions API (POST /v1/completions, GET /v1/models, /health, /metrics) "
+        "with continuous batching across requests; needs the serve extra",
+        cmd_serve,
+    )
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most (default: 16)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    _add_device_flag(p)
     p = add("prepare", "load the corpus, train the tokenizer, partition into clusters, write data shards", cmd_prepare)
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--overwrite", action="store_true", help="replace a run that already holds trained models")

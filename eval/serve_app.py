@@ -1,0 +1,371 @@
+"""`dfm serve`: a run behind the OpenAI completions API (Starlette on uvicorn, the `serve` extra).
+
+Models: ``dfm`` (the routed ensemble), ``expert-N`` (one expert alone, through the same engine)
+and ``baseline`` (the central model, its own engine), so a client compares them on one server.
+dfm's own options travel as extra body fields (the ``openai`` client's ``extra_body``):
+``routing``, ``k``, ``exclude_experts``, ``route_on``, ``top_k``, ``return_routing``. Errors are
+OpenAI-style JSON bodies with a 4xx status; the server never stops on a bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from dfm.errors import DfmError
+from models.partition import Partition
+from models.serve_engine import Engine, Event, RowSpec
+from training.config import read_run_config
+from training.layout import RunLayout
+
+#: The largest request body read (a prompt is text; a 10 MB one is refused before it is parsed).
+MAX_BODY_BYTES = 1_000_000
+MAX_CHOICES = 64
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class Server:
+    """The engines of one run and the request handling around them."""
+
+    def __init__(self, run_dir: str | Path, *, device, max_batch: int = 16, api_key: str | None = None):
+        config = read_run_config(run_dir)
+        if config.is_masked:
+            raise DfmError(
+                "dfm serve serves autoregressive runs; a masked run samples with `dfm generate --sampler-steps N`"
+            )
+        kind = config.kind
+        ensemble = kind.load_ensemble(run_dir, device)
+        layout = RunLayout.of(run_dir)
+        partition = Partition.load(layout.partition) if (layout.partition / "partition.json").is_file() else None
+        self.engines = {"dfm": Engine(ensemble, max_batch=max_batch, partition=partition, name="dfm")}
+        if layout.baseline.is_dir():
+            baseline = kind.load_model(run_dir, "baseline", device, None)
+            self.engines["baseline"] = Engine(baseline, max_batch=max_batch, name="baseline")
+        self.experts = list(ensemble.names)
+        self.tokenizer = ensemble.tokenizer
+        self.api_key = api_key
+        self.started = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        for engine in self.engines.values():
+            engine.start()
+
+    def stop(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+
+    def models(self) -> list[str]:
+        return ["dfm", *self.experts, *(["baseline"] if "baseline" in self.engines else [])]
+
+    # --- requests ----------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", "authentication_error")
+
+    async def body(self, request: Request) -> dict:
+        size, chunks = 0, []
+        async for chunk in request.stream():  # read to the end (a client still sending gets its answer), keep little
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body of {size} bytes is larger than {MAX_BODY_BYTES}: send a shorter prompt")
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"the body is not valid JSON ({err})") from err
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def specs(self, body: dict) -> tuple[str, Engine, list[str], list[list[int]], list[RowSpec]]:
+        """The model, its engine, the prompts (text and ids) and one RowSpec per choice."""
+        model = body.get("model", "dfm")
+        if model not in self.models():
+            raise ApiError(404, f"model {model!r} not found: choose one of {', '.join(self.models())}", param="model")
+        engine = self.engines["baseline" if model == "baseline" else "dfm"]
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        n = _integer(body, "n", 1, lo=1)
+        if n * len(prompts) > MAX_CHOICES:
+            raise ApiError(400, f"n x prompts is {n * len(prompts)}: at most {MAX_CHOICES} choices per request")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", param="stop")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+            raise ApiError(400, "logprobs must be an integer from 0 to 20", param="logprobs")
+        exclude = body.get("exclude_experts") or []
+        if not isinstance(exclude, list):
+            raise ApiError(400, "exclude_experts must be a list of expert names or indices", param="exclude_experts")
+        excluded = tuple(self._expert_index(e) for e in exclude)
+        seed = _integer(body, "seed", 0)
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        options = {
+            "max_tokens": _integer(body, "max_tokens", 16, lo=1),
+            "routing": body.get("routing", "mixture"),
+            "k": body.get("k"),
+            "exclude": excluded,
+            "route_on": body.get("route_on", "token"),
+            "expert": self.experts.index(model) if model in self.experts else None,
+            "temperature": _number(body, "temperature", 1.0),
+            "top_p": _number(body, "top_p", 1.0),
+            "top_k": _integer(body, "top_k", 0, lo=0),
+            "stop": tuple(stop),
+            "logprobs": logprobs,
+        }
+        if model == "baseline" and (options["routing"] != "mixture" or excluded):
+            raise ApiError(400, "the baseline is one model: routing and exclude_experts do not apply", param="model")
+        if options["k"] is not None and not isinstance(options["k"], int):
+            raise ApiError(400, "k must be an integer", param="k")
+        specs = [RowSpec(prompt=row, seed=seed + j, **options) for row in ids for j in range(n)]
+        for spec in specs:
+            try:
+                engine.check(spec)
+            except DfmError as err:
+                raise ApiError(400, str(err)) from err
+        return model, engine, prompts, ids, specs
+
+    def _expert_index(self, name: object) -> int:
+        if isinstance(name, int) and not isinstance(name, bool):
+            return name
+        if isinstance(name, str) and name in self.experts:
+            return self.experts.index(name)
+        raise ApiError(
+            400, f"unknown expert {name!r}: the experts are {', '.join(self.experts)}", "invalid_request_error"
+        )
+
+    def metrics(self) -> dict:
+        out = {"uptime_seconds": round(time.time() - self.started, 1)}
+        for name, engine in self.engines.items():
+            stats = dict(engine.stats)
+            busy = stats.pop("busy_seconds")
+            out[name] = {
+                **stats,
+                "busy_seconds": round(busy, 3),
+                "tokens_per_second": stats["tokens"] / busy if busy else 0.0,
+                "batch_occupancy": engine.occupancy,
+                "expert_tokens": dict(zip(self.experts if name == "dfm" else ["baseline"], engine.expert_tokens)),
+            }
+        return out
+
+
+def _integer(body: dict, key: str, default: int, lo: int | None = None) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or (lo is not None and value < lo):
+        raise ApiError(400, f"{key} must be an integer" + (f" >= {lo}" if lo is not None else ""), param=key)
+    return value
+
+
+def _number(body: dict, key: str, default: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ApiError(400, f"{key} must be a number", param=key)
+    return float(value)
+
+
+class _Choice:
+    """One choice's accumulating output, fed by engine events on the event loop."""
+
+    def __init__(self, tokenizer, spec: RowSpec, echo: str | None):
+        self.tokenizer, self.spec, self.echo = tokenizer, spec, echo
+        self.text, self.sent = "", 0
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[dict] = []
+        self.experts: list[list[int]] = []
+        self.finish: str | None = None
+
+    def add(self, event: Event) -> None:
+        if event.experts:  # a decoded token (cancellation and errors carry none)
+            self.tokens.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.top.append(event.top_logprobs or {})
+            self.experts.append(event.experts)
+        self.text = event.text
+        self.finish = event.finish if self.finish is None else self.finish
+
+    def pending(self) -> str:
+        """New text safe to send: not a possible start of a stop string, not a half character."""
+        ready = len(self.text)
+        if self.finish is None:
+            for stop in self.spec.stop:
+                for cut in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(stop[:cut]):
+                        ready = min(ready, len(self.text) - cut)
+                        break
+            while ready > self.sent and self.text[ready - 1] == "\ufffd":
+                ready -= 1
+        delta = self.text[self.sent : ready] if ready > self.sent else ""
+        self.sent = max(self.sent, ready)
+        return delta
+
+    def logprob_block(self) -> dict | None:
+        if self.spec.logprobs is None:
+            return None
+        decode = self.tokenizer.decode
+        strings = [decode([t]) for t in self.tokens]
+        offsets, at = [], len(self.echo or "")
+        for s in strings:
+            offsets.append(at)
+            at += len(s)
+        return {
+            "tokens": strings,
+            "token_logprobs": self.logprobs,
+            "top_logprobs": [{decode([t]): v for t, v in top.items()} for top in self.top],
+            "text_offset": offsets,
+        }
+
+
+def create_app(server: Server) -> Starlette:
+    """The ASGI application; its lifespan starts and stops the engines."""
+
+    async def guarded(request: Request, handler) -> JSONResponse | StreamingResponse:
+        try:
+            server.authorize(request)
+            return await handler(request)
+        except ApiError as err:
+            return err.response()
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "models": server.models()})
+
+    async def models(request: Request):
+        async def handler(request):
+            data = [
+                {"id": m, "object": "model", "created": int(server.started), "owned_by": "dfm"} for m in server.models()
+            ]
+            return JSONResponse({"object": "list", "data": data})
+
+        return await guarded(request, handler)
+
+    async def metrics(request: Request):
+        async def handler(request):
+            return JSONResponse(server.metrics())
+
+        return await guarded(request, handler)
+
+    async def completions(request: Request):
+        async def handler(request):
+            body = await server.body(request)
+            model, engine, prompts, ids, specs = server.specs(body)
+            echo = bool(body.get("echo"))
+            n = len(specs) // len(prompts)
+            choices = [
+                _Choice(server.tokenizer, spec, prompts[i // n] if echo else None) for i, spec in enumerate(specs)
+            ]
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            cancel = engine.submit(specs, lambda i, event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
+            ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+            def usage() -> dict:
+                prompt_tokens = sum(len(row) for row in ids)
+                completion = sum(len(c.tokens) for c in choices)
+                return {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion,
+                }
+
+            def choice_body(i: int, c: _Choice, text: str) -> dict:
+                out = {"index": i, "text": text, "logprobs": c.logprob_block(), "finish_reason": c.finish}
+                if body.get("return_routing"):
+                    names = server.experts if model != "baseline" else ["baseline"]
+                    out["routing"] = [[names[e] for e in step] for step in c.experts]
+                return out
+
+            if not body.get("stream"):
+                try:
+                    while any(c.finish is None for c in choices):
+                        i, event = await queue.get()
+                        choices[i].add(event)
+                except asyncio.CancelledError:
+                    cancel()
+                    raise
+                failed = [c.finish for c in choices if c.finish.startswith("error")]
+                if failed:
+                    raise ApiError(500, f"generation failed: {failed[0]}", "server_error")
+                return JSONResponse(
+                    {
+                        "id": ident,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [choice_body(i, c, (c.echo or "") + c.text) for i, c in enumerate(choices)],
+                        "usage": usage(),
+                    }
+                )
+
+            async def events():
+                def chunk(payload: list[dict]) -> str:
+                    data = {"id": ident, "object": "text_completion", "created": created, "model": model}
+                    return f"data: {json.dumps({**data, 'choices': payload})}\n\n"
+
+                try:
+                    if echo:
+                        yield chunk(
+                            [
+                                {"index": i, "text": c.echo, "logprobs": None, "finish_reason": None}
+                                for i, c in enumerate(choices)
+                            ]
+                        )
+                    while any(c.finish is None for c in choices):
+                        i, event = await queue.get()
+                        c = choices[i]
+                        c.add(event)
+                        delta = c.pending()
+                        if delta or c.finish is not None:
+                            yield chunk([{**choice_body(i, c, delta), "logprobs": None}])
+                    if body.get("stream_options", {}).get("include_usage"):
+                        data = {"id": ident, "object": "text_completion", "created": created, "model": model}
+                        yield f"data: {json.dumps({**data, 'choices': [], 'usage': usage()})}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    cancel()  # a client gone mid-stream frees its rows at the next step
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return await guarded(request, handler)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/metrics", metrics),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,329 @@
+"""Continuous batching for `dfm serve`: one decoding batch shared by every request in flight.
+
+A request is one or more rows (``n`` choices of one prompt). Rows join the batch at the next
+step and leave when they end (EOS, a stop string, ``max_tokens``, cancellation), without waiting
+for the others. Each row keeps its own routing (any mode of `dfm generate` but oracle; or one
+expert by name), its own sampling options and its own random generator, so a row's text depends
+on its own seed only, never on what it was batched with: the batch shares the experts' forward
+passes (each expert runs only on the rows that give it weight) and the router's, and every
+row's selection of experts and its token are drawn row by row.
+
+The ensemble's KV caches belong to one batch, so a batch whose rows changed is rebuilt: caches
+reset, every row's sequence prefilled again (left-padded), bayes rows' posteriors recomputed from
+their whole sequence. Rows that ended stay in the batch as padding until the next rebuild.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfm.decode import DecodeConfig, decode_step
+from dfm.errors import DfmError
+from dfm.mixing import check_k, exclude_log_weights, normalize_log_weights
+from dfm.routing import Routing, Selection, parse_mode, select_experts
+from dfm.sampling import check_sampling, sample_tokens
+from models.ensemble import Ensemble
+from models.scoring import document_bos
+
+#: Routing modes a server row may ask for (oracle needs a true cluster: ask for an expert instead).
+SERVED_MODES = ("mixture", "top1", "top2", "topk", "switch", "bayes", "centroid")
+
+
+@dataclass
+class RowSpec:
+    """What one row asks for; checked by ``Engine.check`` before it joins."""
+
+    prompt: list[int]  # token ids without BOS
+    max_tokens: int = 16
+    routing: str = "mixture"
+    k: int | None = None
+    exclude: tuple[int, ...] = ()
+    route_on: str = "token"
+    expert: int | None = None  # one expert alone (a model named expert-N)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top log-probabilities of the mixed distribution per token
+
+
+@dataclass
+class Event:
+    """A row's progress after a step: its new token and the text so far; ``finish`` on its last."""
+
+    token: int
+    text: str
+    logprob: float
+    top_logprobs: dict[int, float] | None
+    experts: list[int]
+    finish: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+
+
+@dataclass
+class _Row:
+    spec: RowSpec
+    on_event: Callable[[Event], None]
+    routing: Routing = Routing.MIXTURE
+    k: int | None = None
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    done: bool = False
+    prompt_weights: Tensor | None = None  # route_on="prompt": the weights of its first step
+    log_joint: Tensor | None = None  # bayes: log prior + the experts' log-likelihood of the sequence
+
+
+class Engine:
+    """The decoding loop of one ensemble (or one model as a one-expert ensemble), in its own thread."""
+
+    def __init__(self, ensemble: Ensemble, *, max_batch: int = 16, partition=None, name: str = "dfm") -> None:
+        if ensemble.tokenizer is None or ensemble.tokenizer.eos_token_id is None:
+            raise DfmError("the ensemble needs a tokenizer with an EOS token: load it with Ensemble.from_run")
+        if max_batch < 1:
+            raise DfmError(f"--max-batch must be at least 1, got {max_batch}")
+        self.ensemble, self.max_batch, self.partition, self.name = ensemble, max_batch, partition, name
+        tokenizer = ensemble.tokenizer
+        self.eos_id, self.bos_id = tokenizer.eos_token_id, document_bos(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        sizes = [e.config.max_position_embeddings for e in ensemble.experts]
+        if ensemble.router is not None:
+            sizes.append(ensemble.router.config.max_positions)
+        self.context = min(sizes)
+        self._waiting: list[_Row] = []
+        self._rows: list[_Row] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "row_steps": 0, "tokens": 0, "rebuilds": 0, "requests": 0, "busy_seconds": 0.0}
+        self.expert_tokens = [0] * ensemble.num_experts
+
+    # --- requests --------------------------------------------------------------------------
+    def check(self, spec: RowSpec) -> None:
+        """Refuse what this engine cannot serve, with a message a client can act on."""
+        if spec.routing not in SERVED_MODES:
+            raise DfmError(f"unknown routing {spec.routing!r}: choose one of {', '.join(SERVED_MODES)}")
+        routing, k = parse_mode(spec.routing)
+        k = spec.k if spec.k is not None else k
+        if routing is Routing.TOPK:
+            check_k(k or 1, self.ensemble.num_experts)
+        elif spec.k is not None and routing is not Routing.CENTROID:
+            raise DfmError(f"k applies to topk and centroid routing only, not {spec.routing}")
+        if routing is Routing.CENTROID and self.partition is None:
+            raise DfmError("centroid routing needs the run's partition (RUN/partition)")
+        if routing in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH) and self.ensemble.router is None:
+            if self.ensemble.num_experts > 1:
+                raise DfmError("this run has no router: use routing bayes or centroid, or a model named expert-N")
+        if spec.route_on not in ("token", "prompt"):
+            raise DfmError(f"route_on must be 'token' or 'prompt', got {spec.route_on!r}")
+        exclude_log_weights(torch.zeros(1, self.ensemble.num_experts, dtype=torch.float64), spec.exclude)
+        check_sampling(spec.temperature, spec.top_k, spec.top_p)
+        if spec.max_tokens < 1:
+            raise DfmError(f"max_tokens must be at least 1, got {spec.max_tokens}")
+        if spec.max_tokens >= self.context:
+            raise DfmError(f"max_tokens {spec.max_tokens} leaves no room for a prompt in the context of {self.context}")
+        if len(spec.prompt) + spec.max_tokens > self.context:
+            raise DfmError(
+                f"the prompt has {len(spec.prompt)} tokens and max_tokens is {spec.max_tokens}: together more than "
+                f"the context of {self.context} tokens; shorten the prompt or lower max_tokens"
+            )
+        bad = [i for i in spec.prompt if not 0 <= i < self.ensemble.vocab_size]
+        if bad:
+            raise DfmError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.ensemble.vocab_size}")
+
+    def submit(self, specs: Sequence[RowSpec], on_event: Callable[[int, Event], None]) -> Callable[[], None]:
+        """Queue the rows of one request; ``on_event(i, event)`` is called from the engine's thread
+        for row i. Returns a function that cancels every row of the request."""
+        for spec in specs:
+            self.check(spec)
+        rows = []
+        for i, spec in enumerate(specs):
+            routing, k = parse_mode(spec.routing)
+            row = _Row(spec, lambda event, i=i: on_event(i, event), routing, spec.k if spec.k is not None else k)
+            row.generator = torch.Generator(device=self.ensemble.device).manual_seed(spec.seed)
+            rows.append(row)
+        with self._lock:
+            if self._stopping:
+                raise DfmError("the server is shutting down")
+            self._waiting.extend(rows)
+            self.stats["requests"] += 1
+            self._lock.notify()
+
+        def cancel() -> None:
+            for row in rows:
+                row.cancelled = True
+
+        return cancel
+
+    # --- the loop --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"dfm-engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish nothing new; cancel what is left and end the thread."""
+        with self._lock:
+            self._stopping = True
+            for row in self._waiting + self._rows:
+                row.cancelled = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def occupancy(self) -> float:
+        """Mean live rows per decoding step since the start."""
+        return self.stats["row_steps"] / self.stats["steps"] if self.stats["steps"] else 0.0
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while not self._waiting and not any(not r.done for r in self._rows) and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._waiting and not any(not r.done for r in self._rows):
+                    return
+                live = [r for r in self._rows if not r.done and not r.cancelled]
+                room = self.max_batch - len(live)
+                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            for row in (r for r in self._rows if not r.done and r.cancelled):
+                self._finish(row, "cancelled")
+            joining = [r for r in joining if not self._cancelled(r)]
+            live = [r for r in self._rows if not r.done]
+            rebuild = bool(joining) or len(self._rows) > 2 * max(1, len(live))
+            if not live and not joining:
+                self._rows = []
+                continue
+            started = time.perf_counter()
+            try:
+                self._step(live + joining, rebuild)
+            except Exception as err:  # a bug or an exhausted device: end those rows, keep serving
+                for row in live + joining:
+                    if not row.done:
+                        row.on_event(Event(self.pad_id, "", 0.0, None, [], finish=f"error: {err}"))
+                        row.done = True
+                self._rows = []
+            self.stats["busy_seconds"] += time.perf_counter() - started
+
+    def _cancelled(self, row: _Row) -> bool:
+        if row.cancelled:
+            self._finish(row, "cancelled")
+        return row.cancelled
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.done = True
+        row.on_event(Event(self.pad_id, self._text(row), 0.0, None, [], finish=reason))
+
+    def _text(self, row: _Row) -> str:
+        ids = row.generated[:-1] if row.generated and row.generated[-1] == self.eos_id else row.generated
+        return self.ensemble.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _batch(self, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        sequences = [[self.bos_id, *r.spec.prompt, *r.generated] for r in rows]
+        width = max(len(s) for s in sequences)
+        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            tokens[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+        return tokens.to(self.ensemble.device), mask.to(self.ensemble.device)
+
+    def _step(self, rows: list[_Row], rebuild: bool) -> None:
+        ensemble = self.ensemble
+        if rebuild:
+            self._rows = rows
+            self._tokens, self._mask = self._batch(rows)
+            ensemble.reset()
+            self._router = ensemble.router_weigher() if ensemble.router is not None else None
+            self.stats["rebuilds"] += 1
+            if any(r.routing is Routing.BAYES for r in rows):
+                evidence = ensemble.prefix_log_likelihood(self._tokens, self._mask, range(ensemble.num_experts))
+                for r, ll in zip(rows, evidence):
+                    if r.routing is Routing.BAYES:
+                        r.log_joint = ensemble.log_prior.to(ll.device) + ll.double()
+        tokens, mask, rows = self._tokens, self._mask, self._rows
+        live = [i for i, r in enumerate(rows) if not r.done]
+        needs_router = any(
+            rows[i].routing in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
+            and rows[i].spec.expert is None
+            and rows[i].prompt_weights is None
+            for i in live
+        )
+        router = self._router(tokens, mask) if needs_router and self._router is not None else None
+        centroid = None
+        if any(rows[i].routing is Routing.CENTROID and rows[i].prompt_weights is None for i in live):
+            centroid = ensemble.weigher("centroid", partition=self.partition)(tokens, mask)
+        used = self._selection(rows, live, router, centroid)
+        out = decode_step(ensemble, tokens, mask, used, DecodeConfig(temperature=0.0))
+        column = torch.full((len(rows), 1), self.pad_id, dtype=torch.long, device=tokens.device)
+        for i in live:
+            row = rows[i]
+            spec = row.spec
+            logits = out.log_probs[i : i + 1]
+            token = int(sample_tokens(logits, row.generator, spec.temperature, spec.top_k, spec.top_p)[0])
+            column[i, 0] = token
+            experts = [e for e in used.active if torch.isfinite(used.log_weights[i, e])]
+            if row.routing is Routing.BAYES:
+                picked = out.expert_log_probs[i, :, token].double()
+                row.log_joint[used.active] += picked.to(row.log_joint.device)
+            for e in experts:
+                self.expert_tokens[e] += 1
+            row.generated.append(token)
+            top = None
+            if spec.logprobs:
+                values, ids = logits[0].float().topk(min(spec.logprobs, logits.shape[-1]))
+                top = dict(zip(ids.tolist(), values.tolist()))
+            text = self._text(row)
+            finish = None
+            if token == self.eos_id:
+                finish = "stop"
+            elif any(s in text for s in spec.stop):
+                finish = "stop"
+                text = text[: min(text.index(s) for s in spec.stop if s in text)]
+            elif len(row.generated) >= spec.max_tokens:
+                finish = "length"
+            row.done = finish is not None
+            row.on_event(Event(token, text, float(logits[0, token]), top, experts, finish))
+        self._tokens = torch.cat([tokens, column], dim=1)
+        self._mask = torch.cat([mask, torch.ones_like(column)], dim=1)
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(live)
+        self.stats["tokens"] += len(live)
+
+    def _selection(self, rows: list[_Row], live: list[int], router, centroid) -> Selection:
+        """Every row's weights, routed and sparsified row by row (its own generator for switch)."""
+        num_experts = self.ensemble.num_experts
+        weights = torch.full((len(rows), num_experts), float("-inf"), dtype=torch.float64)
+        for i in live:
+            row = rows[i]
+            spec = row.spec
+            if row.prompt_weights is not None:
+                routed = row.prompt_weights
+            elif spec.expert is not None:
+                routed = torch.full((1, num_experts), float("-inf"), dtype=torch.float64)
+                routed[0, spec.expert] = 0.0
+            elif row.routing is Routing.BAYES:
+                routed = normalize_log_weights(row.log_joint.cpu()[None])
+            elif row.routing is Routing.CENTROID:
+                routed = centroid[i : i + 1].cpu()
+            elif router is not None:
+                routed = router[i : i + 1].cpu()
+            else:  # one expert, no router
+                routed = torch.zeros(1, num_experts, dtype=torch.float64)
+            if spec.exclude:
+                routed = exclude_log_weights(routed, spec.exclude)
+            if spec.route_on == "prompt" and row.prompt_weights is None:
+                row.prompt_weights = routed
+            weights[i] = select_experts(routed, row.routing, row.k, row.generator).log_weights[0]
+        live_active = torch.isfinite(weights[live]).any(0).nonzero().flatten().tolist() if live else [0]
+        for i, row in enumerate(rows):
+            if i not in live:  # padding rows run the cheapest expert already running
+                weights[i, live_active[0]] = 0.0
+        weights = weights.to(self.ensemble.device)
+        return Selection(weights, torch.isfinite(weights).any(0).nonzero().flatten().tolist())

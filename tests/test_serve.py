@@ -1,0 +1,225 @@
+"""`dfm serve` with a real client: the `openai` package against a server on a free local port,
+and Starlette's TestClient for what a client library would not send (broken JSON, a wrong key)."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from starlette.testclient import TestClient  # noqa: E402
+
+from dfm.cli import main  # noqa: E402
+from eval.serve_app import MAX_BODY_BYTES, Server, create_app  # noqa: E402
+from models.ar_kind import AR  # noqa: E402
+from models.generation import generate_text  # noqa: E402
+from tests.tiny_config import write_tiny_config  # noqa: E402
+
+PROMPTS = ["the", "a b", "", "lorem ipsum", "x", "one two three", "zz", "q"]
+
+
+def _post(url: str, data: bytes) -> tuple[int, dict]:
+    """A raw POST (what a client library would not send), with its status and JSON body."""
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    out = root / "run"
+    assert main(["--quiet", "run", "--out", str(out), "--config", str(write_tiny_config(root))]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    server = Server(run, device=torch.device("cpu"), max_batch=4)
+    port = _free_port()
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not http.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    yield server, client, f"http://127.0.0.1:{port}"
+    http.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ensemble(run):
+    return AR.load_ensemble(run, "cpu")
+
+
+def test_concurrent_requests_get_exactly_what_dfm_generate_gives(served, ensemble):
+    """Eight prompts at once share the batch (4 rows at most, so some join mid-flight); each text
+    is the one `dfm generate` gives that prompt alone: greedy, and sampled with its own seed."""
+    _, client, _ = served
+
+    def ask(i: int, temperature: float):
+        extra = {"seed": 100 + i} if temperature else {}
+        return client.completions.create(
+            model="dfm", prompt=PROMPTS[i], max_tokens=10, temperature=temperature, **extra
+        ).choices[0]
+
+    for temperature in (0.0, 1.0):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: ask(i, temperature), range(len(PROMPTS))))
+        for i, answer in enumerate(answers):
+            alone = generate_text(ensemble, PROMPTS[i], max_new_tokens=10, temperature=temperature, seed=100 + i)
+            assert answer.text == alone.texts[0], (i, temperature)
+            assert answer.finish_reason == (
+                "stop" if alone.token_ids[0][-1] == ensemble.tokenizer.eos_token_id else "length"
+            )
+    assert served[0].engines["dfm"].stats["rebuilds"] >= 2  # rows joined a running batch
+
+
+def test_streaming_sends_the_same_text_in_chunks(served):
+    _, client, _ = served
+    whole = client.completions.create(model="dfm", prompt="the", max_tokens=12, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="dfm", prompt="the", max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len(chunks) > 1
+
+
+def test_n_seed_logprobs_usage_and_echo(served):
+    _, client, _ = served
+    many = client.completions.create(model="dfm", prompt="a", max_tokens=6, n=3, seed=7, logprobs=2, echo=True)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    single = client.completions.create(model="dfm", prompt="a", max_tokens=6, seed=8)
+    assert many.choices[1].text == "a" + single.choices[0].text  # choice j draws with seed + j
+    for c in many.choices:
+        assert len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) == len(c.logprobs.top_logprobs)
+        assert all(1 <= len(top) <= 2 for top in c.logprobs.top_logprobs)
+        assert all(
+            lp <= max(top.values()) + 1e-6 for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs)
+        )
+    tokens = sum(len(c.logprobs.tokens) for c in many.choices)
+    assert many.usage.completion_tokens == tokens and many.usage.prompt_tokens == 1
+    assert many.usage.total_tokens == tokens + 1
+
+
+def test_routing_options_travel_in_the_extra_body(served, ensemble):
+    _, client, _ = served
+    top1 = client.completions.create(
+        model="dfm", prompt="the", max_tokens=8, temperature=0, extra_body={"routing": "top1", "return_routing": True}
+    ).choices[0]
+    assert all(len(step) == 1 for step in top1.model_extra["routing"])
+    for routing in ("top1", "bayes", "switch"):
+        served_text = (
+            client.completions.create(model="dfm", prompt="a b", max_tokens=8, seed=3, extra_body={"routing": routing})
+            .choices[0]
+            .text
+        )
+        mode, k = ("topk", 1) if routing == "top1" else (routing, None)
+        alone = generate_text(ensemble, "a b", max_new_tokens=8, routing=mode, k=k, seed=3)
+        assert served_text == alone.texts[0], routing
+    kept = client.completions.create(
+        model="dfm",
+        prompt="x",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"exclude_experts": [0, 1], "return_routing": True},
+    ).choices[0]
+    assert {e for step in kept.model_extra["routing"] for e in step} == {"expert-2"}
+
+
+def test_the_baseline_and_each_expert_are_models(served, run):
+    _, client, _ = served
+    assert [m.id for m in client.models.list().data] == ["dfm", "expert-0", "expert-1", "expert-2", "baseline"]
+    baseline = AR.load_model(run, "baseline", "cpu", None)
+    answer = client.completions.create(model="baseline", prompt="the", max_tokens=8, temperature=0).choices[0].text
+    assert answer == generate_text(baseline, "the", max_new_tokens=8, temperature=0).texts[0]
+    expert = client.completions.create(
+        model="expert-1", prompt="the", max_tokens=8, temperature=0, extra_body={"return_routing": True}
+    ).choices[0]
+    assert {e for step in expert.model_extra["routing"] for e in step} == {"expert-1"}
+
+
+def test_a_stop_string_ends_the_text_before_it(served):
+    _, client, _ = served
+    free = client.completions.create(model="dfm", prompt="the", max_tokens=12, temperature=0).choices[0].text
+    stop = free[3:5]
+    if not stop.strip("\ufffd"):
+        pytest.skip("the tiny model's greedy text has no stop string to cut at")
+    cut = client.completions.create(model="dfm", prompt="the", max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == free[: free.index(stop)]
+    streamed = client.completions.create(
+        model="dfm", prompt="the", max_tokens=12, temperature=0, stop=[stop], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+
+def test_bad_requests_get_openai_error_bodies_and_the_server_goes_on(served):
+    _, client, url = served
+    bad = [
+        ({"extra_body": {"routing": "nope"}}, "unknown routing"),
+        ({"extra_body": {"routing": "topk", "k": 9}}, "between 1 and"),
+        ({"max_tokens": 10_000}, "no room for a prompt"),
+        ({"prompt": "word " * 200, "max_tokens": 10}, "more than the context"),
+        ({"extra_body": {"exclude_experts": [0, 1, 2]}}, "excluding every expert"),
+        ({"extra_body": {"exclude_experts": ["expert-9"]}}, "unknown expert"),
+        ({"temperature": -1.0}, "temperature"),
+    ]
+    for options, words in bad:
+        request = {"model": "dfm", "prompt": "a", "max_tokens": 4, **options}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(**request)
+        assert words in caught.value.body["message"], (options, caught.value.body)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="a", max_tokens=4)
+    status, body = _post(f"{url}/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _post(f"{url}/v1/completions", json.dumps({"prompt": "a" * 10_000_000}).encode())
+    assert status == 413 and str(MAX_BODY_BYTES) in body["error"]["message"]
+    with urllib.request.urlopen(f"{url}/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+    assert client.completions.create(model="dfm", prompt="a", max_tokens=3).choices[0].finish_reason
+
+
+def test_a_client_gone_mid_stream_frees_its_rows(served):
+    server, client, url = served
+    engine = server.engines["dfm"]
+    data = json.dumps({"prompt": "the", "max_tokens": 60, "stream": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        assert response.readline().startswith(b"data: ")  # then the client goes
+    deadline = time.monotonic() + 30
+    while any(not row.done for row in engine._rows) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(row.done for row in engine._rows)
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        metrics = json.loads(response.read())
+    assert metrics["dfm"]["requests"] >= 1 and metrics["dfm"]["batch_occupancy"] > 0
+
+
+def test_an_api_key_is_required_when_set(run):
+    server = Server(run, device=torch.device("cpu"), api_key="secret")
+    with TestClient(create_app(server)) as client:
+        refused = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        ok = client.post(
+            "/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers={"authorization": "Bearer secret"}
+        )
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+        assert client.get("/health").status_code == 200
