@@ -657,8 +657,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from dfm.atomic import check_writable
 
     check_writable(Path(args.out).parent)  # before minutes of measuring, not after
-    if args.prepare and args.run is not None:
-        raise DfmError("--prepare and --run are two different benchmarks: pass one of them")
+    if sum(bool(x) for x in (args.prepare, args.run, args.serve)) > 1:
+        raise DfmError("--prepare, --run and --serve are different benchmarks: pass one of them")
+    if args.clients and args.serve is None:
+        raise DfmError("--clients is for --serve RUN: the numbers of concurrent clients of the serving benchmark")
     if not args.prepare and (args.prepare_vocab is not None or args.prepare_source is not None):
         raise DfmError("--prepare-vocab and --prepare-source modify --prepare N [N ...]: give the corpus sizes too")
     if args.prepare:
@@ -668,6 +670,16 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             args.prepare, Path(args.out), say=_say, vocab=args.prepare_vocab, source=args.prepare_source
         )
         print(format_prepare_table(results))
+        _say(f"wrote {args.out} in {results['seconds']:.0f}s")
+        return results
+    if args.serve is not None:
+        from eval.serve_bench import bench_serve, format_serve_table
+
+        quick = dict(concurrency=(1, 4), prompts_per_round=8, prompt_tokens=8, new_tokens=8) if args.quick else {}
+        if args.clients:
+            quick["concurrency"] = tuple(args.clients)
+        results = bench_serve(args.serve, device=_device(args), out=Path(args.out), say=_say, **quick)
+        print(format_serve_table(results))
         _say(f"wrote {args.out} in {results['seconds']:.0f}s")
         return results
     if args.run is not None:
@@ -964,6 +976,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--run",
         help="instead: decoding speed of this trained run on prompts from its test split, every "
         "routing mode against its baseline's transformers generate (batch 1 and 8)",
+    )
+    p.add_argument(
+        "--serve",
+        metavar="RUN",
+        help="instead: `dfm serve` of this trained run under C concurrent streaming clients (prompts from its "
+        "test split): tokens/s, time to first token and per-token latency of top1 and mixture, each against "
+        "the baseline on the same server, and the C = 1 overhead against generate",
+    )
+    p.add_argument(
+        "--clients", type=int, nargs="+", metavar="C", help="with --serve: concurrent clients (default 1 4 16 64)"
     )
     _add_compile_flag(p)
     _add_device_flag(p)

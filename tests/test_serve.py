@@ -223,3 +223,16 @@ def test_an_api_key_is_required_when_set(run):
         )
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
         assert client.get("/health").status_code == 200
+
+
+def test_the_serving_benchmark_pairs_every_load_with_the_baseline(run, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert main(["--quiet", "bench", "--serve", str(run), "--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rounds = {(r["clients"], r["model"]): r for r in results["rounds"]}
+    assert set(rounds) == {(c, m) for c in (1, 4) for m in ("baseline", "top1", "mixture")}
+    for r in rounds.values():
+        assert r["requests"] == 8 and 0 < r["tokens"] <= 8 * 8 and r["tokens_per_second"] > 0
+        assert r["ttft_p50"] <= r["ttft_p99"]
+    assert set(results["generate_seconds"]) == {"top1", "mixture"}
+    assert "vs baseline" in capsys.readouterr().out

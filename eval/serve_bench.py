@@ -1,0 +1,176 @@
+"""`dfm bench --serve RUN`: `dfm serve` under load, paired against the run's baseline on the same server.
+
+The server runs in this process (uvicorn on a free local port, its own thread); C client threads
+stream completions of prompts cut from the test split (``run_prompts``), each client sending its
+next request when the last one ends, until every prompt of the round is answered. For every C,
+the same prompts go to the baseline, to top1 and to mixture, one after the other on the same
+warm server: throughput (generated tokens per second of wall time), time to first token and the
+per-token latency (p50, p99). The C = 1 overhead compares the server's wall time with
+``generate_text`` of the same prompts one by one in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dfm.atomic import write_json
+from eval.bench import machine_info
+from eval.run_bench import run_prompts
+from eval.serve_app import Server, create_app
+from models.generation import generate_text
+
+SERVED = (("baseline", "mixture"), ("dfm", "top1"), ("dfm", "mixture"))
+
+
+def _stream(url: str, body: dict) -> tuple[float, list[float], int]:
+    """One streamed completion: seconds to the first chunk, the arrival time of every chunk, tokens."""
+    request = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    start, times, tokens = time.perf_counter(), [], 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"]:
+                times.append(time.perf_counter())
+    return (times[0] - start if times else float("nan")), times, tokens
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _load(url: str, model: str, routing: str, prompts: list[str], clients: int, new_tokens: int) -> dict:
+    """Every prompt once, from ``clients`` concurrent clients."""
+    todo = list(enumerate(prompts))
+    lock = threading.Lock()
+    first, gaps, tokens = [], [], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, prompt = todo.pop(0)
+            body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "seed": i}
+            if model != "baseline":
+                body["routing"] = routing
+            ttft, times, count = _stream(url, body)
+            with lock:
+                first.append(ttft)
+                gaps.extend(b - a for a, b in zip(times, times[1:]))
+                tokens.append(count)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {
+        "requests": len(prompts),
+        "tokens": sum(tokens),
+        "seconds": wall,
+        "tokens_per_second": sum(tokens) / wall,
+        "ttft_p50": _percentile(first, 0.5),
+        "ttft_p99": _percentile(first, 0.99),
+        "token_latency_p50": _percentile(gaps, 0.5),
+        "token_latency_p99": _percentile(gaps, 0.99),
+    }
+
+
+def bench_serve(
+    run_dir: str | Path,
+    *,
+    concurrency: Sequence[int] = (1, 4, 16, 64),
+    prompts_per_round: int = 64,
+    prompt_tokens: int = 32,
+    new_tokens: int = 32,
+    max_batch: int = 16,
+    device: torch.device = torch.device("cpu"),
+    out: Path | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> dict:
+    import uvicorn
+
+    started = time.perf_counter()
+    server = Server(run_dir, device=device, max_batch=max_batch)
+    tokenizer = server.tokenizer
+    ids = run_prompts(run_dir, prompts_per_round, prompt_tokens)
+    prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    results: dict = {"machine": machine_info(device), "run": str(run_dir), "max_batch": max_batch, "rounds": []}
+    try:
+        _load(url, "dfm", "mixture", prompts[:4], 4, 4)  # warm-up
+        for clients in concurrency:
+            for model, routing in SERVED:
+                name = "baseline" if model == "baseline" else routing
+                say(f"serve bench: C = {clients}, {name} ...")
+                figures = _load(url, model, routing, prompts, clients, new_tokens)
+                results["rounds"].append({"clients": clients, "model": name, **figures})
+        say("serve bench: generate_text one prompt at a time (the C = 1 reference) ...")
+        ensemble = server.engines["dfm"].ensemble
+        references = {}
+        for routing in ("top1", "mixture"):
+            mode, k = ("topk", 1) if routing == "top1" else ("mixture", None)
+            start = time.perf_counter()
+            for row in ids:
+                generate_text(ensemble, [row], max_new_tokens=new_tokens, routing=mode, k=k, temperature=0)
+            references[routing] = time.perf_counter() - start
+        results["generate_seconds"] = references
+    finally:
+        http.should_exit = True
+        thread.join(timeout=60)
+    results["seconds"] = time.perf_counter() - started
+    if out is not None:
+        write_json(out, results)
+    return results
+
+
+def format_serve_table(results: dict) -> str:
+    rounds = results["rounds"]
+    lines = [
+        "| clients | model | tokens/s | vs baseline | TTFT p50 / p99 (s) | per-token p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        base = next(x for x in rounds if x["clients"] == r["clients"] and x["model"] == "baseline")
+        lines.append(
+            f"| {r['clients']} | {r['model']} | {r['tokens_per_second']:.1f} | "
+            f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
+            f"{1000 * r['token_latency_p50']:.1f} / {1000 * r['token_latency_p99']:.1f} |"
+        )
+    one = {r["model"]: r["seconds"] for r in rounds if r["clients"] == 1}
+    for routing, seconds in results.get("generate_seconds", {}).items():
+        if routing in one:
+            lines.append(
+                f"\nC = 1 {routing}: the server's wall time {one[routing]:.2f} s against generate_text's "
+                f"{seconds:.2f} s for the same prompts: overhead {one[routing] / seconds - 1:+.1%}"
+            )
+    return "\n".join(lines) + "\n"
