@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from dfm.errors import DfmError
+from dfm.routing import Routing, parse_mode
+from models.generation_request import DEFAULT_SAMPLER_STEPS, GenerationRequest
 from models.partition import Partition
 from models.serve_engine import Engine, Event, RowSpec
 from training.config import read_run_config
@@ -47,22 +50,23 @@ class Server:
 
     def __init__(self, run_dir: str | Path, *, device, max_batch: int = 16, api_key: str | None = None):
         config = read_run_config(run_dir)
-        if config.is_masked:
-            raise DfmError(
-                "dfm serve serves autoregressive runs; a masked run samples with `dfm generate --sampler-steps N`"
-            )
         kind = config.kind
         ensemble = kind.load_ensemble(run_dir, device)
+        self.api_key = api_key
+        self.started = time.time()
+        self.experts = list(ensemble.names)
+        self.tokenizer = ensemble.tokenizer
+        if config.is_masked:
+            self.engines: dict[str, Engine] = {}
+            self.masked = MaskedSampler(kind, ensemble)
+            return
+        self.masked = None
         layout = RunLayout.of(run_dir)
         partition = Partition.load(layout.partition) if (layout.partition / "partition.json").is_file() else None
         self.engines = {"dfm": Engine(ensemble, max_batch=max_batch, partition=partition, name="dfm")}
         if layout.baseline.is_dir():
             baseline = kind.load_model(run_dir, "baseline", device, None)
             self.engines["baseline"] = Engine(baseline, max_batch=max_batch, name="baseline")
-        self.experts = list(ensemble.names)
-        self.tokenizer = ensemble.tokenizer
-        self.api_key = api_key
-        self.started = time.time()
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,6 +163,8 @@ class Server:
 
     def metrics(self) -> dict:
         out = {"uptime_seconds": round(time.time() - self.started, 1)}
+        if self.masked is not None:
+            out["dfm"] = dict(self.masked.stats)
         for name, engine in self.engines.items():
             stats = dict(engine.stats)
             busy = stats.pop("busy_seconds")
@@ -170,6 +176,63 @@ class Server:
                 "expert_tokens": dict(zip(self.experts if name == "dfm" else ["baseline"], engine.expert_tokens)),
             }
         return out
+
+
+class MaskedSampler:
+    """A masked run's N-step sampler behind the same endpoint: one sampling call per choice, one at
+    a time (its rows share a generator, so batching choices would make a text depend on its
+    neighbours); the text appears whole after the last step, so streaming is refused."""
+
+    def __init__(self, kind, ensemble):
+        self.kind, self.ensemble = kind, ensemble
+        self.lock = threading.Lock()
+        self.stats = {"requests": 0, "tokens": 0, "busy_seconds": 0.0}
+
+    def requests(self, body: dict, experts: list[str], model: str) -> list[GenerationRequest]:
+        if body.get("stream"):
+            raise ApiError(
+                400, "a masked run reveals its text in N parallel steps, not token by token: send stream=false"
+            )
+        for key in ("logprobs", "top_p", "top_k", "route_on", "echo"):
+            if body.get(key) not in (None, False, 1.0 if key == "top_p" else None):
+                raise ApiError(
+                    400,
+                    f"{key} applies to autoregressive runs only; a masked run takes steps, routing, k, temperature",
+                    param=key,
+                )
+        routing, k = parse_mode(str(body.get("routing", "mixture")))
+        if body.get("routing", "mixture") not in self.kind.eval_modes or routing is Routing.ORACLE:
+            modes = [m for m in self.kind.eval_modes if m != "oracle"]
+            raise ApiError(
+                400, f"unknown routing {body.get('routing')!r} on a masked run: choose one of {', '.join(modes)}"
+            )
+        exclude = [
+            experts.index(e) if isinstance(e, str) and e in experts else e for e in body.get("exclude_experts") or []
+        ]
+        if model in experts:
+            exclude = [i for i in range(len(experts)) if experts[i] != model]
+        n, seed = _integer(body, "n", 1, lo=1), _integer(body, "seed", 0)
+        return [
+            GenerationRequest(
+                max_new_tokens=_integer(body, "max_tokens", 16, lo=1),
+                routing=routing,
+                k=body.get("k", k),
+                temperature=_number(body, "temperature", 1.0),
+                seed=seed + j,
+                exclude=tuple(exclude),
+                sampler_steps=_integer(body, "steps", DEFAULT_SAMPLER_STEPS, lo=1),
+            )
+            for j in range(n)
+        ]
+
+    def complete(self, prompt: str, request: GenerationRequest) -> list[int]:
+        with self.lock:
+            started = time.perf_counter()
+            ids = self.kind.generate(self.ensemble, [prompt], request).token_ids[0]
+            self.stats["requests"] += 1
+            self.stats["tokens"] += len(ids)
+            self.stats["busy_seconds"] += time.perf_counter() - started
+        return ids
 
 
 def _integer(body: dict, key: str, default: int, lo: int | None = None) -> int:
@@ -274,6 +337,8 @@ def create_app(server: Server) -> Starlette:
     async def completions(request: Request):
         async def handler(request):
             body = await server.body(request)
+            if server.masked is not None:
+                return await masked_completion(body)
             model, engine, prompts, ids, specs = server.specs(body)
             echo = bool(body.get("echo"))
             n = len(specs) // len(prompts)
@@ -353,6 +418,47 @@ def create_app(server: Server) -> Starlette:
             return StreamingResponse(events(), media_type="text/event-stream")
 
         return await guarded(request, handler)
+
+    async def masked_completion(body: dict) -> JSONResponse:
+        model = body.get("model", "dfm")
+        if model not in server.models():
+            raise ApiError(404, f"model {model!r} not found: choose one of {', '.join(server.models())}", param="model")
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        requests = server.masked.requests(body, server.experts, model)
+        choices = []
+        try:
+            for prompt in prompts:
+                for request in requests:
+                    ids = await asyncio.to_thread(server.masked.complete, prompt, request)
+                    choices.append(ids)
+        except DfmError as err:
+            raise ApiError(400, str(err)) from err
+        eos = server.tokenizer.eos_token_id
+        out = []
+        for i, ids in enumerate(choices):
+            finish = "stop" if ids and ids[-1] == eos else "length"
+            text = server.tokenizer.decode(ids[:-1] if finish == "stop" else ids, skip_special_tokens=False)
+            out.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+        prompt_tokens = sum(len(server.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        completion = sum(len(ids) for ids in choices)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": out,
+                "usage": usage,
+            }
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -20,7 +20,7 @@ from dfm.cli import main  # noqa: E402
 from eval.serve_app import MAX_BODY_BYTES, Server, create_app  # noqa: E402
 from models.ar_kind import AR  # noqa: E402
 from models.generation import generate_text  # noqa: E402
-from tests.tiny_config import write_tiny_config  # noqa: E402
+from tests.tiny_config import TINY_RUN, write_tiny_config  # noqa: E402
 
 PROMPTS = ["the", "a b", "", "lorem ipsum", "x", "one two three", "zz", "q"]
 
@@ -236,3 +236,27 @@ def test_the_serving_benchmark_pairs_every_load_with_the_baseline(run, tmp_path,
         assert r["ttft_p50"] <= r["ttft_p99"]
     assert set(results["generate_seconds"]) == {"top1", "mixture"}
     assert "vs baseline" in capsys.readouterr().out
+
+
+def test_a_masked_run_serves_its_n_step_sampler(tmp_path):
+    from models.generation_request import GenerationRequest
+    from models.masked_kind import MASKED
+    from tests.test_masked_pipeline import TINY_MASKED_ARCH
+
+    out, config = tmp_path / "masked", tmp_path / "masked.json"
+    config.write_text(
+        json.dumps({**TINY_RUN, "path": {"kind": "masked"}, "expert": {**TINY_RUN["expert"], "arch": TINY_MASKED_ARCH}})
+    )
+    assert main(["--quiet", "run", "--out", str(out), "--config", str(config)]) == 0
+    server = Server(out, device=torch.device("cpu"))
+    with TestClient(create_app(server)) as client:
+        body = {"prompt": "a b", "max_tokens": 6, "steps": 4, "seed": 5, "n": 2}
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200
+        for j, choice in enumerate(answer.json()["choices"]):
+            request = GenerationRequest(max_new_tokens=6, sampler_steps=4, seed=5 + j)
+            assert choice["text"] == MASKED.generate(server.masked.ensemble, ["a b"], request).texts[0]
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+        assert streamed.status_code == 400 and "stream=false" in streamed.json()["error"]["message"]
+        bayes = client.post("/v1/completions", json={**body, "routing": "bayes"})
+        assert bayes.status_code == 400 and "on a masked run" in bayes.json()["error"]["message"]
