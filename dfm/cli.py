@@ -393,9 +393,9 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from eval.serve_app import Server, create_app
+        from eval.serve_app import Server, serve
     except ImportError as err:
         raise DfmError(f"dfm serve needs the serve extra ({err.name} is missing): pip install 'dfm[serve]'") from err
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
@@ -403,9 +403,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"serving on {args.host} without --api-key: anyone who can reach this port can use the models",
             stacklevel=1,
         )
-    server = Server(args.run, device=_device(args), max_batch=args.max_batch, api_key=args.api_key)
+    server = Server(args.run, device=_device(args), max_batch=args.max_batch, api_key=args.api_key, threaded=False)
     _say(f"serving {', '.join(server.models())} on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM to stop)")
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    serve(server, args.host, args.port)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:

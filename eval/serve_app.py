@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from dfm.errors import DfmError
 from dfm.routing import Routing, parse_mode
 from models.generation_request import DEFAULT_SAMPLER_STEPS, GenerationRequest
 from models.partition import Partition
-from models.serve_engine import Engine, Event, RowSpec
+from models.serve_engine import Engine, Event, RowSpec, run_engines
 from training.config import read_run_config
 from training.layout import RunLayout
 
@@ -48,11 +49,14 @@ class ApiError(Exception):
 class Server:
     """The engines of one run and the request handling around them."""
 
-    def __init__(self, run_dir: str | Path, *, device, max_batch: int = 16, api_key: str | None = None):
+    def __init__(
+        self, run_dir: str | Path, *, device, max_batch: int = 16, api_key: str | None = None, threaded: bool = True
+    ):
         config = read_run_config(run_dir)
         kind = config.kind
         ensemble = kind.load_ensemble(run_dir, device)
         self.api_key = api_key
+        self.threaded = threaded  # engines in threads of their own; else `serve` steps them on the main thread
         self.started = time.time()
         self.experts = list(ensemble.names)
         self.tokenizer = ensemble.tokenizer
@@ -63,15 +67,17 @@ class Server:
         self.masked = None
         layout = RunLayout.of(run_dir)
         partition = Partition.load(layout.partition) if (layout.partition / "partition.json").is_file() else None
-        self.engines = {"dfm": Engine(ensemble, max_batch=max_batch, partition=partition, name="dfm")}
+        wake = threading.Event()  # one for both engines, so that one loop can sleep on it
+        self.engines = {"dfm": Engine(ensemble, max_batch=max_batch, partition=partition, name="dfm", wake=wake)}
         if layout.baseline.is_dir():
             baseline = kind.load_model(run_dir, "baseline", device, None)
-            self.engines["baseline"] = Engine(baseline, max_batch=max_batch, name="baseline")
+            self.engines["baseline"] = Engine(baseline, max_batch=max_batch, name="baseline", wake=wake)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        for engine in self.engines.values():
-            engine.start()
+        if self.threaded:
+            for engine in self.engines.values():
+                engine.start()
 
     def stop(self) -> None:
         for engine in self.engines.values():
@@ -139,6 +145,7 @@ class Server:
             "top_k": _integer(body, "top_k", 0, lo=0),
             "stop": tuple(stop),
             "logprobs": logprobs,
+            "stream": bool(body.get("stream")),
         }
         if model == "baseline" and (options["routing"] != "mixture" or excluded):
             raise ApiError(400, "the baseline is one model: routing and exclude_experts do not apply", param="model")
@@ -266,11 +273,10 @@ class _Choice:
         self.finish: str | None = None
 
     def add(self, event: Event) -> None:
-        if event.experts:  # a decoded token (cancellation and errors carry none)
-            self.tokens.append(event.token)
-            self.logprobs.append(event.logprob)
-            self.top.append(event.top_logprobs or {})
-            self.experts.append(event.experts)
+        if event.history is not None:  # the last event: the whole row
+            history = event.history
+            self.tokens, self.logprobs, self.experts = history["tokens"], history["logprobs"], history["experts"]
+            self.top = [top or {} for top in history["top"]]
         self.text = event.text
         self.finish = event.finish if self.finish is None else self.finish
 
@@ -475,3 +481,34 @@ def create_app(server: Server) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def serve(server: Server, host: str, port: int) -> None:
+    """uvicorn in a thread and the engines on this, the main, thread (where torch runs its small
+    per-token operations fastest); SIGTERM or SIGINT: uvicorn stops accepting, the requests in
+    flight finish, then the engines stop."""
+    import uvicorn
+
+    if server.threaded:
+        raise DfmError("serve() steps the engines itself: build the Server with threaded=False")
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, name="dfm-http", daemon=True)
+    thread.start()
+
+    def shutdown(signum, frame) -> None:
+        http.should_exit = True
+
+    previous = {s: signal.signal(s, shutdown) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        engines = list(server.engines.values())
+        if engines:
+            run_engines(engines, stop=lambda: not thread.is_alive())
+        while thread.is_alive():  # masked runs: the sampler runs in the request handlers
+            thread.join(timeout=0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.stop()
+    if not http.started:
+        raise DfmError(f"could not serve on {host}:{port} (is the port taken?): choose another --port")

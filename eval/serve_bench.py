@@ -1,6 +1,6 @@
 """`dfm bench --serve RUN`: `dfm serve` under load, paired against the run's baseline on the same server.
 
-The server runs in this process (uvicorn on a free local port, its own thread); C client threads
+The server runs as `dfm serve` in its own process on a free local port; C client threads here
 stream completions of prompts cut from the test split (``run_prompts``), each client sending its
 next request when the last one ends, until every prompt of the round is answered. For every C,
 the same prompts go to the baseline, to top1 and to mixture, one after the other on the same
@@ -12,7 +12,10 @@ per-token latency (p50, p99). The C = 1 overhead compares the server's wall time
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,10 +25,13 @@ from pathlib import Path
 import torch
 
 from dfm.atomic import write_json
+from dfm.errors import DfmError
 from eval.bench import machine_info
 from eval.run_bench import run_prompts
-from eval.serve_app import Server, create_app
 from models.generation import generate_text
+from models.tokenizer import load_tokenizer
+from training.config import read_run_config
+from training.layout import RunLayout
 
 SERVED = (("baseline", "mixture"), ("dfm", "top1"), ("dfm", "mixture"))
 
@@ -97,6 +103,19 @@ def _load(url: str, model: str, routing: str, prompts: list[str], clients: int, 
     }
 
 
+def _wait_for(url: str, child: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise DfmError(f"`dfm serve` exited with {child.returncode} before it served: run it alone to see why")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DfmError("`dfm serve` did not answer /health within 300 s")
+
+
 def bench_serve(
     run_dir: str | Path,
     *,
@@ -109,22 +128,20 @@ def bench_serve(
     out: Path | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    import uvicorn
-
     started = time.perf_counter()
-    server = Server(run_dir, device=device, max_batch=max_batch)
-    tokenizer = server.tokenizer
+    layout = RunLayout.of(run_dir)
+    tokenizer = load_tokenizer(layout.tokenizer)
     ids = run_prompts(run_dir, prompts_per_round, prompt_tokens)
     prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
+    # the server in its own process, as `dfm serve` runs: the clients here never hold its GIL
+    command = [sys.executable, "-m", "dfm.cli", "--quiet", "serve", "--run", str(run_dir), "--port", str(port)]
+    command += ["--max-batch", str(max_batch), "--device", str(device)]
+    child = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://127.0.0.1:{port}"
+    _wait_for(url, child)
     results: dict = {"machine": machine_info(device), "run": str(run_dir), "max_batch": max_batch, "rounds": []}
     try:
         _load(url, "dfm", "mixture", prompts[:4], 4, 4)  # warm-up
@@ -135,7 +152,7 @@ def bench_serve(
                 figures = _load(url, model, routing, prompts, clients, new_tokens)
                 results["rounds"].append({"clients": clients, "model": name, **figures})
         say("serve bench: generate_text one prompt at a time (the C = 1 reference) ...")
-        ensemble = server.engines["dfm"].ensemble
+        ensemble = read_run_config(run_dir).kind.load_ensemble(run_dir, device)
         references = {}
         for routing in ("top1", "mixture"):
             mode, k = ("topk", 1) if routing == "top1" else ("mixture", None)
@@ -145,8 +162,8 @@ def bench_serve(
             references[routing] = time.perf_counter() - start
         results["generate_seconds"] = references
     finally:
-        http.should_exit = True
-        thread.join(timeout=60)
+        child.terminate()
+        child.wait(timeout=60)
     results["seconds"] = time.perf_counter() - started
     if out is not None:
         write_json(out, results)

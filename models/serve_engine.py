@@ -52,6 +52,7 @@ class RowSpec:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top log-probabilities of the mixed distribution per token
+    stream: bool = False  # an event after every token (else only the last, carrying the whole row)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Event:
     top_logprobs: dict[int, float] | None
     experts: list[int]
     finish: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    history: dict | None = None  # on the last event: every token's id, logprob, top logprobs and experts
 
 
 @dataclass
@@ -78,12 +80,22 @@ class _Row:
     done: bool = False
     prompt_weights: Tensor | None = None  # route_on="prompt": the weights of its first step
     log_joint: Tensor | None = None  # bayes: log prior + the experts' log-likelihood of the sequence
+    history: dict = field(default_factory=lambda: {"tokens": [], "logprobs": [], "top": [], "experts": []})
 
 
 class Engine:
     """The decoding loop of one ensemble (or one model as a one-expert ensemble), in its own thread."""
 
-    def __init__(self, ensemble: Ensemble, *, max_batch: int = 16, partition=None, name: str = "dfm") -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        *,
+        max_batch: int = 16,
+        partition=None,
+        name: str = "dfm",
+        patience: int = 8,
+        wake: threading.Event | None = None,
+    ) -> None:
         if ensemble.tokenizer is None or ensemble.tokenizer.eos_token_id is None:
             raise DfmError("the ensemble needs a tokenizer with an EOS token: load it with Ensemble.from_run")
         if max_batch < 1:
@@ -97,8 +109,10 @@ class Engine:
             sizes.append(ensemble.router.config.max_positions)
         self.context = min(sizes)
         self._waiting: list[_Row] = []
+        self.patience, self._waited = patience, 0  # steps a waiting row may wait for others to join with
         self._rows: list[_Row] = []
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        self.wake = wake if wake is not None else threading.Event()  # set when there is work
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "row_steps": 0, "tokens": 0, "rebuilds": 0, "requests": 0, "busy_seconds": 0.0}
@@ -153,7 +167,7 @@ class Engine:
                 raise DfmError("the server is shutting down")
             self._waiting.extend(rows)
             self.stats["requests"] += 1
-            self._lock.notify()
+        self.wake.set()
 
         def cancel() -> None:
             for row in rows:
@@ -163,7 +177,9 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"dfm-engine-{self.name}", daemon=True)
+        """Decode in a thread of its own (tests, in-process use); `dfm serve` calls ``run_engines``
+        on its main thread instead, where torch's small per-token operations run faster."""
+        self._thread = threading.Thread(target=run_engines, args=([self], self._stopped), daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -172,44 +188,59 @@ class Engine:
             self._stopping = True
             for row in self._waiting + self._rows:
                 row.cancelled = True
-            self._lock.notify()
+        self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def _stopped(self) -> bool:
+        return self._stopping and not self._waiting and not any(not r.done for r in self._rows)
 
     @property
     def occupancy(self) -> float:
         """Mean live rows per decoding step since the start."""
         return self.stats["row_steps"] / self.stats["steps"] if self.stats["steps"] else 0.0
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._lock:
-                while not self._waiting and not any(not r.done for r in self._rows) and not self._stopping:
-                    self._lock.wait()
-                if self._stopping and not self._waiting and not any(not r.done for r in self._rows):
-                    return
-                live = [r for r in self._rows if not r.done and not r.cancelled]
-                room = self.max_batch - len(live)
+    def work_once(self) -> bool:
+        """One decoding step of the batch (admitting waiting rows, dropping ended ones); False when
+        there was nothing to do."""
+        with self._lock:
+            live = [r for r in self._rows if not r.done and not r.cancelled]
+            room = self.max_batch - len(live)
+            if self._admit(len(live), room):
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
-            for row in (r for r in self._rows if not r.done and r.cancelled):
-                self._finish(row, "cancelled")
-            joining = [r for r in joining if not self._cancelled(r)]
-            live = [r for r in self._rows if not r.done]
-            rebuild = bool(joining) or len(self._rows) > 2 * max(1, len(live))
-            if not live and not joining:
-                self._rows = []
-                continue
-            started = time.perf_counter()
-            try:
-                self._step(live + joining, rebuild)
-            except Exception as err:  # a bug or an exhausted device: end those rows, keep serving
-                for row in live + joining:
-                    if not row.done:
-                        row.on_event(Event(self.pad_id, "", 0.0, None, [], finish=f"error: {err}"))
-                        row.done = True
-                self._rows = []
-            self.stats["busy_seconds"] += time.perf_counter() - started
+            else:
+                joining = []
+                self._waited += bool(self._waiting)
+        for row in (r for r in self._rows if not r.done and r.cancelled):
+            self._finish(row, "cancelled")
+        joining = [r for r in joining if not self._cancelled(r)]
+        live = [r for r in self._rows if not r.done]
+        if not live and not joining:
+            self._rows = []
+            return False
+        rebuild = bool(joining) or len(self._rows) > 2 * max(1, len(live))
+        started = time.perf_counter()
+        try:
+            self._step(live + joining, rebuild)
+        except Exception as err:  # a bug or an exhausted device: end those rows, keep serving
+            for row in live + joining:
+                if not row.done:
+                    row.on_event(Event(self.pad_id, "", 0.0, None, [], finish=f"error: {err}"))
+                    row.done = True
+            self._rows = []
+        self.stats["busy_seconds"] += time.perf_counter() - started
+        return True
+
+    def _admit(self, live: int, room: int) -> bool:
+        """Whether the waiting rows join at this step. Joining rebuilds the batch (every row's
+        sequence prefilled again), so rows join in groups: at once into an empty batch, when half
+        the batch is free, or when the first of them has waited ``patience`` steps."""
+        if not self._waiting or room <= 0:
+            return False
+        if live == 0 or room >= max(1, self.max_batch // 2) or self._waited >= self.patience:
+            self._waited = 0
+            return True
+        return False
 
     def _cancelled(self, row: _Row) -> bool:
         if row.cancelled:
@@ -218,36 +249,40 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.done = True
-        row.on_event(Event(self.pad_id, self._text(row), 0.0, None, [], finish=reason))
+        row.on_event(Event(self.pad_id, self._text(row), 0.0, None, [], finish=reason, history=row.history))
 
     def _text(self, row: _Row) -> str:
         ids = row.generated[:-1] if row.generated and row.generated[-1] == self.eos_id else row.generated
         return self.ensemble.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _batch(self, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+    def _batch(self, rows: list[_Row]) -> None:
+        """Left-padded sequences of ``rows`` in buffers with room for every token they may add."""
         sequences = [[self.bos_id, *r.spec.prompt, *r.generated] for r in rows]
         width = max(len(s) for s in sequences)
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        room = max(r.spec.max_tokens - len(r.generated) for r in rows)
+        tokens = torch.full((len(rows), width + room), self.pad_id, dtype=torch.long)
+        mask = torch.ones((len(rows), width + room), dtype=torch.long)
         for i, s in enumerate(sequences):
-            tokens[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        return tokens.to(self.ensemble.device), mask.to(self.ensemble.device)
+            tokens[i, width - len(s) : width] = torch.tensor(s)
+            mask[i, : width - len(s)] = 0
+        self._buffer, self._mask_buffer = tokens.to(self.ensemble.device), mask.to(self.ensemble.device)
+        self._length = width
 
     def _step(self, rows: list[_Row], rebuild: bool) -> None:
         ensemble = self.ensemble
         if rebuild:
             self._rows = rows
-            self._tokens, self._mask = self._batch(rows)
+            self._batch(rows)
             ensemble.reset()
             self._router = ensemble.router_weigher() if ensemble.router is not None else None
             self.stats["rebuilds"] += 1
-            if any(r.routing is Routing.BAYES for r in rows):
-                evidence = ensemble.prefix_log_likelihood(self._tokens, self._mask, range(ensemble.num_experts))
-                for r, ll in zip(rows, evidence):
-                    if r.routing is Routing.BAYES:
-                        r.log_joint = ensemble.log_prior.to(ll.device) + ll.double()
-        tokens, mask, rows = self._tokens, self._mask, self._rows
+        rows, length = self._rows, self._length
+        tokens, mask = self._buffer[:, :length], self._mask_buffer[:, :length]
+        if rebuild and any(r.routing is Routing.BAYES for r in rows):
+            evidence = ensemble.prefix_log_likelihood(tokens, mask, range(ensemble.num_experts))
+            for r, ll in zip(rows, evidence):
+                if r.routing is Routing.BAYES:
+                    r.log_joint = ensemble.log_prior.to(ll.device) + ll.double()
         live = [i for i, r in enumerate(rows) if not r.done]
         needs_router = any(
             rows[i].routing in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH)
@@ -261,14 +296,20 @@ class Engine:
             centroid = ensemble.weigher("centroid", partition=self.partition)(tokens, mask)
         used = self._selection(rows, live, router, centroid)
         out = decode_step(ensemble, tokens, mask, used, DecodeConfig(temperature=0.0))
-        column = torch.full((len(rows), 1), self.pad_id, dtype=torch.long, device=tokens.device)
+        chosen = out.token.clone()  # greedy rows keep the argmax decode_step drew
         for i in live:
-            row = rows[i]
+            spec = rows[i].spec
+            if spec.temperature != 0:
+                chosen[i] = sample_tokens(
+                    out.log_probs[i : i + 1], rows[i].generator, spec.temperature, spec.top_k, spec.top_p
+                )[0]
+        chosen_log_probs = out.log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+        finite = torch.isfinite(used.log_weights).tolist()
+        ids = chosen.tolist()
+        for i in live:
+            row, token = rows[i], ids[i]
             spec = row.spec
-            logits = out.log_probs[i : i + 1]
-            token = int(sample_tokens(logits, row.generator, spec.temperature, spec.top_k, spec.top_p)[0])
-            column[i, 0] = token
-            experts = [e for e in used.active if torch.isfinite(used.log_weights[i, e])]
+            experts = [e for e in used.active if finite[i][e]]
             if row.routing is Routing.BAYES:
                 picked = out.expert_log_probs[i, :, token].double()
                 row.log_joint[used.active] += picked.to(row.log_joint.device)
@@ -277,10 +318,12 @@ class Engine:
             row.generated.append(token)
             top = None
             if spec.logprobs:
-                values, ids = logits[0].float().topk(min(spec.logprobs, logits.shape[-1]))
-                top = dict(zip(ids.tolist(), values.tolist()))
-            text = self._text(row)
+                values, top_ids = out.log_probs[i].float().topk(min(spec.logprobs, out.log_probs.shape[-1]))
+                top = dict(zip(top_ids.tolist(), values.tolist()))
+            for key, value in zip(("tokens", "logprobs", "top", "experts"), (token, chosen_log_probs[i], top, experts)):
+                row.history[key].append(value)
             finish = None
+            text = self._text(row) if spec.stream or spec.stop else ""
             if token == self.eos_id:
                 finish = "stop"
             elif any(s in text for s in spec.stop):
@@ -289,9 +332,13 @@ class Engine:
             elif len(row.generated) >= spec.max_tokens:
                 finish = "length"
             row.done = finish is not None
-            row.on_event(Event(token, text, float(logits[0, token]), top, experts, finish))
-        self._tokens = torch.cat([tokens, column], dim=1)
-        self._mask = torch.cat([mask, torch.ones_like(column)], dim=1)
+            if finish is not None and not spec.stop:
+                text = self._text(row)
+            if spec.stream or finish is not None:
+                history = row.history if finish is not None else None
+                row.on_event(Event(token, text, chosen_log_probs[i], top, experts, finish, history))
+        self._buffer[:, length] = chosen
+        self._length = length + 1
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(live)
         self.stats["tokens"] += len(live)
@@ -300,9 +347,19 @@ class Engine:
         """Every row's weights, routed and sparsified row by row (its own generator for switch)."""
         num_experts = self.ensemble.num_experts
         weights = torch.full((len(rows), num_experts), float("-inf"), dtype=torch.float64)
+        plain: dict[tuple, list[int]] = {}  # rows routed by the router alone, deterministically: at once
         for i in live:
             row = rows[i]
             spec = row.spec
+            if (
+                router is not None
+                and row.routing in (Routing.MIXTURE, Routing.TOPK)
+                and spec.expert is None
+                and not spec.exclude
+                and spec.route_on == "token"
+            ):
+                plain.setdefault((row.routing, row.k), []).append(i)
+                continue
             if row.prompt_weights is not None:
                 routed = row.prompt_weights
             elif spec.expert is not None:
@@ -321,9 +378,25 @@ class Engine:
             if spec.route_on == "prompt" and row.prompt_weights is None:
                 row.prompt_weights = routed
             weights[i] = select_experts(routed, row.routing, row.k, row.generator).log_weights[0]
+        for (routing, k), members in plain.items():
+            weights[members] = select_experts(router[members].cpu(), routing, k).log_weights
         live_active = torch.isfinite(weights[live]).any(0).nonzero().flatten().tolist() if live else [0]
         for i, row in enumerate(rows):
             if i not in live:  # padding rows run the cheapest expert already running
                 weights[i, live_active[0]] = 0.0
         weights = weights.to(self.ensemble.device)
         return Selection(weights, torch.isfinite(weights).any(0).nonzero().flatten().tolist())
+
+
+def run_engines(engines: Sequence[Engine], stop: Callable[[], bool]) -> None:
+    """Step every engine in turn until ``stop()``; sleeps on the engines' wake event when idle
+    (engines stepped together share one)."""
+    torch.set_grad_enabled(False)
+    wake = engines[0].wake
+    while not stop():
+        wake.clear()
+        worked = False
+        for engine in engines:
+            worked = engine.work_once() or worked
+        if not worked:
+            wake.wait(timeout=0.1)
