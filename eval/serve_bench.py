@@ -36,6 +36,17 @@ from training.layout import RunLayout
 SERVED = (("baseline", "mixture"), ("dfm", "top1"), ("dfm", "mixture"))
 
 
+def _complete(url: str, body: dict) -> tuple[float, list[float], int]:
+    """One completion in one response: its seconds, no chunk times, its tokens."""
+    request = urllib.request.Request(
+        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        tokens = json.loads(response.read())["usage"]["completion_tokens"]
+    return time.perf_counter() - start, [], tokens
+
+
 def _stream(url: str, body: dict) -> tuple[float, list[float], int]:
     """One streamed completion: seconds to the first chunk, the arrival time of every chunk, tokens."""
     request = urllib.request.Request(
@@ -63,8 +74,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _load(url: str, model: str, routing: str, prompts: list[str], clients: int, new_tokens: int) -> dict:
-    """Every prompt once, from ``clients`` concurrent clients."""
+def _load(
+    url: str, model: str, routing: str, prompts: list[str], clients: int, new_tokens: int, stream: bool = True
+) -> dict:
+    """Every prompt once, from ``clients`` concurrent clients (streamed, or each in one response)."""
     todo = list(enumerate(prompts))
     lock = threading.Lock()
     first, gaps, tokens = [], [], []
@@ -78,7 +91,7 @@ def _load(url: str, model: str, routing: str, prompts: list[str], clients: int, 
             body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "seed": i}
             if model != "baseline":
                 body["routing"] = routing
-            ttft, times, count = _stream(url, body)
+            ttft, times, count = (_stream if stream else _complete)(url, body)
             with lock:
                 first.append(ttft)
                 gaps.extend(b - a for a, b in zip(times, times[1:]))
@@ -150,7 +163,11 @@ def bench_serve(
                 name = "baseline" if model == "baseline" else routing
                 say(f"serve bench: C = {clients}, {name} ...")
                 figures = _load(url, model, routing, prompts, clients, new_tokens)
-                results["rounds"].append({"clients": clients, "model": name, **figures})
+                results["rounds"].append({"clients": clients, "model": name, "streamed": True, **figures})
+        for routing in ("top1", "mixture"):
+            say(f"serve bench: C = 1, {routing}, not streamed ...")
+            figures = _load(url, "dfm", routing, prompts, 1, new_tokens, stream=False)
+            results["rounds"].append({"clients": 1, "model": routing, "streamed": False, **figures})
         say("serve bench: generate_text one prompt at a time (the C = 1 reference) ...")
         ensemble = read_run_config(run_dir).kind.load_ensemble(run_dir, device)
         references = {}
@@ -171,7 +188,7 @@ def bench_serve(
 
 
 def format_serve_table(results: dict) -> str:
-    rounds = results["rounds"]
+    rounds = [r for r in results["rounds"] if r["streamed"]]
     lines = [
         "| clients | model | tokens/s | vs baseline | TTFT p50 / p99 (s) | per-token p50 / p99 (ms) |",
         "|---|---|---|---|---|---|",
@@ -183,11 +200,12 @@ def format_serve_table(results: dict) -> str:
             f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
             f"{1000 * r['token_latency_p50']:.1f} / {1000 * r['token_latency_p99']:.1f} |"
         )
-    one = {r["model"]: r["seconds"] for r in rounds if r["clients"] == 1}
     for routing, seconds in results.get("generate_seconds", {}).items():
-        if routing in one:
-            lines.append(
-                f"\nC = 1 {routing}: the server's wall time {one[routing]:.2f} s against generate_text's "
-                f"{seconds:.2f} s for the same prompts: overhead {one[routing] / seconds - 1:+.1%}"
-            )
+        for r in results["rounds"]:
+            if r["clients"] == 1 and r["model"] == routing:
+                how = "streamed" if r["streamed"] else "one response each"
+                lines.append(
+                    f"\nC = 1 {routing}, {how}: the server's wall time {r['seconds']:.2f} s against generate_text's "
+                    f"{seconds:.2f} s for the same prompts: overhead {r['seconds'] / seconds - 1:+.1%}"
+                )
     return "\n".join(lines) + "\n"

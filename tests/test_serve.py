@@ -229,8 +229,9 @@ def test_the_serving_benchmark_pairs_every_load_with_the_baseline(run, tmp_path,
     out = tmp_path / "serve.json"
     assert main(["--quiet", "bench", "--serve", str(run), "--quick", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    rounds = {(r["clients"], r["model"]): r for r in results["rounds"]}
+    rounds = {(r["clients"], r["model"]): r for r in results["rounds"] if r["streamed"]}
     assert set(rounds) == {(c, m) for c in (1, 4) for m in ("baseline", "top1", "mixture")}
+    assert sum(not r["streamed"] for r in results["rounds"]) == 2  # C = 1 top1 and mixture in one response each
     for r in rounds.values():
         assert r["requests"] == 8 and 0 < r["tokens"] <= 8 * 8 and r["tokens_per_second"] > 0
         assert r["ttft_p50"] <= r["ttft_p99"]
