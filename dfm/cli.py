@@ -203,6 +203,14 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
 
+def _add_pipeline_flags(parser: argparse.ArgumentParser, modes_help: str) -> None:
+    """What every command that runs the pipeline takes: --modes, --device, --dtype and the configuration."""
+    parser.add_argument("--modes", nargs="+", metavar="MODE", help=modes_help)
+    _add_device_flag(parser)
+    _add_dtype_flag(parser)
+    _add_config_flags(parser)
+
+
 def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
@@ -737,16 +745,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run: keep its prepared data, resume training stages from checkpoints",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds trained models")
-    p.add_argument(
-        "--modes",
-        nargs="+",
-        metavar="MODE",
-        help="ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: "
-        "all); masked runs: mixture top1 top2 switch oracle",
+    _add_pipeline_flags(
+        p,
+        "ensemble modes the final evaluation scores: mixture top1 top2 bayes centroid oracle (default: all); "
+        "masked runs: mixture top1 top2 switch oracle",
     )
-    _add_device_flag(p)
-    _add_dtype_flag(p)
-    _add_config_flags(p)
     p = add(
         "scaling",
         "the pipeline over a ladder of budgets and numbers of experts on one corpus: the ensemble's ratio "
@@ -778,15 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a killed study, or add rungs to a finished one: finished rungs are kept, never retrained",
     )
     p.add_argument("--overwrite", action="store_true", help="delete the study directory and start again")
-    p.add_argument(
-        "--modes",
-        nargs="+",
-        metavar="MODE",
-        help="modes every rung scores (default: mixture top1 bayes oracle; masked runs: all of theirs)",
-    )
-    _add_device_flag(p)
-    _add_dtype_flag(p)
-    _add_config_flags(p)
+    _add_pipeline_flags(p, "modes every rung scores (default: mixture top1 bayes oracle; masked runs: all of theirs)")
     p = add(
         "serve",
         "serve a run behind the OpenAI completions API (POST /v1/completions, GET /v1/models, /health, /metrics) "
