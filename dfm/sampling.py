@@ -21,11 +21,18 @@ def check_seed(seed: object, name: str) -> None:
         raise DfmError(f"{name} must be an integer from 0 to 2^63 - 1 ({MAX_SEED}), got {seed!r}")
 
 
+#: The smallest temperature above 0: float32 holds it, and log-probabilities down to -3e8 divided
+#: by it stay finite.
+MIN_TEMPERATURE = 1e-30
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Refuse a temperature that is not a finite number >= 0, a top-p outside (0, 1] and a negative
     top-k; NaN fails every comparison, so it is refused too."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise DfmError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:  # float32 rounds it to 0, and log-probs / 0 are NaN
+        raise DfmError(f"--temperature {temperature} is greedy in effect: use 0, or at least {MIN_TEMPERATURE}")
     if not 0 < top_p <= 1:
         raise DfmError(f"--top-p must lie in (0, 1] (1 = off), got {top_p}")
     if top_k < 0:

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from dfm.errors import DfmError
 from dfm.routing import Routing, parse_mode
+from dfm.sampling import check_seed
 from models.generation_request import DEFAULT_SAMPLER_STEPS, GenerationRequest
 from models.partition import Partition
 from models.serve_engine import Engine, Event, RowSpec, run_engines
@@ -34,6 +35,7 @@ from training.layout import RunLayout
 #: The largest request body read (a prompt is text; a 10 MB one is refused before it is parsed).
 MAX_BODY_BYTES = 1_000_000
 MAX_CHOICES = 64
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request asks whether its client is still there
 
 
 class ApiError(Exception):
@@ -131,7 +133,11 @@ class Server:
         if not isinstance(exclude, list):
             raise ApiError(400, "exclude_experts must be a list of expert names or indices", param="exclude_experts")
         excluded = tuple(self._expert_index(e) for e in exclude)
-        seed = _integer(body, "seed", 0)
+        seed = _seed(body, n)
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise ApiError(
+                400, 'stream_options must be an object such as {"include_usage": true}', param="stream_options"
+            )
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         options = {
             "max_tokens": _integer(body, "max_tokens", 16, lo=1),
@@ -218,7 +224,10 @@ class MaskedSampler:
         ]
         if model in experts:
             exclude = [i for i in range(len(experts)) if experts[i] != model]
-        n, seed = _integer(body, "n", 1, lo=1), _integer(body, "seed", 0)
+        n = _integer(body, "n", 1, lo=1)
+        if n > MAX_CHOICES:
+            raise ApiError(400, f"n is {n}: at most {MAX_CHOICES} choices per request", param="n")
+        seed = _seed(body, n)
         return [
             GenerationRequest(
                 max_new_tokens=_integer(body, "max_tokens", 16, lo=1),
@@ -249,6 +258,16 @@ def _integer(body: dict, key: str, default: int, lo: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or (lo is not None and value < lo):
         raise ApiError(400, f"{key} must be an integer" + (f" >= {lo}" if lo is not None else ""), param=key)
     return value
+
+
+def _seed(body: dict, n: int) -> int:
+    """The request's seed; choice j draws with seed + j, so every one of them must be a valid seed."""
+    seed = _integer(body, "seed", 0)
+    try:
+        check_seed(seed + n - 1, "seed + n - 1")
+    except DfmError as err:
+        raise ApiError(400, str(err), param="seed") from err
+    return seed
 
 
 def _number(body: dict, key: str, default: float) -> float:
@@ -300,10 +319,9 @@ class _Choice:
             return None
         decode = self.tokenizer.decode
         strings = [decode([t]) for t in self.tokens]
-        offsets, at = [], len(self.echo or "")
-        for s in strings:
-            offsets.append(at)
-            at += len(s)
+        # where each token starts in the text: lengths of the decoded prefixes (a character split
+        # over two byte tokens, or a tokenizer that merges spaces, keeps the offsets true)
+        offsets = [len(self.echo or "") + len(decode(self.tokens[:i])) for i in range(len(self.tokens))]
         return {
             "tokens": strings,
             "token_logprobs": self.logprobs,
@@ -321,6 +339,8 @@ def create_app(server: Server) -> Starlette:
             return await handler(request)
         except ApiError as err:
             return err.response()
+        except DfmError as err:  # a check of the library's own that the fields above did not catch
+            return ApiError(400, str(err)).response()
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": server.models()})
@@ -353,7 +373,10 @@ def create_app(server: Server) -> Starlette:
             ]
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            cancel = engine.submit(specs, lambda i, event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
+            try:
+                cancel = engine.submit(specs, lambda i, event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
+            except DfmError as err:  # the checks passed in specs(): what is left is a server shutting down
+                raise ApiError(503, str(err), "server_error") from err
             ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
             def usage() -> dict:
@@ -365,21 +388,32 @@ def create_app(server: Server) -> Starlette:
                     "total_tokens": prompt_tokens + completion,
                 }
 
-            def choice_body(i: int, c: _Choice, text: str) -> dict:
-                out = {"index": i, "text": text, "logprobs": c.logprob_block(), "finish_reason": c.finish}
+            def choice_body(i: int, c: _Choice, text: str, logprobs: bool = True) -> dict:
+                out = {"index": i, "text": text, "logprobs": c.logprob_block() if logprobs else None}
+                out["finish_reason"] = c.finish
                 if body.get("return_routing"):
                     names = server.experts if model != "baseline" else ["baseline"]
                     out["routing"] = [[names[e] for e in step] for step in c.experts]
                 return out
 
             if not body.get("stream"):
+                getter = asyncio.ensure_future(queue.get())
                 try:
                     while any(c.finish is None for c in choices):
-                        i, event = await queue.get()
+                        done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS)
+                        if not done:
+                            if await request.is_disconnected():  # nobody to answer: free the rows
+                                cancel()
+                                return JSONResponse({}, status_code=499)
+                            continue
+                        i, event = getter.result()
                         choices[i].add(event)
+                        getter = asyncio.ensure_future(queue.get())
                 except asyncio.CancelledError:
                     cancel()
                     raise
+                finally:
+                    getter.cancel()
                 failed = [c.finish for c in choices if c.finish.startswith("error")]
                 if failed:
                     raise ApiError(500, f"generation failed: {failed[0]}", "server_error")
@@ -413,8 +447,8 @@ def create_app(server: Server) -> Starlette:
                         c.add(event)
                         delta = c.pending()
                         if delta or c.finish is not None:
-                            yield chunk([{**choice_body(i, c, delta), "logprobs": None}])
-                    if body.get("stream_options", {}).get("include_usage"):
+                            yield chunk([choice_body(i, c, delta, logprobs=False)])
+                    if (body.get("stream_options") or {}).get("include_usage"):
                         data = {"id": ident, "object": "text_completion", "created": created, "model": model}
                         yield f"data: {json.dumps({**data, 'choices': [], 'usage': usage()})}\n\n"
                     yield "data: [DONE]\n\n"

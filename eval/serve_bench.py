@@ -80,7 +80,7 @@ def _load(
     """Every prompt once, from ``clients`` concurrent clients (streamed, or each in one response)."""
     todo = list(enumerate(prompts))
     lock = threading.Lock()
-    first, gaps, tokens = [], [], []
+    first, gaps, tokens, failed = [], [], [], []
 
     def client() -> None:
         while True:
@@ -91,7 +91,12 @@ def _load(
             body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "seed": i}
             if model != "baseline":
                 body["routing"] = routing
-            ttft, times, count = (_stream if stream else _complete)(url, body)
+            try:
+                ttft, times, count = (_stream if stream else _complete)(url, body)
+            except OSError as err:  # urllib's HTTP and connection errors: counted, never dropped quietly
+                with lock:
+                    failed.append(f"prompt {i}: {err}")
+                continue
             with lock:
                 first.append(ttft)
                 gaps.extend(b - a for a, b in zip(times, times[1:]))
@@ -104,6 +109,8 @@ def _load(
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    if failed:
+        raise DfmError(f"{len(failed)} of {len(prompts)} requests to {model} ({routing}) failed, first: {failed[0]}")
     return {
         "requests": len(prompts),
         "tokens": sum(tokens),
@@ -157,7 +164,8 @@ def bench_serve(
     _wait_for(url, child)
     results: dict = {"machine": machine_info(device), "run": str(run_dir), "max_batch": max_batch, "rounds": []}
     try:
-        _load(url, "dfm", "mixture", prompts[:4], 4, 4)  # warm-up
+        for model, routing in SERVED:  # warm-up: no round pays a model's first call
+            _load(url, model, routing, prompts[:4], 4, 4)
         for clients in concurrency:
             for model, routing in SERVED:
                 name = "baseline" if model == "baseline" else routing
@@ -170,14 +178,20 @@ def bench_serve(
             results["rounds"].append({"clients": 1, "model": routing, "streamed": False, **figures})
         say("serve bench: generate_text one prompt at a time (the C = 1 reference) ...")
         ensemble = read_run_config(run_dir).kind.load_ensemble(run_dir, device)
-        references = {}
+        # the prompts as the server tokenizes them, so that both sides decode the same tokens
+        served_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        references, reference_tokens = {}, {}
         for routing in ("top1", "mixture"):
             mode, k = ("topk", 1) if routing == "top1" else ("mixture", None)
-            start = time.perf_counter()
-            for row in ids:
-                generate_text(ensemble, [row], max_new_tokens=new_tokens, routing=mode, k=k, temperature=0)
+            generate_text(ensemble, served_ids[:2], max_new_tokens=4, routing=mode, k=k, temperature=0)  # warm-up
+            start, count = time.perf_counter(), 0
+            for row in served_ids:
+                made = generate_text(ensemble, [row], max_new_tokens=new_tokens, routing=mode, k=k, temperature=0)
+                count += len(made.token_ids[0])
             references[routing] = time.perf_counter() - start
+            reference_tokens[routing] = count
         results["generate_seconds"] = references
+        results["generate_tokens"] = reference_tokens
     finally:
         child.terminate()
         child.wait(timeout=60)
@@ -201,11 +215,13 @@ def format_serve_table(results: dict) -> str:
             f"{1000 * r['token_latency_p50']:.1f} / {1000 * r['token_latency_p99']:.1f} |"
         )
     for routing, seconds in results.get("generate_seconds", {}).items():
+        made = results["generate_tokens"][routing]
         for r in results["rounds"]:
             if r["clients"] == 1 and r["model"] == routing:
                 how = "streamed" if r["streamed"] else "one response each"
                 lines.append(
-                    f"\nC = 1 {routing}, {how}: the server's wall time {r['seconds']:.2f} s against generate_text's "
-                    f"{seconds:.2f} s for the same prompts: overhead {r['seconds'] / seconds - 1:+.1%}"
+                    f"\nC = 1 {routing}, {how}: the server {r['tokens_per_second']:.1f} tokens/s ({r['tokens']} "
+                    f"tokens) against generate_text's {made / seconds:.1f} ({made} tokens) for the same prompts: "
+                    f"overhead {made / seconds / r['tokens_per_second'] - 1:+.1%} per token"
                 )
     return "\n".join(lines) + "\n"

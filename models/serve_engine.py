@@ -78,7 +78,7 @@ class _Row:
     generator: torch.Generator | None = None
     cancelled: bool = False
     done: bool = False
-    prompt_weights: Tensor | None = None  # route_on="prompt": the weights of its first step
+    prompt_weights: Tensor | None = None  # route_on="prompt": the selected weights of its first step
     log_joint: Tensor | None = None  # bayes: log prior + the experts' log-likelihood of the sequence
     history: dict = field(default_factory=lambda: {"tokens": [], "logprobs": [], "top": [], "experts": []})
 
@@ -115,7 +115,15 @@ class Engine:
         self.wake = wake if wake is not None else threading.Event()  # set when there is work
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "row_steps": 0, "tokens": 0, "rebuilds": 0, "requests": 0, "busy_seconds": 0.0}
+        self.stats = {
+            "steps": 0,
+            "row_steps": 0,
+            "tokens": 0,
+            "rebuilds": 0,
+            "requests": 0,
+            "cancelled": 0,
+            "busy_seconds": 0.0,
+        }
         self.expert_tokens = [0] * ensemble.num_experts
 
     # --- requests --------------------------------------------------------------------------
@@ -125,18 +133,21 @@ class Engine:
             raise DfmError(f"unknown routing {spec.routing!r}: choose one of {', '.join(SERVED_MODES)}")
         routing, k = parse_mode(spec.routing)
         k = spec.k if spec.k is not None else k
-        if routing is Routing.TOPK:
-            check_k(k or 1, self.ensemble.num_experts)
-        elif spec.k is not None and routing is not Routing.CENTROID:
+        if routing is Routing.TOPK or (routing is Routing.CENTROID and k is not None):
+            check_k(1 if k is None else k, self.ensemble.num_experts)
+        elif spec.k is not None:
             raise DfmError(f"k applies to topk and centroid routing only, not {spec.routing}")
         if routing is Routing.CENTROID and self.partition is None:
             raise DfmError("centroid routing needs the run's partition (RUN/partition)")
-        if routing in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH) and self.ensemble.router is None:
+        needs_router = routing in (Routing.MIXTURE, Routing.TOPK, Routing.SWITCH) and spec.expert is None
+        if needs_router and self.ensemble.router is None:
             if self.ensemble.num_experts > 1:
                 raise DfmError("this run has no router: use routing bayes or centroid, or a model named expert-N")
         if spec.route_on not in ("token", "prompt"):
             raise DfmError(f"route_on must be 'token' or 'prompt', got {spec.route_on!r}")
         exclude_log_weights(torch.zeros(1, self.ensemble.num_experts, dtype=torch.float64), spec.exclude)
+        if spec.expert is not None and spec.expert in spec.exclude:
+            raise DfmError(f"expert {spec.expert} is the model asked for and also in exclude_experts: drop one of them")
         check_sampling(spec.temperature, spec.top_k, spec.top_p)
         if spec.max_tokens < 1:
             raise DfmError(f"max_tokens must be at least 1, got {spec.max_tokens}")
@@ -207,7 +218,8 @@ class Engine:
             live = [r for r in self._rows if not r.done and not r.cancelled]
             room = self.max_batch - len(live)
             if self._admit(len(live), room):
-                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+                joining = self._joining(live, room)
+                self._waiting = self._waiting[len(joining) :]
             else:
                 joining = []
                 self._waited += bool(self._waiting)
@@ -225,7 +237,7 @@ class Engine:
         except Exception as err:  # a bug or an exhausted device: end those rows, keep serving
             for row in live + joining:
                 if not row.done:
-                    row.on_event(Event(self.pad_id, "", 0.0, None, [], finish=f"error: {err}"))
+                    self._emit(row, Event(self.pad_id, "", 0.0, None, [], finish=f"error: {err}"))
                     row.done = True
             self._rows = []
         self.stats["busy_seconds"] += time.perf_counter() - started
@@ -242,6 +254,31 @@ class Engine:
             return True
         return False
 
+    def _joining(self, live: list[_Row], room: int) -> list[_Row]:
+        """The waiting rows that join now, first come first served: as many as there is room for
+        while the left-padded batch still fits the context (a row that does not waits for the
+        batch to drain, and the rows behind it with it)."""
+        joining: list[_Row] = []
+        for row in self._waiting[:room]:
+            if not self._fits([*live, *joining, row]):
+                break
+            joining.append(row)
+        return joining
+
+    def _fits(self, rows: list[_Row]) -> bool:
+        """Whether ``rows`` decode together within the context: the longest sequence, left-padded,
+        plus the most tokens any row still adds, less the last token (never fed back)."""
+        longest = max(1 + len(r.spec.prompt) + len(r.generated) for r in rows)
+        return longest + max(r.spec.max_tokens - len(r.generated) for r in rows) - 1 <= self.context
+
+    def _emit(self, row: _Row, event: Event) -> None:
+        """Hand ``event`` to the row's listener; a listener that fails (its client and loop gone)
+        cancels the row instead of stopping the engine."""
+        try:
+            row.on_event(event)
+        except Exception:  # noqa: BLE001 - whatever the listener raises, the other rows go on
+            row.cancelled = True
+
     def _cancelled(self, row: _Row) -> bool:
         if row.cancelled:
             self._finish(row, "cancelled")
@@ -249,7 +286,8 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.done = True
-        row.on_event(Event(self.pad_id, self._text(row), 0.0, None, [], finish=reason, history=row.history))
+        self.stats["cancelled"] += reason == "cancelled"
+        self._emit(row, Event(self.pad_id, self._text(row), 0.0, None, [], finish=reason, history=row.history))
 
     def _text(self, row: _Row) -> str:
         ids = row.generated[:-1] if row.generated and row.generated[-1] == self.eos_id else row.generated
@@ -336,7 +374,7 @@ class Engine:
                 text = self._text(row)
             if spec.stream or finish is not None:
                 history = row.history if finish is not None else None
-                row.on_event(Event(token, text, chosen_log_probs[i], top, experts, finish, history))
+                self._emit(row, Event(token, text, chosen_log_probs[i], top, experts, finish, history))
         self._buffer[:, length] = chosen
         self._length = length + 1
         self.stats["steps"] += 1
@@ -360,9 +398,10 @@ class Engine:
             ):
                 plain.setdefault((row.routing, row.k), []).append(i)
                 continue
-            if row.prompt_weights is not None:
-                routed = row.prompt_weights
-            elif spec.expert is not None:
+            if row.prompt_weights is not None:  # route_on="prompt": the first step's selection, kept
+                weights[i] = row.prompt_weights
+                continue
+            if spec.expert is not None:
                 routed = torch.full((1, num_experts), float("-inf"), dtype=torch.float64)
                 routed[0, spec.expert] = 0.0
             elif row.routing is Routing.BAYES:
@@ -375,9 +414,9 @@ class Engine:
                 routed = torch.zeros(1, num_experts, dtype=torch.float64)
             if spec.exclude:
                 routed = exclude_log_weights(routed, spec.exclude)
-            if spec.route_on == "prompt" and row.prompt_weights is None:
-                row.prompt_weights = routed
             weights[i] = select_experts(routed, row.routing, row.k, row.generator).log_weights[0]
+            if spec.route_on == "prompt":
+                row.prompt_weights = weights[i].clone()
         for (routing, k), members in plain.items():
             weights[members] = select_experts(router[members].cpu(), routing, k).log_weights
         live_active = torch.isfinite(weights[live]).any(0).nonzero().flatten().tolist() if live else [0]

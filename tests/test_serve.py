@@ -20,6 +20,7 @@ from dfm.cli import main  # noqa: E402
 from eval.serve_app import MAX_BODY_BYTES, Server, create_app  # noqa: E402
 from models.ar_kind import AR  # noqa: E402
 from models.generation import generate_text  # noqa: E402
+from models.serve_engine import Engine, RowSpec  # noqa: E402
 from tests.tiny_config import TINY_RUN, write_tiny_config  # noqa: E402
 
 PROMPTS = ["the", "a b", "", "lorem ipsum", "x", "one two three", "zz", "q"]
@@ -180,6 +181,12 @@ def test_bad_requests_get_openai_error_bodies_and_the_server_goes_on(served):
         ({"extra_body": {"exclude_experts": [0, 1, 2]}}, "excluding every expert"),
         ({"extra_body": {"exclude_experts": ["expert-9"]}}, "unknown expert"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 1e-300}, "greedy in effect"),
+        ({"extra_body": {"routing": "topk", "k": 0}}, "between 1 and"),
+        ({"extra_body": {"routing": "centroid", "k": 9}}, "between 1 and"),
+        ({"model": "expert-0", "extra_body": {"exclude_experts": ["expert-0"]}}, "also in exclude_experts"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed + n - 1"),
+        ({"stream": True, "extra_body": {"stream_options": "usage"}}, "stream_options"),
     ]
     for options, words in bad:
         request = {"model": "dfm", "prompt": "a", "max_tokens": 4, **options}
@@ -195,6 +202,32 @@ def test_bad_requests_get_openai_error_bodies_and_the_server_goes_on(served):
     with urllib.request.urlopen(f"{url}/health") as response:
         assert json.loads(response.read())["status"] == "ok"
     assert client.completions.create(model="dfm", prompt="a", max_tokens=3).choices[0].finish_reason
+    # the smallest temperature allowed is greedy in effect, never a NaN that would fail the batch
+    greedy = client.completions.create(model="dfm", prompt="the", max_tokens=6, temperature=0).choices[0].text
+    assert (
+        client.completions.create(model="dfm", prompt="the", max_tokens=6, temperature=1e-30).choices[0].text == greedy
+    )
+
+
+def test_rows_that_would_overflow_the_context_together_take_turns(ensemble):
+    """A long prompt with few new tokens and a short one with many each fit the context of 64,
+    but not left-padded into one batch: the second waits, and both get generate's text."""
+    engine = Engine(ensemble, max_batch=4)
+    specs = {
+        "long": RowSpec(prompt=[7] * 50, max_tokens=10, temperature=0),
+        "short": RowSpec(prompt=[7], max_tokens=60, temperature=0),
+    }
+    ended = {}
+    for name, spec in specs.items():
+        engine.submit([spec], lambda i, event, name=name: event.finish and ended.setdefault(name, event))
+    for _ in range(1000):
+        if len(ended) == 2:
+            break
+        engine.work_once()
+    for name, spec in specs.items():
+        assert ended[name].finish in ("stop", "length"), ended[name].finish
+        alone = generate_text(ensemble, [spec.prompt], max_new_tokens=spec.max_tokens, temperature=0)
+        assert ended[name].history["tokens"][: len(alone.token_ids[0])] == alone.token_ids[0], name
 
 
 def test_a_client_gone_mid_stream_frees_its_rows(served):
@@ -211,6 +244,34 @@ def test_a_client_gone_mid_stream_frees_its_rows(served):
     with urllib.request.urlopen(f"{url}/metrics") as response:
         metrics = json.loads(response.read())
     assert metrics["dfm"]["requests"] >= 1 and metrics["dfm"]["batch_occupancy"] > 0
+
+
+def test_a_client_gone_before_its_answer_frees_its_rows(run):
+    """Nobody steps this server's engine, so the rows of a request wait; the client hangs up and
+    the server cancels them, as it does for a dropped stream."""
+    server = Server(run, device=torch.device("cpu"), max_batch=4, threaded=False)
+    port = _free_port()
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.05)
+    engine = server.engines["dfm"]
+    body = json.dumps({"prompt": "the", "max_tokens": 20, "n": 3}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while len(engine._waiting) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not all(row.cancelled for row in engine._waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(engine._waiting) == 3 and all(row.cancelled for row in engine._waiting)
+    engine.work_once()
+    assert engine.stats["cancelled"] == 3 and not engine._waiting
+    http.should_exit = True
+    thread.join(timeout=30)
 
 
 def test_an_api_key_is_required_when_set(run):
@@ -235,7 +296,9 @@ def test_the_serving_benchmark_pairs_every_load_with_the_baseline(run, tmp_path,
     for r in rounds.values():
         assert r["requests"] == 8 and 0 < r["tokens"] <= 8 * 8 and r["tokens_per_second"] > 0
         assert r["ttft_p50"] <= r["ttft_p99"]
-    assert set(results["generate_seconds"]) == {"top1", "mixture"}
+    assert set(results["generate_seconds"]) == set(results["generate_tokens"]) == {"top1", "mixture"}
+    for routing in ("top1", "mixture"):  # greedy: the reference decodes exactly the served tokens
+        assert results["generate_tokens"][routing] == rounds[(1, routing)]["tokens"]
     assert "vs baseline" in capsys.readouterr().out
 
 
