@@ -683,7 +683,11 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     if args.serve is not None:
         from eval.serve_bench import bench_serve, format_serve_table
 
-        quick = dict(concurrency=(1, 4), prompts_per_round=8, prompt_tokens=8, new_tokens=8) if args.quick else {}
+        quick = (
+            dict(concurrency=(1, 4), prompts_per_round=8, prompt_tokens=8, new_tokens=8, repeats=2)
+            if args.quick
+            else {}
+        )
         if args.clients:
             quick["concurrency"] = tuple(args.clients)
         results = bench_serve(args.serve, device=_device(args), out=Path(args.out), say=_say, **quick)

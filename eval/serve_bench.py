@@ -3,10 +3,11 @@
 The server runs as `dfm serve` in its own process on a free local port; C client threads here
 stream completions of prompts cut from the test split (``run_prompts``), each client sending its
 next request when the last one ends, until every prompt of the round is answered. For every C,
-the same prompts go to the baseline, to top1 and to mixture, one after the other on the same
-warm server: throughput (generated tokens per second of wall time), time to first token and the
-per-token latency (p50, p99). The C = 1 overhead compares the server's wall time with
-``generate_text`` of the same prompts one by one in this process.
+the same prompts go to the baseline, to top1 and to mixture in turn on the same warm server, and
+the three rounds repeat (this VM's speed drifts by 20% within minutes, so a ratio is taken
+against the baseline's round of the same repetition): throughput (generated tokens per second of
+wall time), time to first token and the per-token latency (p50, p99). The C = 1 overhead is per
+token against ``generate_text`` of the same prompts one by one in this process, timed just before.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -144,15 +146,20 @@ def bench_serve(
     prompt_tokens: int = 32,
     new_tokens: int = 32,
     max_batch: int = 16,
+    repeats: int = 3,
     device: torch.device = torch.device("cpu"),
     out: Path | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict:
+    """Every round ``repeats`` times, the models taking turns (baseline, top1, mixture), so that
+    each ratio is paired with the baseline's round of the same repetition; likewise the C = 1
+    overhead: ``generate_text`` timed just before the server decodes the same prompts."""
     started = time.perf_counter()
     layout = RunLayout.of(run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     ids = run_prompts(run_dir, prompts_per_round, prompt_tokens)
     prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    served_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # as the server reads them
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -162,36 +169,39 @@ def bench_serve(
     child = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://127.0.0.1:{port}"
     _wait_for(url, child)
-    results: dict = {"machine": machine_info(device), "run": str(run_dir), "max_batch": max_batch, "rounds": []}
+    results: dict = {
+        "machine": machine_info(device),
+        "run": str(run_dir),
+        "max_batch": max_batch,
+        "repeats": repeats,
+        "rounds": [],
+        "overhead": [],
+    }
     try:
+        ensemble = read_run_config(run_dir).kind.load_ensemble(run_dir, device)
         for model, routing in SERVED:  # warm-up: no round pays a model's first call
             _load(url, model, routing, prompts[:4], 4, 4)
+        for routing in ("top1", "mixture"):
+            _generate(ensemble, served_ids[:2], routing, 4)
         for clients in concurrency:
-            for model, routing in SERVED:
-                name = "baseline" if model == "baseline" else routing
-                say(f"serve bench: C = {clients}, {name} ...")
-                figures = _load(url, model, routing, prompts, clients, new_tokens)
-                results["rounds"].append({"clients": clients, "model": name, "streamed": True, **figures})
-        for routing in ("top1", "mixture"):
-            say(f"serve bench: C = 1, {routing}, not streamed ...")
-            figures = _load(url, "dfm", routing, prompts, 1, new_tokens, stream=False)
-            results["rounds"].append({"clients": 1, "model": routing, "streamed": False, **figures})
-        say("serve bench: generate_text one prompt at a time (the C = 1 reference) ...")
-        ensemble = read_run_config(run_dir).kind.load_ensemble(run_dir, device)
-        # the prompts as the server tokenizes them, so that both sides decode the same tokens
-        served_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        references, reference_tokens = {}, {}
-        for routing in ("top1", "mixture"):
-            mode, k = ("topk", 1) if routing == "top1" else ("mixture", None)
-            generate_text(ensemble, served_ids[:2], max_new_tokens=4, routing=mode, k=k, temperature=0)  # warm-up
-            start, count = time.perf_counter(), 0
-            for row in served_ids:
-                made = generate_text(ensemble, [row], max_new_tokens=new_tokens, routing=mode, k=k, temperature=0)
-                count += len(made.token_ids[0])
-            references[routing] = time.perf_counter() - start
-            reference_tokens[routing] = count
-        results["generate_seconds"] = references
-        results["generate_tokens"] = reference_tokens
+            for repeat in range(repeats):
+                for model, routing in SERVED:
+                    name = "baseline" if model == "baseline" else routing
+                    say(f"serve bench: C = {clients}, {name}, repetition {repeat + 1} of {repeats} ...")
+                    figures = _load(url, model, routing, prompts, clients, new_tokens)
+                    results["rounds"].append({"clients": clients, "model": name, "repeat": repeat, **figures})
+        for repeat in range(repeats):
+            for routing in ("top1", "mixture"):
+                say(f"serve bench: C = 1 overhead, {routing}, repetition {repeat + 1} of {repeats} ...")
+                seconds, made = _generate(ensemble, served_ids, routing, new_tokens)
+                row = {"model": routing, "repeat": repeat, "generate_tokens_per_second": made / seconds}
+                row["generate_tokens"] = made
+                for stream in (False, True):
+                    figures = _load(url, "dfm", routing, prompts, 1, new_tokens, stream=stream)
+                    key = "streamed" if stream else "one_response"
+                    row[f"{key}_tokens"] = figures["tokens"]
+                    row[f"{key}_overhead"] = row["generate_tokens_per_second"] / figures["tokens_per_second"] - 1
+                results["overhead"].append(row)
     finally:
         child.terminate()
         child.wait(timeout=60)
@@ -201,27 +211,57 @@ def bench_serve(
     return results
 
 
+def _generate(ensemble, rows: list[list[int]], routing: str, new_tokens: int) -> tuple[float, int]:
+    """``generate_text`` of every prompt alone, greedy: its seconds and the tokens it made."""
+    mode, k = ("topk", 1) if routing == "top1" else ("mixture", None)
+    start, made = time.perf_counter(), 0
+    for row in rows:
+        made += len(
+            generate_text(ensemble, [row], max_new_tokens=new_tokens, routing=mode, k=k, temperature=0).token_ids[0]
+        )
+    return time.perf_counter() - start, made
+
+
+def serve_summary(results: dict) -> list[dict]:
+    """Per C and model, medians over the repetitions; ``vs_baseline`` is the median of the ratios
+    to the baseline's round of the same repetition."""
+    rounds = results["rounds"]
+    out = []
+    for clients in sorted({r["clients"] for r in rounds}):
+        for name in ("baseline", "top1", "mixture"):
+            mine = [r for r in rounds if r["clients"] == clients and r["model"] == name]
+            base = {r["repeat"]: r for r in rounds if r["clients"] == clients and r["model"] == "baseline"}
+            ratios = [r["tokens_per_second"] / base[r["repeat"]]["tokens_per_second"] for r in mine]
+            row = {"clients": clients, "model": name, "vs_baseline": statistics.median(ratios)}
+            row["vs_baseline_range"] = [min(ratios), max(ratios)]
+            for key in ("tokens_per_second", "ttft_p50", "ttft_p99", "token_latency_p50", "token_latency_p99"):
+                row[key] = statistics.median(r[key] for r in mine)
+            out.append(row)
+    return out
+
+
 def format_serve_table(results: dict) -> str:
-    rounds = [r for r in results["rounds"] if r["streamed"]]
     lines = [
+        f"Medians over {results['repeats']} repetitions, the models taking turns; vs baseline: the median of "
+        "the ratios to the baseline's round of the same repetition (range in brackets).",
+        "",
         "| clients | model | tokens/s | vs baseline | TTFT p50 / p99 (s) | per-token p50 / p99 (ms) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rounds:
-        base = next(x for x in rounds if x["clients"] == r["clients"] and x["model"] == "baseline")
+    for r in serve_summary(results):
+        low, high = r["vs_baseline_range"]
         lines.append(
-            f"| {r['clients']} | {r['model']} | {r['tokens_per_second']:.1f} | "
-            f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
+            f"| {r['clients']} | {r['model']} | {r['tokens_per_second']:.1f} | {r['vs_baseline']:.2f}x "
+            f"[{low:.2f}-{high:.2f}] | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
             f"{1000 * r['token_latency_p50']:.1f} / {1000 * r['token_latency_p99']:.1f} |"
         )
-    for routing, seconds in results.get("generate_seconds", {}).items():
-        made = results["generate_tokens"][routing]
-        for r in results["rounds"]:
-            if r["clients"] == 1 and r["model"] == routing:
-                how = "streamed" if r["streamed"] else "one response each"
-                lines.append(
-                    f"\nC = 1 {routing}, {how}: the server {r['tokens_per_second']:.1f} tokens/s ({r['tokens']} "
-                    f"tokens) against generate_text's {made / seconds:.1f} ({made} tokens) for the same prompts: "
-                    f"overhead {made / seconds / r['tokens_per_second'] - 1:+.1%} per token"
-                )
+    for routing in ("top1", "mixture"):
+        mine = [r for r in results["overhead"] if r["model"] == routing]
+        if mine:
+            one = statistics.median(r["one_response_overhead"] for r in mine)
+            streamed = statistics.median(r["streamed_overhead"] for r in mine)
+            lines.append(
+                f"\nC = 1 {routing}, per token against generate_text of the same prompts just before (median of "
+                f"{len(mine)}): one response each {one:+.1%}, streamed {streamed:+.1%}"
+            )
     return "\n".join(lines) + "\n"

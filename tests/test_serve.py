@@ -18,6 +18,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from dfm.cli import main  # noqa: E402
 from eval.serve_app import MAX_BODY_BYTES, Server, create_app  # noqa: E402
+from eval.serve_bench import serve_summary  # noqa: E402
 from models.ar_kind import AR  # noqa: E402
 from models.generation import generate_text  # noqa: E402
 from models.serve_engine import Engine, RowSpec  # noqa: E402
@@ -290,15 +291,23 @@ def test_the_serving_benchmark_pairs_every_load_with_the_baseline(run, tmp_path,
     out = tmp_path / "serve.json"
     assert main(["--quiet", "bench", "--serve", str(run), "--quick", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    rounds = {(r["clients"], r["model"]): r for r in results["rounds"] if r["streamed"]}
-    assert set(rounds) == {(c, m) for c in (1, 4) for m in ("baseline", "top1", "mixture")}
-    assert sum(not r["streamed"] for r in results["rounds"]) == 2  # C = 1 top1 and mixture in one response each
-    for r in rounds.values():
+    keys = [(r["clients"], r["model"], r["repeat"]) for r in results["rounds"]]
+    assert sorted(keys) == sorted((c, m, i) for c in (1, 4) for m in ("baseline", "top1", "mixture") for i in (0, 1))
+    for r in results["rounds"]:
         assert r["requests"] == 8 and 0 < r["tokens"] <= 8 * 8 and r["tokens_per_second"] > 0
         assert r["ttft_p50"] <= r["ttft_p99"]
-    assert set(results["generate_seconds"]) == set(results["generate_tokens"]) == {"top1", "mixture"}
-    for routing in ("top1", "mixture"):  # greedy: the reference decodes exactly the served tokens
-        assert results["generate_tokens"][routing] == rounds[(1, routing)]["tokens"]
+    assert sorted((r["model"], r["repeat"]) for r in results["overhead"]) == [
+        ("mixture", 0),
+        ("mixture", 1),
+        ("top1", 0),
+        ("top1", 1),
+    ]
+    for r in results["overhead"]:  # greedy: generate_text decodes exactly the served tokens, both ways
+        assert r["generate_tokens"] == r["one_response_tokens"] == r["streamed_tokens"]
+        rounds = [x for x in results["rounds"] if x["clients"] == 1 and x["model"] == r["model"]]
+        assert all(x["tokens"] == r["generate_tokens"] for x in rounds)
+    for row in serve_summary(results):  # a ratio is paired: the baseline's own is exactly 1
+        assert row["vs_baseline"] == 1.0 if row["model"] == "baseline" else row["vs_baseline"] > 0
     assert "vs baseline" in capsys.readouterr().out
 
 
