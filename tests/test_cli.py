@@ -343,7 +343,7 @@ BAD_INPUTS = [
     (
         "bench of a corpus and a run at once",
         ["bench", "--prepare", "100", "--run", "{run}", "--out", "{tmp}/b.json"],
-        "two different benchmarks",
+        "are different benchmarks: pass one of them",
     ),
     ("bench of a missing run", ["bench", "--run", "{tmp}/nope", "--out", "{tmp}/b.json"], "not found"),
     (
