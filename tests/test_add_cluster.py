@@ -18,6 +18,7 @@ from models.partition import Partition
 from models.tokenizer import load_tokenizer
 from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.add_cluster import add_cluster, read_texts
+from training.allocation import read_share
 from training.data import DataSource, load_saved, packed_rows
 from training.layout import RunLayout
 from training.prepare import write_shard
@@ -91,6 +92,8 @@ def test_add_a_cluster_then_train_only_its_expert_and_the_router(trained, tmp_pa
     labels = torch.tensor(load_saved(layout.shard(K), "shard")["train"]["labels"])
     targets = sum(len(ids) + 1 for ids in added["train"]["input_ids"])
     assert int((labels[:, 1:] >= 0).sum()) == targets
+    old_targets = sum(read_share(layout, k)["targets"] for k in range(K))  # the old shards' shares unchanged
+    assert read_share(layout, K) == {"targets": targets, "all_targets": old_targets + targets, "clusters": K + 1}
     eos = load_tokenizer(layout.tokenizer).eos_token_id
     to_rows = lambda docs: packed_rows(docs, labels.shape[1], eos)  # noqa: E731
     assert write_shard(DatasetDict(added), "cluster", K, to_rows, tmp_path / "shard") == targets

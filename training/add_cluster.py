@@ -27,6 +27,7 @@ from dfm.errors import DfmError
 from models.partition import Partition
 from models.scoring import document_bos
 from models.tokenizer import load_tokenizer
+from training.allocation import read_share, write_share
 from training.clustering import partition_stats
 from training.config import read_run_config
 from training.data import DataSource, carve_splits, load_documents, load_saved, save_dataset, tokenize
@@ -116,9 +117,12 @@ def add_cluster(run_dir: str | Path, texts: Sequence[str]) -> int:
             f"{len(old['train'])} documents): run `dfm prepare --out {run_dir}` again"
         )
 
-    write_shard(
+    targets = write_shard(
         new, "cluster", k, row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer)), layout.shard(k)
     )
+    shares = [read_share(layout, j) for j in range(k)]
+    if all(shares):  # the trained experts' shards stay as they are; a run prepared without shares gets none
+        write_share(layout, k, targets, sum(share["targets"] for share in shares) + targets, k + 1)
     merged = DatasetDict(
         {name: datasets.concatenate_datasets([old[name], _like(new[name], old[name])]) for name in old}
     )

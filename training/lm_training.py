@@ -16,6 +16,7 @@ from dfm.errors import DfmError
 from models.adapters import adapter_parameters, add_lora
 from models.expert import num_parameters, save_expert
 from models.tokenizer import load_tokenizer
+from training.allocation import expert_steps
 from training.config import read_run_config
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
@@ -196,7 +197,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
         f"expert-{k}",
         shard["train"],
         shard.get("validation"),
-        config.expert.train,
+        {**config.expert.train, "steps": expert_steps(config, layout, k)},
         config.seed + k,
         layout.expert(k),
         resume,

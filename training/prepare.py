@@ -16,6 +16,7 @@ from dfm.atomic import atomic_dir, write_json
 from dfm.errors import DfmError
 from models.partition import Partition
 from models.scoring import document_bos
+from training.allocation import write_shares
 from training.clustering import fit_kmeans, from_labels, partition_stats
 from training.data import (
     READ_BATCH,
@@ -274,6 +275,7 @@ def _prepare_steps(config: RunConfig, layout: RunLayout, scratch: Path) -> dict:
 
     to_rows = row_builder(config, tokenizer.eos_token_id, document_bos(tokenizer))
     shard_tokens = [write_shard(tokenized, "cluster", k, to_rows, layout.shard(k)) for k in range(num_clusters)]
+    write_shares(layout, shard_tokens)
     if config.seed_model.trained:
         write_shard(tokenized, "shared", True, to_rows, layout.shared)
     config = dataclasses.replace(config, partition=dataclasses.replace(config.partition, num_clusters=num_clusters))

@@ -139,9 +139,14 @@ class ExpertOptions:
     train: dict = field(
         default_factory=lambda: {"steps": 150, "batch_size": 8, "lr": 3e-3, "warmup_steps": 15, "checkpoint_every": 50}
     )
+    # "equal": every expert trains train.steps; "tokens": K x train.steps split in proportion to the
+    # shards' training tokens (training/allocation.py), for clusters of unequal size
+    allocation: str = "equal"
 
     def validate(self) -> None:
         _positive_int(self.block_size, "expert.block_size", minimum=2)
+        if self.allocation not in ("equal", "tokens"):
+            raise DfmError(f"config expert.allocation must be equal or tokens, got {self.allocation!r}")
 
 
 @dataclass

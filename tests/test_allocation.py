@@ -1,0 +1,84 @@
+"""expert.allocation: the branch phase's steps split equally, or in proportion to the shards'
+training tokens (a big cluster gets the steps the baseline would spend on it)."""
+
+import dataclasses
+import json
+import random
+
+import pytest
+
+from dfm.errors import DfmError
+from tests.tiny_config import write_tiny_config
+from training.allocation import SHARE_FILE, expert_steps
+from training.config import parse_override, read_run_config, resolve_config
+from training.data import load_saved
+from training.layout import RunLayout
+from training.lm_training import train_expert
+from training.prepare import prepare, training_targets
+
+SIZES = {"big": 120, "mid": 40, "small": 20}  # documents per domain: 6 : 2 : 1
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allocation")
+    rng = random.Random(0)
+    rows = []
+    for domain, count in SIZES.items():
+        words = [f"{domain}{i}" for i in range(12)]
+        rows += [{"text": " ".join(rng.choices(words, k=30)), "domain": domain} for _ in range(count)]
+    rng.shuffle(rows)
+    (root / "docs.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    overrides = {
+        "data.dataset": "json",
+        "data.data_files": [str(root / "docs.jsonl")],
+        "data.cluster_column": "domain",
+        "seed_model.phase": False,
+        "expert.allocation": "tokens",
+        "tokenizer.vocab_size": 260,
+    }
+    config = resolve_config(
+        write_tiny_config(root), [parse_override(f"{k}={json.dumps(v)}") for k, v in overrides.items()]
+    )
+    prepare(config, root / "run")
+    return root / "run"
+
+
+def test_shares_are_the_shards_training_tokens(run):
+    layout = RunLayout.of(run)
+    shares = [json.loads((layout.shard(k) / SHARE_FILE).read_text()) for k in range(3)]
+    targets = [training_targets(load_saved(layout.shard(k), "shard")["train"]) for k in range(3)]
+    assert [share["targets"] for share in shares] == targets
+    assert all(share["all_targets"] == sum(targets) and share["clusters"] == 3 for share in shares)
+
+
+def test_tokens_split_the_same_total_by_share_and_equal_gives_every_expert_the_steps(run):
+    layout = RunLayout.of(run)
+    config = read_run_config(run)
+    steps = config.expert.train["steps"]
+    split = [expert_steps(config, layout, k) for k in range(3)]
+    targets = [json.loads((layout.shard(k) / SHARE_FILE).read_text())["targets"] for k in range(3)]
+    exact = [3 * steps * t / sum(targets) for t in targets]
+    assert all(abs(s - e) <= 0.5 for s, e in zip(split, exact))  # rounded to the nearest step
+    big = max(range(3), key=targets.__getitem__)
+    assert split[big] > steps > min(split)  # 6 : 2 : 1 documents: the big shard gets the most
+    equal = dataclasses.replace(config, expert=dataclasses.replace(config.expert, allocation="equal"))
+    assert [expert_steps(equal, layout, k) for k in range(3)] == [steps] * 3
+
+
+def test_an_expert_trains_its_allotted_steps(run):
+    layout = RunLayout.of(run)
+    config = read_run_config(run)
+    big = max(range(3), key=lambda k: json.loads((layout.shard(k) / SHARE_FILE).read_text())["targets"])
+    summary = train_expert(run, big)
+    assert summary["steps"] == expert_steps(config, layout, big) > config.expert.train["steps"]
+
+
+def test_a_run_without_shares_and_a_bad_allocation_are_refused(run, tmp_path):
+    config = read_run_config(run)
+    stale = RunLayout.of(tmp_path)  # a shard written before the shares were recorded
+    stale.shard(0).mkdir(parents=True)
+    with pytest.raises(DfmError, match="prepare the run again, or --set expert.allocation=equal"):
+        expert_steps(config, stale, 0)
+    with pytest.raises(DfmError, match="expert.allocation must be equal or tokens"):
+        resolve_config(None, [parse_override("expert.allocation=largest")])
