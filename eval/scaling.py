@@ -3,8 +3,9 @@ corpus, so that the equivalence is measured as a function of compute (README, "S
 
 A rung is (seed, K, budget). Its budget is a multiple of the configured branch phase, counted in
 total expert steps: ``budget x expert.train.steps x partition.num_clusters`` optimizer steps,
-split evenly over the rung's K experts, so every K of one budget spends the same branch compute
-and K = 1 is one expert on all the data, the baseline's twin. The baseline is compute-matched to
+split over the rung's K experts as ``expert.allocation`` says (evenly by default), so every K of
+one budget spends the same branch compute and K = 1 is one expert on all the data, the baseline's
+twin. The baseline is compute-matched to
 each rung as `dfm run` matches it. Shared work is done once:
 
 - ``OUT/prepared/seedS-kK``: the documents, the partition and the shards for K clusters (made
