@@ -5,8 +5,8 @@ A rung is (seed, K, budget). Its budget is a multiple of the configured branch p
 total expert steps: ``budget x expert.train.steps x partition.num_clusters`` optimizer steps,
 split over the rung's K experts as ``expert.allocation`` says (evenly by default), so every K of
 one budget spends the same branch compute and K = 1 is one expert on all the data, the baseline's
-twin. The baseline is compute-matched to
-each rung as `dfm run` matches it. Shared work is done once:
+twin. The baseline is compute-matched to each rung as `dfm run` matches it. Shared work is done
+once:
 
 - ``OUT/prepared/seedS-kK``: the documents, the partition and the shards for K clusters (made
   once per seed and K). The one for the configured K trains the tokenizer and the seed model;

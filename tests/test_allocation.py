@@ -9,7 +9,7 @@ import pytest
 
 from dfm.errors import DfmError
 from tests.tiny_config import write_tiny_config
-from training.allocation import SHARE_FILE, expert_steps
+from training.allocation import expert_steps, read_share
 from training.config import parse_override, read_run_config, resolve_config
 from training.data import load_saved
 from training.layout import RunLayout
@@ -46,7 +46,7 @@ def run(tmp_path_factory):
 
 def test_shares_are_the_shards_training_tokens(run):
     layout = RunLayout.of(run)
-    shares = [json.loads((layout.shard(k) / SHARE_FILE).read_text()) for k in range(3)]
+    shares = [read_share(layout, k) for k in range(3)]
     targets = [training_targets(load_saved(layout.shard(k), "shard")["train"]) for k in range(3)]
     assert [share["targets"] for share in shares] == targets
     assert all(share["all_targets"] == sum(targets) and share["clusters"] == 3 for share in shares)
@@ -57,7 +57,7 @@ def test_tokens_split_the_same_total_by_share_and_equal_gives_every_expert_the_s
     config = read_run_config(run)
     steps = config.expert.train["steps"]
     split = [expert_steps(config, layout, k) for k in range(3)]
-    targets = [json.loads((layout.shard(k) / SHARE_FILE).read_text())["targets"] for k in range(3)]
+    targets = [read_share(layout, k)["targets"] for k in range(3)]
     exact = [3 * steps * t / sum(targets) for t in targets]
     assert all(abs(s - e) <= 0.5 for s, e in zip(split, exact))  # rounded to the nearest step
     big = max(range(3), key=targets.__getitem__)
@@ -69,7 +69,7 @@ def test_tokens_split_the_same_total_by_share_and_equal_gives_every_expert_the_s
 def test_an_expert_trains_its_allotted_steps(run):
     layout = RunLayout.of(run)
     config = read_run_config(run)
-    big = max(range(3), key=lambda k: json.loads((layout.shard(k) / SHARE_FILE).read_text())["targets"])
+    big = max(range(3), key=lambda k: read_share(layout, k)["targets"])
     summary = train_expert(run, big)
     assert summary["steps"] == expert_steps(config, layout, big) > config.expert.train["steps"]
 
