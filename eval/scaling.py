@@ -218,7 +218,7 @@ def run_study(
         study.prepare(seed, base.partition.num_clusters)
         for k in sorted({r.experts for r in rungs if r.seed == seed}):
             study.prepare(seed, k)
-    results = [_result(r, study.rung_dir(r)) for r in rungs if _finished(study.rung_dir(r))]
+    results = [rung_result(r, study.rung_dir(r)) for r in rungs if _finished(study.rung_dir(r))]
     todo = [r for r in rungs if not _finished(study.rung_dir(r))]
     say(f"{len(rungs)} rung(s): {len(results)} finished, {len(todo)} to train")
     bar = progress(total=sum(r.budget for r in todo), desc="scaling ladder", unit="branch phase")
@@ -226,13 +226,14 @@ def run_study(
         for rung in todo:
             study.seed_model(rung.seed, device)
             path = study.make_rung(rung)
-            say(f"rung {rung.name}: {expert_train(base, rung)['steps']} steps per expert")
+            split = " on average, split by training tokens" if base.expert.allocation == "tokens" else ""
+            say(f"rung {rung.name}: {expert_train(base, rung)['steps']} steps per expert{split}")
             started = time.perf_counter()
             clock = StageClock(path, resume=True, say=lambda message, name=rung.name: say(f"{name}: {message}"))
             train_stages(path, clock, resume=True, device=device, seed_model=False)
             report = clock.stage("eval", lambda path=path: evaluate(path, modes=modes, device=device, dtype=dtype))
             write_evaluation(report, path)
-            results.append(_result(rung, path))
+            results.append(rung_result(rung, path))
             say(f"rung {rung.name} done in {minutes(time.perf_counter() - started)}")
             write_study_report(summarize(results, base.partition.num_clusters), out)
             bar.update(rung.budget)
@@ -245,19 +246,19 @@ def _finished(path: Path) -> bool:
     return (RunLayout.of(path).eval / "report.json").is_file()
 
 
-def _result(rung: Rung, path: Path) -> dict:
+def rung_result(rung: Rung, path: Path) -> dict:
     """One rung's figures from its report.json, logs and timings."""
     layout = RunLayout.of(path)
     report = json.loads((layout.eval / "report.json").read_text())
     baseline = report["models"]["baseline"]["bpb"]
     matching = report["compute"]["matching"]
-    expert = layout.read_summary("expert-0") or {}
+    steps = [(layout.read_summary(f"expert-{e}") or {}).get("steps") for e in range(rung.experts)]
     timings = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
     return {
         **rung.to_dict(),
         "name": rung.name,
         "run": str(path),
-        "expert_steps": expert.get("steps"),
+        "expert_steps": steps[0] if len(set(steps)) == 1 else steps,  # a list when allocation split them
         "baseline_steps": (layout.read_summary("baseline") or {}).get("steps"),
         "flops": {
             "seed": matching["seed_flops"],

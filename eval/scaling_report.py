@@ -116,6 +116,11 @@ def summarize(results: list[dict], configured_experts: int) -> dict:
     }
 
 
+def steps_text(steps: int | list[int] | None) -> str:
+    """One number when every expert trained the same steps, each expert's (a/b/c) when allocation split them."""
+    return "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
+
+
 def _ratio(spread: dict | None) -> str:
     if spread is None:
         return "–"
@@ -153,8 +158,8 @@ def markdown(summary: dict) -> str:
         wall = ", ".join(f"{s / 60:.1f} min" for s in g["seconds"])
         cells = " | ".join(_ratio(g["ratios"].get(m)) for m in modes)
         lines.append(
-            f"| {g['experts']} | {g['budget']:g} | {' '.join(map(str, g['seeds']))} | {g['expert_steps']} | "
-            f"{g['total_flops']:.2e} | {cells} | {verdicts} | {wall} |"
+            f"| {g['experts']} | {g['budget']:g} | {' '.join(map(str, g['seeds']))} | "
+            f"{steps_text(g['expert_steps'])} | {g['total_flops']:.2e} | {cells} | {verdicts} | {wall} |"
         )
     lines += ["", "## Trends (ratio = a + b log10 FLOPs) and crossings", ""]
     for k, trends in summary["trends"].items():

@@ -386,6 +386,8 @@ class Engine:
         num_experts = self.ensemble.num_experts
         weights = torch.full((len(rows), num_experts), float("-inf"), dtype=torch.float64)
         plain: dict[tuple, list[int]] = {}  # rows routed by the router alone, deterministically: at once
+        if router is None and self.ensemble.router is None and num_experts == 1:  # one model: weight 1 on it
+            router = torch.zeros(len(rows), 1, dtype=torch.float64)
         for i in live:
             row = rows[i]
             spec = row.spec
@@ -408,10 +410,8 @@ class Engine:
                 routed = normalize_log_weights(row.log_joint.cpu()[None])
             elif row.routing is Routing.CENTROID:
                 routed = centroid[i : i + 1].cpu()
-            elif router is not None:
+            else:
                 routed = router[i : i + 1].cpu()
-            else:  # one expert, no router
-                routed = torch.zeros(1, num_experts, dtype=torch.float64)
             if spec.exclude:
                 routed = exclude_log_weights(routed, spec.exclude)
             weights[i] = select_experts(routed, row.routing, row.k, row.generator).log_weights[0]

@@ -27,3 +27,16 @@ def one_thread():
 def piped_stdin(monkeypatch):
     """The CLI reads a piped prompt from stdin; give every test an empty pipe."""
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
+
+
+#: The longest files, run first: the suite runs on one worker per core (pytest-xdist, a file per
+#: worker at a time), and a long file started last would leave the other cores idle at the end.
+LONGEST_FIRST = ("test_equivalence.py", "test_reliability.py", "test_bench.py", "test_trainer.py", "test_scaling.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order

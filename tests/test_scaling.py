@@ -4,6 +4,7 @@ between K at one budget, rungs as run directories, resume after a kill, and bad 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dfm.cli import main
-from eval.scaling_report import crossing, fit_trend, reach
+from eval.scaling import Rung, rung_result
+from eval.scaling_report import crossing, fit_trend, reach, steps_text
 from tests.tiny_config import TINY_RUN, write_tiny_config
 
 LADDER = ["--budgets", "1", "2", "--experts", "1", "2"]
@@ -56,6 +58,20 @@ def test_a_study_writes_its_report_and_every_rung_is_a_run(study, capsys):
     rung = out / "rungs" / "seed0-k2-b1"
     assert main(["generate", "--run", str(rung), "--prompt", "a", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_experts_of_unequal_steps_are_reported_each(study, tmp_path):
+    """Under expert.allocation=tokens the experts of one rung train different steps: the rung's
+    figures list each expert's, as its logs say, and scaling.md shows them as a/b."""
+    out, _ = study
+    rung = shutil.copytree(out / "rungs" / "seed0-k2-b1", tmp_path / "rung", symlinks=True)
+    summary = rung / "logs" / "expert-1.summary.json"
+    logged = json.loads(summary.read_text())
+    steps = logged["steps"]
+    summary.write_text(json.dumps({**logged, "steps": steps + 7}))
+    assert rung_result(Rung(0, 2, 1), rung)["expert_steps"] == [steps, steps + 7]
+    assert rung_result(Rung(0, 2, 1), out / "rungs" / "seed0-k2-b1")["expert_steps"] == steps
+    assert steps_text([steps, steps + 7]) == f"{steps}/{steps + 7}" and steps_text(steps) == str(steps)
 
 
 def test_the_one_expert_control_is_the_baselines_twin(study):
