@@ -312,7 +312,9 @@ class Engine:
             self._rows = rows
             self._batch(rows)
             ensemble.reset()
-            self._router = ensemble.router_weigher() if ensemble.router is not None else None
+            # one model without a router (the baseline) weighs its rows with its prior: weight 1
+            has_weigher = ensemble.router is not None or ensemble.num_experts == 1
+            self._router = ensemble.router_weigher() if has_weigher else None
             self.stats["rebuilds"] += 1
         rows, length = self._rows, self._length
         tokens, mask = self._buffer[:, :length], self._mask_buffer[:, :length]
@@ -386,8 +388,6 @@ class Engine:
         num_experts = self.ensemble.num_experts
         weights = torch.full((len(rows), num_experts), float("-inf"), dtype=torch.float64)
         plain: dict[tuple, list[int]] = {}  # rows routed by the router alone, deterministically: at once
-        if router is None and self.ensemble.router is None and num_experts == 1:  # one model: weight 1 on it
-            router = torch.zeros(len(rows), 1, dtype=torch.float64)
         for i in live:
             row = rows[i]
             spec = row.spec
