@@ -272,7 +272,7 @@ def cmd_train_seed_model(args: argparse.Namespace) -> dict:
     from training.lm_training import train_seed_model
 
     summary = train_seed_model(args.run, resume=args.resume, device=_device(args))
-    _say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
+    _say(f"seed: val loss {loss_text(summary['val_loss'])} in {summary['seconds']:.1f}s")
     return summary
 
 
@@ -286,7 +286,7 @@ def cmd_train_expert(args: argparse.Namespace) -> dict:
     if not setup_distributed().is_main:
         return summary
     _say(
-        f"expert-{args.expert}: val loss {loss_text(summary['val_loss'])} nats/token "
+        f"expert-{args.expert}: val loss {loss_text(summary['val_loss'])} "
         f"(unigram entropy {summary['unigram_entropy']:.3f}) in {summary['seconds']:.1f}s"
     )
     return summary
@@ -324,7 +324,7 @@ def cmd_train_router(args: argparse.Namespace) -> dict:
     from training.router_training import train_router
 
     summary = train_router(args.run, resume=args.resume, device=_device(args))
-    _say(f"router: val loss {loss_text(summary['val_loss'])} in {summary['seconds']:.1f}s")
+    _say(f"router: val loss {loss_text(summary['val_loss'], '')} in {summary['seconds']:.1f}s")
     return summary
 
 
@@ -333,7 +333,7 @@ def cmd_train_baseline(args: argparse.Namespace) -> dict:
     from training.lm_training import train_baseline
 
     summary = train_baseline(args.run, resume=args.resume, device=_device(args))
-    _say(f"baseline: val loss {loss_text(summary['val_loss'])} nats/token in {summary['seconds']:.1f}s")
+    _say(f"baseline: val loss {loss_text(summary['val_loss'])} in {summary['seconds']:.1f}s")
     return summary
 
 

@@ -35,9 +35,9 @@ from training.router_training import train_router
 Say = Callable[[str], None]
 
 
-def loss_text(value: float | None) -> str:
-    """A validation loss as the logs print it."""
-    return "n/a (no validation data)" if value is None else f"{value:.4f}"
+def loss_text(value: float | None, unit: str = " nats/token") -> str:
+    """A validation loss as the logs print it, with its ``unit``."""
+    return "n/a (no validation data)" if value is None else f"{value:.4f}{unit}"
 
 
 def minutes(seconds: float) -> str:
@@ -124,21 +124,18 @@ def train_stages(
 
     if seed_model:
         summary = clock.stage("seed", lambda: train_seed_model(run_dir, resume=resume, device=device))
-        say(f"seed: val loss {loss_text(summary['val_loss'])} nats/token")
+        say(f"seed: val loss {loss_text(summary['val_loss'])}")
         estimate(summary, 0)
     for k in range(config.partition.num_clusters):
         summary = clock.stage(f"expert-{k}", lambda k=k: train_expert(run_dir, k, resume=resume, device=device))
-        say(
-            f"expert-{k}: val loss {loss_text(summary['val_loss'])} nats/token, unigram entropy "
-            f"{summary['unigram_entropy']:.4f}"
-        )
+        say(f"expert-{k}: val loss {loss_text(summary['val_loss'])}, unigram entropy {summary['unigram_entropy']:.4f}")
         if k == 0 and not seed_model:
             estimate(summary, 1)
     if config.partition.num_clusters > 1:
         summary = clock.stage("router", lambda: train_router(run_dir, resume=resume, device=device))
-        say(f"router: val loss {loss_text(summary['val_loss'])}")
+        say(f"router: val loss {loss_text(summary['val_loss'], '')}")
     summary = clock.stage("baseline", lambda: train_baseline(run_dir, resume=resume, device=device))
-    say(f"baseline: val loss {loss_text(summary['val_loss'])} nats/token")
+    say(f"baseline: val loss {loss_text(summary['val_loss'])}")
     clock.stage("assemble", lambda: assemble(run_dir))
 
 

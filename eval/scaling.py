@@ -3,10 +3,11 @@ corpus, so that the equivalence is measured as a function of compute (README, "S
 
 A rung is (seed, K, budget). Its budget is a multiple of the configured branch phase, counted in
 total expert steps: ``budget x expert.train.steps x partition.num_clusters`` optimizer steps,
-split over the rung's K experts as ``expert.allocation`` says (evenly by default), so every K of
-one budget spends the same branch compute and K = 1 is one expert on all the data, the baseline's
-twin. The baseline is compute-matched to each rung as `dfm run` matches it. Shared work is done
-once:
+split over the rung's K experts as ``expert.allocation`` says (evenly by default), or, when the
+configuration sizes experts in ``expert.epochs``, ``budget x epochs`` passes over each expert's
+shard; either way every K of one budget spends the same branch compute and K = 1 is one expert
+on all the data, the baseline's twin. The baseline is compute-matched to each rung as `dfm run`
+matches it. Shared work is done once:
 
 - ``OUT/prepared/seedS-kK``: the documents, the partition and the shards for K clusters (made
   once per seed and K). The one for the configured K trains the tokenizer and the seed model;
@@ -96,6 +97,22 @@ def expert_train(config: RunConfig, rung: Rung) -> dict:
     return train
 
 
+def rung_expert(config: RunConfig, rung: Rung) -> dict:
+    """What the rung changes in the expert section: ``expert_train``'s steps, or, when the study
+    sizes experts in ``expert.epochs``, ``budget`` times those passes over each expert's own shard
+    (the same total for every K)."""
+    if config.expert.epochs is not None:
+        return {"epochs": rung.budget * config.expert.epochs}
+    return {"train": expert_train(config, rung)}
+
+
+def _rung_size(config: RunConfig, rung: Rung) -> str:
+    if config.expert.epochs is not None:
+        return f"{rung.budget * config.expert.epochs:g} epoch(s) of its shard per expert"
+    split = " on average, split by training tokens" if config.expert.allocation == "tokens" else ""
+    return f"{expert_train(config, rung)['steps']} steps per expert{split}"
+
+
 class Study:
     """Where a study lives and what it has done (module docstring)."""
 
@@ -163,7 +180,7 @@ class Study:
         for source, copy in ((base.tokenizer, layout.tokenizer), (base.partition, layout.partition)):
             shutil.copytree(source, copy, dirs_exist_ok=True)
         config = read_run_config(base.root).to_dict()
-        config["expert"]["train"] = expert_train(self.config, rung)
+        config["expert"].update(rung_expert(self.config, rung))
         write_json(layout.config, config)
         return path
 
@@ -226,8 +243,7 @@ def run_study(
         for rung in todo:
             study.seed_model(rung.seed, device)
             path = study.make_rung(rung)
-            split = " on average, split by training tokens" if base.expert.allocation == "tokens" else ""
-            say(f"rung {rung.name}: {expert_train(base, rung)['steps']} steps per expert{split}")
+            say(f"rung {rung.name}: {_rung_size(base, rung)}")
             started = time.perf_counter()
             clock = StageClock(path, resume=True, say=lambda message, name=rung.name: say(f"{name}: {message}"))
             train_stages(path, clock, resume=True, device=device, seed_model=False)

@@ -1,15 +1,18 @@
 """expert.allocation: the branch phase's steps split equally, or in proportion to the shards'
-training tokens (a big cluster gets the steps the baseline would spend on it)."""
+training tokens (a big cluster gets the steps the baseline would spend on it); expert.epochs and
+seed_model.epochs: steps sized to passes over the data."""
 
 import dataclasses
 import json
+import math
 import random
+import shutil
 
 import pytest
 
 from dfm.errors import DfmError
 from tests.tiny_config import write_tiny_config
-from training.allocation import expert_steps, read_share
+from training.allocation import expert_steps, read_share, seed_train
 from training.config import parse_override, read_run_config, resolve_config
 from training.data import load_saved
 from training.layout import RunLayout
@@ -82,3 +85,44 @@ def test_a_run_without_shares_and_a_bad_allocation_are_refused(run, tmp_path):
         expert_steps(config, stale, 0)
     with pytest.raises(DfmError, match="expert.allocation must be equal or tokens"):
         resolve_config(None, [parse_override("expert.allocation=largest")])
+
+
+def _with(config, section, **changes):
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def test_epochs_size_each_expert_to_its_own_shard_and_the_expert_trains_them(run, tmp_path):
+    layout = RunLayout.of(run)
+    config = _with(read_run_config(run), "expert", allocation="equal", epochs=1.5)
+    batch = config.expert.train["batch_size"]
+    blocks = [load_saved(layout.shard(k), "shard")["train"].num_rows for k in range(3)]
+    assert [expert_steps(config, layout, k) for k in range(3)] == [math.ceil(1.5 * b / batch) for b in blocks]
+    assert expert_steps(config, layout, 0, world_size=2) == math.ceil(1.5 * blocks[0] / (2 * batch))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("experts", "checkpoints", "logs"))
+    (copy / "config.json").write_text(json.dumps(config.to_dict()))
+    small = min(range(3), key=blocks.__getitem__)
+    summary = train_expert(copy, small)
+    assert summary["steps"] == math.ceil(1.5 * blocks[small] / batch)
+    assert summary["steps"] * batch >= 1.5 * blocks[small] > (summary["steps"] - 1) * batch  # the passes, no more
+
+
+def test_seed_epochs_give_the_steps_of_those_passes_and_a_warm_up_that_fits(run):
+    config = read_run_config(run)
+    assert seed_train(config, 1000) == config.seed_model.train  # no epochs: the configured steps
+    batch, warmup = config.seed_model.train["batch_size"], config.seed_model.train["warmup_steps"]
+    assert seed_train(_with(config, "seed_model", epochs=3), 10)["steps"] == math.ceil(3 * 10 / batch)
+    short = seed_train(_with(config, "seed_model", epochs=0.5), batch)  # half a batch: one step
+    assert (short["steps"], short["warmup_steps"]) == (1, 0) and warmup >= 1  # the warm-up cut to fit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"one"', "true"])
+def test_epochs_that_are_not_a_positive_number_are_refused(value):
+    for section in ("expert", "seed_model"):
+        with pytest.raises(DfmError, match=f"config {section}.epochs must be a positive number"):
+            resolve_config(None, [parse_override(f"{section}.epochs={value}")])
+
+
+def test_epochs_with_a_tokens_allocation_are_refused():
+    with pytest.raises(DfmError, match="expert.epochs already sizes every expert by its own shard"):
+        resolve_config(None, [parse_override("expert.epochs=1"), parse_override("expert.allocation=tokens")])

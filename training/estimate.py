@@ -15,6 +15,7 @@ import datasets
 import pyarrow.compute as pc
 
 from models.router import Router, RouterConfig
+from training.allocation import expert_train
 from training.layout import RunLayout
 from training.lm_training import FORWARD_FLOPS, TRAINED_FLOPS
 from training.run_config import RunConfig
@@ -37,7 +38,9 @@ def remaining_flops(run_dir: str | Path, config: RunConfig, parameters: int, exp
     experts have ``parameters`` parameters."""
     layout = RunLayout.of(run_dir)
     clusters = config.partition.num_clusters
-    per_expert = _lm_flops(parameters, config.expert.train, config.expert.block_size)
+    experts = [
+        _lm_flops(parameters, expert_train(config, layout, k), config.expert.block_size) for k in range(clusters)
+    ]
     router = 0.0
     if clusters > 1:
         options = config.router
@@ -61,8 +64,8 @@ def remaining_flops(run_dir: str | Path, config: RunConfig, parameters: int, exp
             )
         ).num_parameters
         router = scoring + _lm_flops(size, options.train, int(tokens))
-    baseline = per_expert * clusters + router
-    return per_expert * (clusters - experts_done) + router + baseline
+    baseline = sum(experts) + router
+    return sum(experts[experts_done:]) + router + baseline
 
 
 def remaining_seconds(run_dir: str | Path, config: RunConfig, first: dict, experts_done: int = 0) -> float:

@@ -16,7 +16,7 @@ from dfm.errors import DfmError
 from models.adapters import adapter_parameters, add_lora
 from models.expert import num_parameters, save_expert
 from models.tokenizer import load_tokenizer
-from training.allocation import expert_steps
+from training.allocation import expert_train, seed_train
 from training.config import read_run_config
 from training.data import READ_BATCH, load_saved
 from training.distributed import setup_distributed
@@ -170,7 +170,7 @@ def train_seed_model(run_dir: str | Path, resume: bool = False, device: torch.de
         "seed",
         shard["train"],
         shard.get("validation"),
-        config.seed_model.train,
+        seed_train(config, shard["train"].num_rows, setup_distributed().world_size),
         config.seed + SEED_MODEL_OFFSET,
         layout.seed_model,
         resume,
@@ -197,7 +197,7 @@ def train_expert(run_dir: str | Path, k: int, resume: bool = False, device: torc
         f"expert-{k}",
         shard["train"],
         shard.get("validation"),
-        {**config.expert.train, "steps": expert_steps(config, layout, k)},
+        expert_train(config, layout, k, setup_distributed().world_size),
         config.seed + k,
         layout.expert(k),
         resume,

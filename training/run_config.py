@@ -37,6 +37,14 @@ def _fraction(value: object, key: str, low: float, high: float, closed_high: boo
         raise DfmError(f"config {key} must lie in ({low}, {high}{']' if closed_high else ')'}, got {value!r}")
 
 
+def _epochs(value: object, key: str) -> None:
+    """null, or a positive finite number of passes over the training blocks."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise DfmError(f"config {key} must be a positive number of passes over the data or null, got {value!r}")
+
+
 @dataclass
 class PathOptions:
     # the probability path of every model in the run (README, "How it works"): "ar" (next token, causal
@@ -114,8 +122,12 @@ class SeedModelOptions:
             "checkpoint_every": 200,
         }
     )
+    # null: train.steps; a number: that many passes over the shared documents' training blocks
+    # (training/allocation.py, epoch_steps), so the seed phase is sized to the data
+    epochs: float | None = None
 
     def validate(self) -> None:
+        _epochs(self.epochs, "seed_model.epochs")
         if self.phase not in (None, True, False):
             raise DfmError(f"config seed_model.phase must be true, false or null (auto), got {self.phase!r}")
         _fraction(self.shared_fraction, "seed_model.shared_fraction", 0, 1, closed_high=True)
@@ -142,11 +154,20 @@ class ExpertOptions:
     # "equal": every expert trains train.steps; "tokens": K x train.steps split in proportion to the
     # shards' training tokens (training/allocation.py), for clusters of unequal size
     allocation: str = "equal"
+    # null: steps as allocation says; a number: every expert makes that many passes over its own
+    # shard's training blocks, which sizes the branch phase to the data (and in proportion to it)
+    epochs: float | None = None
 
     def validate(self) -> None:
         _positive_int(self.block_size, "expert.block_size", minimum=2)
         if self.allocation not in ("equal", "tokens"):
             raise DfmError(f"config expert.allocation must be equal or tokens, got {self.allocation!r}")
+        _epochs(self.epochs, "expert.epochs")
+        if self.epochs is not None and self.allocation != "equal":
+            raise DfmError(
+                "config expert.epochs already sizes every expert by its own shard: leave expert.allocation "
+                "at equal, or set expert.epochs to null to split train.steps by tokens"
+            )
 
 
 @dataclass
