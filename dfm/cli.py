@@ -94,14 +94,19 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "--seed-model-steps": (
         "seed_model.train.steps",
-        {"type": int, "help": "optimizer steps of the seed model (default 1200; 200 on the embedded synthetic corpus)"},
+        {
+            "type": int,
+            "help": "optimizer steps of the seed model (default 1200; 200 on the embedded synthetic corpus; "
+            "--set seed_model.epochs=E sizes them in passes over the shared documents instead)",
+        },
     ),
     "--steps": (
         "expert.train.steps",
         {
             "type": int,
             "help": "optimizer steps per expert (the baseline gets as much "
-            "compute as all experts and the router together)",
+            "compute as all experts and the router together; --set expert.epochs=E sizes them in passes "
+            "over each expert's shard instead)",
         },
     ),
     "--router-steps": ("router.train.steps", {"type": int, "help": "optimizer steps of the router"}),
@@ -768,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1.0, 2.0, 4.0, 8.0],
         metavar="B",
         help="training budgets as multiples of the branch phase (expert.train.steps x num_clusters expert "
-        "steps, split over each rung's K experts), increasing (default: 1 2 4 8)",
+        "steps, split over each rung's K experts; with expert.epochs, B x E passes over each expert's shard), "
+        "increasing (default: 1 2 4 8)",
     )
     p.add_argument(
         "--experts",

@@ -1,13 +1,13 @@
 """`dfm scaling`: the pipeline over a ladder of training budgets and numbers of experts on one
 corpus, so that the equivalence is measured as a function of compute (README, "Scaling").
 
-A rung is (seed, K, budget). Its budget is a multiple of the configured branch phase, counted in
-total expert steps: ``budget x expert.train.steps x partition.num_clusters`` optimizer steps,
-split over the rung's K experts as ``expert.allocation`` says (evenly by default), or, when the
-configuration sizes experts in ``expert.epochs``, ``budget x epochs`` passes over each expert's
-shard; either way every K of one budget spends the same branch compute and K = 1 is one expert
-on all the data, the baseline's twin. The baseline is compute-matched to each rung as `dfm run`
-matches it. Shared work is done once:
+A rung is (seed, K, budget). Its budget is a multiple of the configured branch phase: ``budget x
+expert.train.steps x partition.num_clusters`` optimizer steps in all, split over the rung's K
+experts as ``expert.allocation`` says (evenly by default), or, when the configuration sizes
+experts in ``expert.epochs``, ``budget x epochs`` passes over each expert's shard; either way
+every K of one budget spends the same branch compute and K = 1 is one expert on all the data,
+the baseline's twin. The baseline is compute-matched to each rung as `dfm run` matches it.
+Shared work is done once:
 
 - ``OUT/prepared/seedS-kK``: the documents, the partition and the shards for K clusters (made
   once per seed and K). The one for the configured K trains the tokenizer and the seed model;

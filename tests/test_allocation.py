@@ -12,11 +12,12 @@ import pytest
 
 from dfm.errors import DfmError
 from tests.tiny_config import write_tiny_config
-from training.allocation import expert_steps, read_share, seed_train
+from training.allocation import epoch_steps, expert_steps, read_share, seed_train
 from training.config import parse_override, read_run_config, resolve_config
 from training.data import load_saved
+from training.estimate import remaining_flops
 from training.layout import RunLayout
-from training.lm_training import train_expert
+from training.lm_training import TRAINED_FLOPS, train_expert
 from training.prepare import prepare, training_targets
 
 SIZES = {"big": 120, "mid": 40, "small": 20}  # documents per domain: 6 : 2 : 1
@@ -96,20 +97,33 @@ def test_epochs_size_each_expert_to_its_own_shard_and_the_expert_trains_them(run
     config = _with(read_run_config(run), "expert", allocation="equal", epochs=1.5)
     batch = config.expert.train["batch_size"]
     blocks = [load_saved(layout.shard(k), "shard")["train"].num_rows for k in range(3)]
-    assert [expert_steps(config, layout, k) for k in range(3)] == [math.ceil(1.5 * b / batch) for b in blocks]
+    steps = [expert_steps(config, layout, k) for k in range(3)]
+    assert steps == [math.ceil(1.5 * b / batch) for b in blocks]
     assert expert_steps(config, layout, 0, world_size=2) == math.ceil(1.5 * blocks[0] / (2 * batch))
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("experts", "checkpoints", "logs"))
     (copy / "config.json").write_text(json.dumps(config.to_dict()))
+    # the time estimate prices each expert's own steps: twice (the expert, and the baseline matched to it)
+    parameters = 10_000
+    equal = _with(config, "expert", epochs=None)
+    row = TRAINED_FLOPS * parameters * batch * config.expert.block_size
+    extra = remaining_flops(copy, config, parameters) - remaining_flops(copy, equal, parameters)
+    assert extra == pytest.approx(2 * row * (sum(steps) - 3 * config.expert.train["steps"]), rel=1e-9)
     small = min(range(3), key=blocks.__getitem__)
     summary = train_expert(copy, small)
-    assert summary["steps"] == math.ceil(1.5 * blocks[small] / batch)
-    assert summary["steps"] * batch >= 1.5 * blocks[small] > (summary["steps"] - 1) * batch  # the passes, no more
+    assert summary["steps"] == steps[small]
+    assert summary["tokens"] == steps[small] * batch * config.expert.block_size  # every step read a full batch
+
+
+def test_epoch_steps_count_every_row_of_a_step_and_round_only_real_remainders():
+    assert epoch_steps(1.0, 100, {"batch_size": 4, "grad_accum": 2}, world_size=2) == 7  # 16 rows a step
+    assert epoch_steps(1.1, 400, {"batch_size": 8}) == 55  # 1.1 x 400 / 8 is 55.00000000000001 in floats
+    assert epoch_steps(3 * 0.1, 10_000, {"batch_size": 8}) == 375  # a rung's budget x epochs
+    assert epoch_steps(1e-6, 10, {"batch_size": 8}) == 1
 
 
 def test_seed_epochs_give_the_steps_of_those_passes_and_a_warm_up_that_fits(run):
     config = read_run_config(run)
-    assert seed_train(config, 1000) == config.seed_model.train  # no epochs: the configured steps
     batch, warmup = config.seed_model.train["batch_size"], config.seed_model.train["warmup_steps"]
     assert seed_train(_with(config, "seed_model", epochs=3), 10)["steps"] == math.ceil(3 * 10 / batch)
     short = seed_train(_with(config, "seed_model", epochs=0.5), batch)  # half a batch: one step

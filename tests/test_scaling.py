@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dfm.cli import main
-from eval.scaling import Rung, expert_train, rung_expert, rung_result
+from eval.scaling import Rung, rung_expert, rung_result
 from eval.scaling_report import crossing, fit_trend, reach, steps_text
 from tests.tiny_config import TINY_RUN, write_tiny_config
 from training.config import parse_override, resolve_config
@@ -145,8 +145,7 @@ def test_bad_ladders_are_refused_with_one_line(study, tmp_path, capsys):
 def test_a_rung_scales_epochs_by_its_budget_for_every_k_and_steps_by_budget_over_k(tmp_path):
     config = write_tiny_config(tmp_path)
     steps = resolve_config(config, [])
-    assert rung_expert(steps, Rung(0, 2, 4)) == {"train": expert_train(steps, Rung(0, 2, 4))}
-    assert expert_train(steps, Rung(0, 2, 4))["steps"] == 4 * BRANCH_STEPS // 2
+    assert rung_expert(steps, Rung(0, 2, 4))["train"]["steps"] == 4 * BRANCH_STEPS // 2
     epochs = resolve_config(config, [parse_override("expert.epochs=0.5")])
     assert rung_expert(epochs, Rung(0, 2, 4)) == rung_expert(epochs, Rung(0, 1, 4)) == {"epochs": 2.0}
 

@@ -43,7 +43,7 @@ def epoch_steps(epochs: float, blocks: int, train: dict, world_size: int = 1) ->
     """The optimizer steps that read ``blocks`` training rows ``epochs`` times, ``train``'s
     batch_size x grad_accum rows per step on each of ``world_size`` processes (at least one)."""
     rows = train["batch_size"] * train.get("grad_accum", 1) * world_size
-    return max(1, math.ceil(epochs * blocks / rows))
+    return max(1, math.ceil(round(epochs * blocks / rows, 9)))  # 1.1 x 400 / 8 is 55, not 55.000...01
 
 
 def _sized(train: dict, steps: int) -> dict:
