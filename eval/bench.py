@@ -7,9 +7,10 @@ sparse modes lagging experts catch up on the tokens they missed far more than be
 router (each mode reports expert forward passes per step and expert tokens per generated token
 to show it; ``top1_route_on_prompt`` is the no-flip case; eval/run_bench.py times a trained run,
 its own router included). Everything runs on one device
-(``--device``: the CPU with ``torch.set_num_threads`` set to the usable cores, or a CUDA GPU, where
-inference weights are bf16 and training runs under bf16 autocast, every timed region ending in a
-``torch.cuda.synchronize``); the memory section measures CPU processes either way.
+(``--device``: the CPU on the threads torch has, which `dfm --threads` sets, every usable core by
+default, or a CUDA GPU, where inference weights are bf16 and training runs under bf16 autocast,
+every timed region ending in a ``torch.cuda.synchronize``); the memory section measures CPU
+processes either way.
 
 Each figure is the median of several timed repetitions after warm-up, and every ratio is taken
 between figures of the same process run; a decoding mode's ratio to transformers ``generate`` is
@@ -774,9 +775,6 @@ def machine_info(device: torch.device = CPU) -> dict[str, Any]:
 
 def _run_sections(settings: Settings, progress: bool, device: torch.device, compiled: bool) -> dict:
     say = _Progress(progress)
-    threads_before = torch.get_num_threads()
-    cores = _usable_cores()
-    torch.set_num_threads(cores)
     tokenizer = bench_tokenizer()
     started = time.perf_counter()
 
@@ -784,7 +782,7 @@ def _run_sections(settings: Settings, progress: bool, device: torch.device, comp
     peak = measure_peak(settings.peak_size, settings.peak_repeats, device)
     say(f"peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s" + (f", bf16 {peak['bf16'] / 1e9:.0f}" if peak["bf16"] else ""))
     results: dict[str, Any] = {
-        "machine": {**machine_info(device), "torch_threads_default": threads_before, "peak_flops": peak},
+        "machine": {**machine_info(device), "peak_flops": peak},
         "peak": {"matmul_size": settings.peak_size, "fp32_flops": peak["fp32"], "bf16_flops": peak["bf16"]},
     }
     sections: dict[str, Callable[[], dict]] = {

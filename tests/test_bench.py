@@ -131,6 +131,8 @@ def test_quick_bench_writes_every_section_and_ratio(tmp_path):
     results = bench.run_bench(quick=True, out=out, progress=False)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(results))
+    # the bench runs on the threads it was given (`dfm --threads`; this worker's one) and leaves them
+    assert written["machine"]["torch_threads"] == torch.get_num_threads() == 1
     assert SECTIONS <= set(written)
     assert set(written["ratios"]) == RATIOS
     assert all(written["ratios"][name] is not None for name in RATIOS)
