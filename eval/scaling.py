@@ -36,6 +36,7 @@ from dfm.progress import progress
 from eval.pipeline import Say, StageClock, evaluate, minutes, train_stages, write_evaluation
 from eval.report import check_modes
 from eval.scaling_report import summarize, write_study_report
+from training.allocation import with_steps
 from training.config import read_run_config
 from training.layout import RunLayout
 from training.lm_training import train_seed_model
@@ -90,11 +91,8 @@ class Ladder:
 
 def expert_train(config: RunConfig, rung: Rung) -> dict:
     """The training options of each of the rung's experts: its share of ``budget`` branch phases."""
-    train = dict(config.expert.train)
-    steps = max(1, round(rung.budget * train["steps"] * config.partition.num_clusters / rung.experts))
-    train["steps"] = steps
-    train["warmup_steps"] = min(train["warmup_steps"], steps - 1)
-    return train
+    train = config.expert.train
+    return with_steps(train, max(1, round(rung.budget * train["steps"] * config.partition.num_clusters / rung.experts)))
 
 
 def rung_expert(config: RunConfig, rung: Rung) -> dict:

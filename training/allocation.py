@@ -46,7 +46,7 @@ def epoch_steps(epochs: float, blocks: int, train: dict, world_size: int = 1) ->
     return max(1, math.ceil(round(epochs * blocks / rows, 9)))  # 1.1 x 400 / 8 is 55, not 55.000...01
 
 
-def _sized(train: dict, steps: int) -> dict:
+def with_steps(train: dict, steps: int) -> dict:
     """``train`` with ``steps``; the warm-up shortened to fit when the steps are fewer."""
     warmup = min(train.get("warmup_steps", TrainConfig.warmup_steps), steps - 1)
     return {**train, "steps": steps, "warmup_steps": warmup}
@@ -57,14 +57,14 @@ def seed_train(config: RunConfig, blocks: int, world_size: int = 1) -> dict:
     train = config.seed_model.train
     if config.seed_model.epochs is None:
         return train
-    return _sized(train, epoch_steps(config.seed_model.epochs, blocks, train, world_size))
+    return with_steps(train, epoch_steps(config.seed_model.epochs, blocks, train, world_size))
 
 
 def expert_train(config: RunConfig, layout: RunLayout, k: int, world_size: int = 1) -> dict:
     """Expert k's training options: ``expert.train`` with the steps ``expert_steps`` gives it."""
     steps = expert_steps(config, layout, k, world_size)
     train = config.expert.train
-    return _sized(train, steps) if config.expert.epochs is not None else {**train, "steps": steps}
+    return with_steps(train, steps) if config.expert.epochs is not None else {**train, "steps": steps}
 
 
 def expert_steps(config: RunConfig, layout: RunLayout, k: int, world_size: int = 1) -> int:
